@@ -1,0 +1,64 @@
+"""The ``mediar-ray`` command line.
+
+Each sub-command lives in its own module under :mod:`mediar_ray.commands` and exposes
+``add_parser(subparsers)``, which registers the sub-command and sets ``func`` (a callable
+taking the parsed ``argparse.Namespace`` and returning an exit code). Heavy imports
+(torch, ray) happen inside ``func`` so that ``mediar-ray --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from mediar_ray import __version__
+
+# Sub-command modules, in the order ``--help`` lists them. A module that is not there yet
+# (an issue still in progress) is skipped, so the CLI never breaks on a partial checkout.
+COMMAND_MODULES = (
+    "segment",
+    "evaluate",
+    "segment_slides",
+    "map_dataset",
+    "discover_modalities",
+    "train",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mediar-ray",
+        description="MEDIAR cell instance segmentation, on one machine or a Ray cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"mediar_ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mediar_ray.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"mediar_ray.commands.{name}":
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

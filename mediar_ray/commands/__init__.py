@@ -1,0 +1,1 @@
+"""Sub-commands of ``mediar-ray``; each module exposes ``add_parser(subparsers)``."""
