@@ -88,7 +88,7 @@ def _percentiles_from_counts(
     out = []
     for pct in q:
         frac = np.float64(pct) / 100.0
-        virtual = n * frac + (1.0 + frac * (1.0 - 1.0 - 1.0)) - 1.0
+        virtual = (n - 1) * frac
         below = min(max(int(np.floor(virtual)), 0), n - 1)
         above = min(below + 1, n - 1)
         gamma = float(virtual - np.floor(virtual))

@@ -1,0 +1,110 @@
+"""The single-image path: image -> normalised -> network output -> labels.
+
+This is what ``mediar-ray segment`` runs on each file, and the reference that the slide
+pipeline must reproduce tile by tile.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+from mediar_ray.inference import predict_raw, resolve_device
+from mediar_ray.model import MEDIARFormer, default_weights, load_model
+from mediar_ray.preprocess import normalize
+
+__all__ = ["SegmentResult", "load_models", "parse_model_config", "segment_image"]
+
+
+@dataclass
+class SegmentResult:
+    """labels: (H, W) uint32, 0 = background; raw: (3, H, W) float32 (dy, dx, logit)."""
+
+    labels: np.ndarray | None
+    raw: np.ndarray
+
+
+def parse_model_config(value: str | None) -> dict[str, Any]:
+    """Model parameters from a JSON file/URL, or an inline JSON object, or None -> {}.
+
+    Accepts either the parameters themselves or an object with a ``model_params`` key
+    (the layout of MEDIAR's config files and of the reference fixtures' index.json).
+    """
+    if not value:
+        return {}
+    text = value if value.lstrip().startswith("{") else _read_text(value)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-config {value}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"--model-config {value}: expected a JSON object")
+    return dict(obj.get("model_params", obj))
+
+
+def _read_text(url: str) -> str:
+    try:
+        with fsspec.open(url, "r") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"--model-config {url}: file not found") from None
+
+
+def load_models(
+    weights: Sequence[str] | None,
+    model_config: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> list[MEDIARFormer]:
+    """Load each checkpoint in ``weights`` (or the bundled model when none are given)."""
+    paths = list(weights or [])
+    if not paths:
+        bundled = default_weights()
+        if bundled is None:
+            raise ValueError(
+                "no weights given and no bundled model in this installation: pass "
+                "--weights CHECKPOINT (.pth of the original MEDIAR or our .safetensors)"
+            )
+        paths = [bundled]
+    dev = resolve_device(device)
+    return [load_model(p, device=dev, **(model_config or {})) for p in paths]
+
+
+def segment_image(
+    image: np.ndarray,
+    models: Sequence[torch.nn.Module],
+    tta: bool = True,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    sw_batch_size: int = 4,
+    postprocess: bool = True,
+    **flow_params: Any,
+) -> SegmentResult:
+    """Segment one whole image.
+
+    Parameters
+    ----------
+    image : ndarray, (H, W) or (H, W, C)
+        As returned by :func:`mediar_ray.io.read_image`.
+    models : sequence of MEDIARFormer
+        Ensemble; outputs are averaged.
+    tta, device, amp, sw_batch_size
+        See :func:`mediar_ray.inference.predict_raw`.
+    postprocess : bool
+        Run flow tracking to labels (else ``labels`` is None).
+    **flow_params
+        Passed to :func:`mediar_ray.dynamics.flows_to_labels`.
+    """
+    raw = predict_raw(
+        normalize(image), models, tta=tta, device=device, amp=amp, sw_batch_size=sw_batch_size
+    )
+    labels = None
+    if postprocess:
+        from mediar_ray.dynamics import flows_to_labels
+
+        labels = flows_to_labels(raw, **flow_params)
+    return SegmentResult(labels=labels, raw=raw)
