@@ -8,8 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import tifffile
 
 from mediar_ray.cli import main
+from mediar_ray.dynamics import flows_to_labels
 
 FIXTURE_IMAGES = ["phase_gray_uint16", "tissue_rgb_uint8"]
 
@@ -45,6 +47,9 @@ def test_save_raw_matches_original(ref_dir, inputs, tmp_path, kind, flags):
     for name in FIXTURE_IMAGES:
         raw = np.load(out / f"{name}_raw.npy")
         assert rel_l2(raw, np.load(ref_dir / f"{name}.{kind}.npy")) < 1e-5
+        labels = tifffile.imread(out / f"{name}_label.tiff")
+        assert labels.shape == raw.shape[1:] and labels.dtype == np.uint16
+        np.testing.assert_array_equal(labels, flows_to_labels(raw))
 
 
 def test_bad_file_is_reported_and_the_rest_finish(ref_dir, inputs, tmp_path, caplog):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import logging
 import time
@@ -57,11 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from mediar_ray.io import expand_inputs, label_name, read_image, stem, write_labels_tiff
     from mediar_ray.segment import load_models, parse_model_config, segment_image
 
-    has_dynamics = importlib.util.find_spec("mediar_ray.dynamics") is not None
-    if not has_dynamics and not args.save_raw:
-        log.error("flow tracking (mediar_ray.dynamics) is not available in this build; "
-                  "run with --save-raw to write the network outputs")
-        return 2
     try:
         inputs = expand_inputs(args.inputs)
         models = load_models(args.weights, parse_model_config(args.model_config), args.device)
@@ -77,18 +71,17 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = segment_image(
                 read_image(url), models, tta=args.tta, device=args.device, amp=args.amp,
-                sw_batch_size=args.sw_batch_size, postprocess=has_dynamics,
+                sw_batch_size=args.sw_batch_size,
             )
-            if result.labels is not None:
-                write_labels_tiff(result.labels, f"{out}/{label_name(url)}")
+            write_labels_tiff(result.labels, f"{out}/{label_name(url)}")
             if args.save_raw:
                 _save_npy(result.raw, f"{out}/{stem(url)}_raw.npy")
         except Exception as err:  # one bad file must not stop the batch
             failures.append((url, f"{type(err).__name__}: {err}"))
             log.error("failed: %s: %s", url, err)
             continue
-        cells = int(result.labels.max()) if result.labels is not None else "-"
-        log.info("%s: %s cells in %.1f s", url, cells, time.perf_counter() - start)
+        log.info("%s: %d cells in %.1f s", url, int(result.labels.max()),
+                 time.perf_counter() - start)
     log.info("done: %d of %d images segmented into %s",
              len(inputs) - len(failures), len(inputs), args.output)
     if failures:
