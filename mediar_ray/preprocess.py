@@ -133,6 +133,14 @@ class IntensityAccumulator:
         else:
             self._floats.append(nonzero.ravel()[:: self.float_subsample].astype(np.float32))
 
+    def merge(self, other: "IntensityAccumulator") -> None:
+        """Add everything ``other`` has accumulated (tiles measured elsewhere)."""
+        if other._counts is not None:
+            self._counts = other._counts if self._counts is None else self._counts + other._counts
+        self._floats.extend(other._floats)
+        self._vmin = min(self._vmin, other._vmin)
+        self._vmax = max(self._vmax, other._vmax)
+
     def stats(self) -> IntensityStats:
         """The statistics of everything added so far."""
         values, counts = [], []

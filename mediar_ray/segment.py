@@ -81,6 +81,7 @@ def segment_image(
     device: str | torch.device | None = None,
     amp: bool = False,
     sw_batch_size: int = 4,
+    roi_size: int = 512,
     postprocess: bool = True,
     **flow_params: Any,
 ) -> SegmentResult:
@@ -92,7 +93,7 @@ def segment_image(
         As returned by :func:`mediar_ray.io.read_image`.
     models : sequence of MEDIARFormer
         Ensemble; outputs are averaged.
-    tta, device, amp, sw_batch_size
+    tta, device, amp, sw_batch_size, roi_size
         See :func:`mediar_ray.inference.predict_raw`.
     postprocess : bool
         Run flow tracking to labels (else ``labels`` is None).
@@ -100,7 +101,8 @@ def segment_image(
         Passed to :func:`mediar_ray.dynamics.flows_to_labels`.
     """
     raw = predict_raw(
-        normalize(image), models, tta=tta, device=device, amp=amp, sw_batch_size=sw_batch_size
+        normalize(image), models, tta=tta, roi_size=roi_size, device=device, amp=amp,
+        sw_batch_size=sw_batch_size,
     )
     labels = None
     if postprocess:

@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--roi-size", type=int, default=512,
+                   help="sliding-window size in pixels (MEDIAR: 512)")
     p.set_defaults(func=run)
 
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = segment_image(
                 read_image(url), models, tta=args.tta, device=args.device, amp=args.amp,
-                sw_batch_size=args.sw_batch_size,
+                sw_batch_size=args.sw_batch_size, roi_size=args.roi_size,
             )
             write_labels_tiff(result.labels, f"{out}/{label_name(url)}")
             if args.save_raw:

@@ -1,0 +1,86 @@
+"""``mediar-ray segment-slides``: whole slides on Ray into OME-Zarr label images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger("mediar_ray.slides")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The slide-job options, shared with ``jobs/segment_slides.py``."""
+    p.add_argument("--weights", action="append", metavar="CKPT",
+                   help="checkpoint path or URL; repeat for an ensemble (default: bundled model)")
+    p.add_argument("--model-config", metavar="JSON", help="model parameters (file or inline JSON)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="test-time augmentation (default: on)")
+    p.add_argument("--tile-size", type=int, default=1024,
+                   help="tile and chunk side in pixels (memory per worker grows with it)")
+    p.add_argument("--halo", type=int, default=128,
+                   help="flow-tracking halo in pixels (at least the largest cell diameter)")
+    p.add_argument("--roi-size", type=int, default=512, help="sliding-window size (MEDIAR: 512)")
+    p.add_argument("--workers", type=int, default=1, help="model actors (one per GPU on GPUs)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per model actor; > 0 runs the models on CUDA")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (for CPU actors: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="redo slides that are complete")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment-slides",
+        help="segment whole slides on Ray into OME-Zarr labels",
+        description="Segment slides (SVS, OME-TIFF, TIFF, PNG; files, folders, globs or "
+        "fsspec URLs) on Ray. Each slide becomes OUTPUT/<stem>.zarr with labels at "
+        "labels/cells/0. Complete slides are skipped on a rerun.",
+    )
+    p.add_argument("input", metavar="INPUT", nargs="+")
+    p.add_argument("output", metavar="OUTPUT")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace):
+    from mediar_ray.model import default_weights
+    from mediar_ray.pipeline import SlideOptions
+    from mediar_ray.segment import parse_model_config
+
+    weights = list(args.weights or [])
+    if not weights:
+        bundled = default_weights()
+        if bundled is None:
+            raise ValueError("no weights given and no bundled model in this installation: "
+                             "pass --weights CHECKPOINT")
+        weights = [bundled]
+    return SlideOptions(
+        weights=weights, model_config=parse_model_config(args.model_config), tta=args.tta,
+        roi_size=args.roi_size, tile=args.tile_size, halo=args.halo, workers=args.workers,
+        num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
+        overwrite=args.overwrite,
+    )
+
+
+def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
+    """Run the slide job and report; exit code 1 if any slide failed."""
+    from mediar_ray.pipeline import run_slides
+    from mediar_ray.pipeline.layout import safe_url
+
+    try:
+        opts = options_from_args(args)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    report = run_slides(inputs, output, opts)
+    print(json.dumps({k: report[k] for k in ("done", "skipped", "failed")}, indent=1))
+    print(f"outputs: {safe_url(output)}/<slide>.zarr (labels at labels/cells/0); "
+          f"run summary: {safe_url(output)}/run_summary.json")
+    if report["failed"]:
+        log.error("%d slide(s) failed: %s", len(report["failed"]), ", ".join(report["failed"]))
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_job(args.input, args.output, args)

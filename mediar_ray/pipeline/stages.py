@@ -1,0 +1,204 @@
+"""The work of each stage on one tile or chunk. Plain functions: Ray calls them.
+
+None of these holds more than one tile (plus its halo) in memory, and each writes only the
+zarr chunks of its own tile, so no two writers ever share a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+
+from mediar_ray.dynamics import flows_to_labels
+from mediar_ray.inference import predict_region
+from mediar_ray.pipeline.layout import IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales
+from mediar_ray.pipeline.source import SlideReader
+from mediar_ray.pipeline.stitch import anchor_labels
+from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
+
+__all__ = ["SlidePlan", "copy_and_measure", "infer_tile", "track_chunk", "relabel_chunk"]
+
+
+@dataclass
+class SlidePlan:
+    """Everything the workers need to know about a slide (small, picklable)."""
+
+    url: str
+    layout: SlideLayout
+    shape: tuple[int, int]
+    channels: int
+    dtype: str
+    tile: int
+    halo: int
+    stats: IntensityStats | None = None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["layout"] = {"output_root": self.layout.output_root, "stem": self.layout.stem}
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SlidePlan":
+        d = json.loads(text)
+        d["layout"] = SlideLayout(**d["layout"])
+        d["shape"] = tuple(d["shape"])
+        d["stats"] = IntensityStats(**d["stats"]) if d["stats"] else None
+        return cls(**d)
+
+
+def open_array(url: str, mode: str = "r") -> zarr.Array:
+    return zarr.open_array(url, mode=mode)
+
+
+def create_arrays(plan: SlidePlan) -> None:
+    """Create the image level 0, the scratch flows/labels and the final label level 0."""
+    root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
+    h, w = plan.shape
+    t = plan.tile
+    root.create_array("0", shape=(plan.channels, h, w), chunks=(plan.channels, t, t),
+                      dtype=plan.dtype, fill_value=0, dimension_names=["c", "y", "x"],
+                      overwrite=True)
+    scratch = zarr.open_group(plan.layout.scratch, mode="a", zarr_format=3)
+    scratch.create_array("flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32",
+                         fill_value=0, overwrite=True)
+    scratch.create_array("anchors", shape=(h, w), chunks=(t, t), dtype="uint64",
+                         fill_value=0, overwrite=True)
+    labels = zarr.open_group(plan.layout.path("labels", "cells"), mode="a", zarr_format=3)
+    labels.create_array("0", shape=(h, w), chunks=(t, t), dtype="uint32", fill_value=0,
+                        dimension_names=["y", "x"], overwrite=True)
+
+
+def copy_and_measure(plan: SlidePlan, tiles: list[Tile]) -> IntensityAccumulator:
+    """Copy level 0 of the slide into the output image array, tile by tile, and
+    accumulate its intensity statistics (exact for integer images)."""
+    acc = IntensityAccumulator()
+    image = open_array(plan.layout.path("0"), mode="r+")
+    with SlideReader(plan.url) as reader:
+        for tile in tiles:
+            region = reader[tile.y0:tile.y1, tile.x0:tile.x1]
+            acc.update(region)
+            chw = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
+            image[:, tile.y0:tile.y1, tile.x0:tile.x1] = chw
+    return acc
+
+
+class TileInference:
+    """Ray Data callable class: holds the models (loaded once per actor) and predicts
+    tiles, each writing its core of (dy, dx, logit) to the flows array."""
+
+    def __init__(self, weights: list[str], model_config: dict[str, Any], tta: bool,
+                 device: str, roi_size: int = 512, sw_batch_size: int = 4) -> None:
+        from mediar_ray.segment import load_models
+
+        self.models = load_models(weights, model_config, device)
+        self.tta, self.device = tta, device
+        self.roi_size, self.sw_batch_size = roi_size, sw_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seconds = []
+        for plan_json, tile_json in zip(batch["plan"], batch["tile"]):
+            start = time.perf_counter()
+            infer_tile(SlidePlan.from_json(str(plan_json)), Tile(**json.loads(str(tile_json))),
+                       self.models, self.tta, self.device, self.roi_size, self.sw_batch_size)
+            seconds.append(time.perf_counter() - start)
+        return {"tile": batch["tile"], "seconds": np.array(seconds)}
+
+
+def infer_tile(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
+               roi_size: int = 512, sw_batch_size: int = 4) -> None:
+    """Network output on one tile core, written to ``.scratch/flows``; then a done record."""
+    image = open_array(plan.layout.path("0"))
+
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        chw = np.asarray(image[:, y0:y1, x0:x1])
+        hwc = chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
+        return normalize(hwc, plan.stats)
+
+    raw = predict_region(read, plan.shape, (tile.y0, tile.y1, tile.x0, tile.x1), models,
+                         tta=tta, roi_size=roi_size, sw_batch_size=sw_batch_size,
+                         device=device)
+    flows = open_array(plan.layout.scratch + "/flows", mode="r+")
+    flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw
+    mark_done(plan, "infer", tile)
+
+
+def mark_done(plan: SlidePlan, stage: str, tile: Tile) -> None:
+    with fsspec.open(f"{plan.layout.scratch}/done/{stage}/{tile.name}", "w") as f:
+        f.write("1")
+
+
+def done_tiles(plan: SlidePlan, stage: str) -> set[str]:
+    fs, path = fsspec.core.url_to_fs(f"{plan.layout.scratch}/done/{stage}")
+    try:
+        return {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def track_chunk(plan: SlidePlan, tile: Tile, flow_params: dict[str, Any]) -> dict[str, Any]:
+    """Flow tracking on a chunk plus halo; writes the core's anchor names.
+
+    Returns the names present in the core and this chunk's view of the 2-pixel strips
+    across each of its borders (for the union-find safety net on the driver).
+    """
+    h, w = plan.shape
+    y0, y1 = max(tile.y0 - plan.halo, 0), min(tile.y1 + plan.halo, h)
+    x0, x1 = max(tile.x0 - plan.halo, 0), min(tile.x1 + plan.halo, w)
+    flows = open_array(plan.layout.scratch + "/flows")
+    labels = flows_to_labels(np.asarray(flows[:, y0:y1, x0:x1]), **flow_params)
+    names = anchor_labels(labels, (y0, x0), w)
+    cy, cx = tile.y0 - y0, tile.x0 - x0
+    core = names[cy : cy + tile.y1 - tile.y0, cx : cx + tile.x1 - tile.x0]
+    anchors = open_array(plan.layout.scratch + "/anchors", mode="r+")
+    anchors[tile.y0:tile.y1, tile.x0:tile.x1] = core
+    strips = {}
+    if tile.x1 < w:  # right border: columns x1-1 and x1
+        strips["right"] = names[cy : cy + tile.y1 - tile.y0, tile.x1 - 1 - x0 : tile.x1 + 1 - x0]
+    if tile.x0 > 0:
+        strips["left"] = names[cy : cy + tile.y1 - tile.y0, tile.x0 - 1 - x0 : tile.x0 + 1 - x0]
+    if tile.y1 < h:
+        strips["bottom"] = names[tile.y1 - 1 - y0 : tile.y1 + 1 - y0, cx : cx + tile.x1 - tile.x0]
+    if tile.y0 > 0:
+        strips["top"] = names[tile.y0 - 1 - y0 : tile.y0 + 1 - y0, cx : cx + tile.x1 - tile.x0]
+    return {"tile": tile, "names": np.unique(core[core > 0]), "strips": strips}
+
+
+def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray,
+                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor names -> final uint32 ids for one chunk; returns (ids, pixel counts)."""
+    core = np.asarray(open_array(plan.layout.scratch + "/anchors")[tile.y0:tile.y1,
+                                                                   tile.x0:tile.x1])
+    out = np.zeros(core.shape, np.uint32)
+    fg = core > 0
+    out[fg] = ids[np.searchsorted(sorted_names, core[fg])]
+    labels = open_array(plan.layout.path("labels", "cells", "0"), mode="r+")
+    labels[tile.y0:tile.y1, tile.x0:tile.x1] = out
+    present, counts = np.unique(out[fg], return_counts=True)
+    return present, counts
+
+
+def downsample_chunk(src_url: str, dst_url: str, tile: Tile) -> None:
+    """One chunk of pyramid level k + 1 from level k: every second pixel (nearest)."""
+    src, dst = open_array(src_url), open_array(dst_url, mode="r+")
+    lead = (slice(None),) * (src.ndim - 2)
+    region = np.asarray(src[lead + (slice(2 * tile.y0, 2 * tile.y1, 2),
+                                    slice(2 * tile.x0, 2 * tile.x1, 2))])
+    dst[lead + (slice(tile.y0, tile.y1), slice(tile.x0, tile.x1))] = region
+
+
+def write_ome_metadata(plan: SlidePlan, levels: int) -> None:
+    """NGFF 0.5 attributes for the image, the labels group and the ``cells`` label."""
+    root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5",
+                         "multiscales": multiscales(levels, IMAGE_AXES, plan.layout.stem)}
+    zarr.open_group(plan.layout.path("labels"), mode="a", zarr_format=3).attrs["ome"] = {
+        "version": "0.5", "labels": ["cells"]}
+    zarr.open_group(plan.layout.path("labels", "cells"), mode="a", zarr_format=3).attrs[
+        "ome"] = {"version": "0.5", "multiscales": multiscales(levels, LABEL_AXES, "cells"),
+                  "image-label": {"version": "0.5", "source": {"image": "../../"}}}

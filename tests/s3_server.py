@@ -1,0 +1,50 @@
+"""A real S3 API server (moto's standalone server) on loopback, for s3:// tests.
+
+Credentials reach s3fs only through the environment, as on a cluster with an instance
+profile: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from moto.server import ThreadedMotoServer
+
+from ray_head import free_port
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret"}
+
+
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """Start the server; yields the environment that points s3fs at it."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (and clear fsspec's cached filesystems)."""
+    import fsspec
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.filesystem("s3").clear_instance_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fsspec.filesystem("s3").clear_instance_cache()

@@ -1,0 +1,177 @@
+"""Whole-slide pipeline on Ray against the single-image path, on real images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import ray
+import tifffile
+import zarr
+
+from mediar_ray.dynamics import flows_to_labels, labels_to_flows
+from mediar_ray.inference import predict_raw
+from mediar_ray.io import read_image
+from mediar_ray.metrics import match_counts
+from mediar_ray.model import load_model
+from mediar_ray.pipeline import SlideOptions, run_slides
+from mediar_ray.pipeline.layout import SlideLayout, tile_grid
+from mediar_ray.pipeline.run import infer_slide, plan_slide
+from mediar_ray.pipeline.stages import mark_done, open_array
+from mediar_ray.preprocess import normalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from mosaic import mosaic, real_labels  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(ref_dir):
+    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
+    return str(ref_dir / "model_a.pth"), params
+
+
+def labels_of(out: Path, name: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(str(out / f"{name}.zarr/labels/cells/0"), mode="r")[:])
+
+
+def cells_across_borders(labels: np.ndarray, tile: int) -> int:
+    """Number of cells with pixels on both sides of an internal tile border."""
+    crossing = set()
+    for k in range(tile, labels.shape[1], tile):
+        a, b = labels[:, k - 1], labels[:, k]
+        crossing |= set(a[(a == b) & (a > 0)].tolist())
+    for k in range(tile, labels.shape[0], tile):
+        a, b = labels[k - 1], labels[k]
+        crossing |= set(a[(a == b) & (a > 0)].tolist())
+    return len(crossing)
+
+
+def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tmp_path):
+    """3072^2 mosaic of real labels, 512-px tiles: 36 tiles, many seams."""
+    dense = real_labels(("dsb2018", "stardist_nuclei"))
+    dense.sort(key=lambda lab: len(np.unique(lab)) / lab.size, reverse=True)
+    truth = mosaic(dense[:40], 3072, seed=5)
+    raw = np.concatenate([labels_to_flows(truth) * 5,
+                          np.where(truth > 0, 5.0, -5.0)[None]]).astype(np.float32)
+    reference = flows_to_labels(raw)
+    image = tmp_path / "mosaic.tif"
+    tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200, tile=(256, 256))
+    out = tmp_path / "out"
+    opts = SlideOptions(weights=["unused.pth"], tile=512, halo=128)
+    plan = plan_slide(str(image), str(out), opts)
+    flows = open_array(plan.layout.scratch + "/flows", mode="r+")
+    for tile in tile_grid(plan.shape, plan.tile):  # stage 2 replaced by the true flows
+        flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw[:, tile.y0:tile.y1, tile.x0:tile.x1]
+        mark_done(plan, "infer", tile)
+    report = run_slides([str(image)], str(out), opts)
+    assert report["failed"] == {} and "mosaic" in report["done"]
+    labels = labels_of(out, "mosaic")
+    n_ref, n_out = int(reference.max()), int(labels.max())
+    assert n_ref > 5000
+    assert abs(n_out - n_ref) <= 0.001 * n_ref
+    assert match_counts(reference, labels).f1 >= 0.999
+    # every id is one cell: ids are exactly 1..N
+    assert np.array_equal(np.unique(labels), np.arange(n_out + 1))
+    # cells are not cut at tile borders: as many cross them as in the whole-image result
+    assert cells_across_borders(labels, 512) == cells_across_borders(reference, 512) > 200
+    summary = json.loads((out / "mosaic.zarr/summary.json").read_text())
+    assert summary["cells"] == n_out and (out / "mosaic.zarr/.mediar_complete").exists()
+    assert not (out / "mosaic.zarr/.scratch").exists()
+
+
+def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, tiny, data_dir, tmp_path):
+    svs = str(data_dir / "slides/CMU-1-Small-Region.svs")
+    weights, params = tiny
+    model = load_model(weights, **params)
+    whole = predict_raw(normalize(read_image(svs)), model, tta=False, roi_size=256)
+    out = tmp_path / "out"
+    opts = SlideOptions(weights=[weights], model_config=params, tta=False, roi_size=256,
+                        tile=1024, halo=128, workers=1)
+    plan = plan_slide(svs, str(out), opts)
+    assert len(tile_grid(plan.shape, plan.tile)) == 9
+    infer_slide(plan, opts, lambda m: None)
+    stitched = np.asarray(open_array(plan.layout.scratch + "/flows")[:])
+    assert np.linalg.norm(stitched - whole) / np.linalg.norm(whole) < 1e-4
+    run_slides([svs], str(out), opts)
+    labels = labels_of(out, "CMU-1-Small-Region")
+    reference = flows_to_labels(whole)
+    assert abs(int(labels.max()) - int(reference.max())) <= 0.001 * max(reference.max(), 1)
+    assert match_counts(reference, labels).f1 >= 0.999
+    image = zarr.open_array(str(out / "CMU-1-Small-Region.zarr/0"), mode="r")
+    assert image.shape == (3, 2967, 2220)
+    np.testing.assert_array_equal(np.moveaxis(image[:, :300, :300], 0, -1),
+                                  read_image(svs)[:300, :300])
+    attrs = zarr.open_group(str(out / "CMU-1-Small-Region.zarr/labels/cells"), mode="r").attrs
+    assert "image-label" in attrs["ome"] and len(attrs["ome"]["multiscales"][0]["datasets"]) == 3
+    assert (out / "CMU-1-Small-Region.zarr/qc.png").stat().st_size > 1000
+
+
+def test_dask_reads_one_chunk_lazily(local_ray, tmp_path):
+    truth = mosaic(real_labels(("stardist_nuclei",)), 1024, seed=0)
+    image = tmp_path / "s.tif"
+    tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200)
+    out = tmp_path / "out"
+    opts = SlideOptions(weights=["unused.pth"], tile=256)
+    plan = plan_slide(str(image), str(out), opts)
+    raw = np.concatenate([labels_to_flows(truth) * 5, np.where(truth > 0, 5.0, -5.0)[None]])
+    open_array(plan.layout.scratch + "/flows", mode="r+")[:] = raw.astype(np.float32)
+    for tile in tile_grid(plan.shape, plan.tile):
+        mark_done(plan, "infer", tile)
+    run_slides([str(image)], str(out), opts)
+    store = zarr.storage.LoggingStore(zarr.storage.LocalStore(str(out / "s.zarr")))
+    arr = zarr.open_array(store, path="labels/cells/0", mode="r")
+    lazy = da.from_zarr(arr)
+    assert lazy.chunksize == (256, 256) and lazy.shape == (1024, 1024)
+    store.counter.clear()
+    block = lazy[256:512, 512:768].compute()
+    chunk_reads = [k for k in store.counter if k == "get"]
+    assert store.counter["get"] == 1, dict(store.counter)
+    assert block.any() and chunk_reads
+
+
+def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, data_dir, tmp_path):
+    weights, params = tiny
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("train_set1", "train_set4"):
+        tifffile.imwrite(src / f"{name}.tif",
+                         read_image(str(data_dir / f"usiigaci_phase/images/{name}.tif")))
+    flags = ["--weights", weights, "--model-config", json.dumps(params), "--no-tta",
+             "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
+    job = [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(src)] + flags
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(job + ["--output", str(ref_out)], check=True, capture_output=True)
+    proc = subprocess.Popen(job + ["--output", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    done_dir = out / "train_set4.zarr/.scratch/done/infer"
+    deadline = time.monotonic() + 600
+    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-way through the second slide
+    proc.wait()
+    assert (out / "train_set1.zarr/.mediar_complete").exists()
+    assert not (out / "train_set4.zarr/.mediar_complete").exists()
+    rerun = subprocess.run(job + ["--output", str(out)], check=True, capture_output=True,
+                           text=True)
+    assert '"skipped": [\n  "train_set1"' in rerun.stdout
+    for name in ("train_set1", "train_set4"):
+        np.testing.assert_array_equal(labels_of(out, name), labels_of(ref_out, name))
