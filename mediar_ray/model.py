@@ -234,6 +234,12 @@ def _sidecar_params(url: str) -> dict[str, Any]:
         return {}
 
 
+def _few(items: list[str], limit: int = 12) -> str:
+    """The first ``limit`` items, and how many more there are."""
+    shown = str(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
 def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` strictly, naming every key that does not fit.
 
@@ -252,11 +258,11 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     )
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {_few(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"unexpected keys {_few(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes {wrong}")
+        problems.append(f"wrong shapes {_few(wrong)}")
     if problems:
         raise CheckpointError(
             f"checkpoint {source} does not fit MEDIARFormer({model_params(model)}): "

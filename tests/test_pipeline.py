@@ -159,8 +159,8 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
     src = tmp_path / "in"
     src.mkdir()
     for name in ("train_set1", "train_set4"):
-        tifffile.imwrite(src / f"{name}.tif",
-                         read_image(str(data_dir / f"usiigaci_phase/images/{name}.tif")))
+        image = read_image(str(data_dir / f"usiigaci_phase/images/{name}.tif"))
+        tifffile.imwrite(src / f"{name}.tif", image[:512, :640])
     flags = ["--weights", weights, "--model-config", json.dumps(params), "--no-tta",
              "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
     job = [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(src)] + flags
@@ -170,7 +170,7 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
                             stderr=subprocess.DEVNULL, start_new_session=True)
     done_dir = out / "train_set4.zarr/.scratch/done/infer"
     deadline = time.monotonic() + 600
-    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 3):
+    while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # mid-way through the second slide

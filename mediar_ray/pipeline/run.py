@@ -218,11 +218,28 @@ def segment_slide(url: str, output: str, opts: SlideOptions,
     return summary
 
 
+def check_output_root(output: str) -> None:
+    """Fail early, and clearly, when the output root cannot be written."""
+    probe = f"{output.rstrip('/')}/.mediar_write_probe"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        with fs.open(path, "wb") as f:
+            f.write(b"ok")
+        fs.rm(path)
+    except Exception as err:
+        raise PermissionError(
+            f"cannot write to the output root {safe_url(output)} ({type(err).__name__}: "
+            f"{err}); check that the bucket/folder exists and that the credentials in the "
+            "environment allow writing there"
+        ) from None
+
+
 def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict:
     """Segment every slide of ``inputs`` into ``output``; returns the run summary, which
     is also written to ``OUTPUT/run_summary.json``."""
     ensure_ray()
     urls = [u for u in expand_inputs(inputs) if u.lower().endswith(SLIDE_EXTENSIONS)]
+    check_output_root(output)
     report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "output": safe_url(output)}
     for i, url in enumerate(urls, 1):
         name = stem(url)

@@ -1,0 +1,91 @@
+"""The slide pipeline reading and writing s3:// through s3fs, against a real S3 API server
+(moto's standalone server) on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import boto3
+import dask.array as da
+import numpy as np
+import pytest
+import ray
+import tifffile
+
+from mediar_ray.io import read_image
+from mediar_ray.pipeline import SlideOptions, run_slides
+from s3_server import environment, s3_server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as env, environment(env):
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                              region_name="us-east-1")
+        client.create_bucket(Bucket="lab")
+        client.create_bucket(Bucket="results")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+        yield client, env
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slide_bytes(data_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("slide") / "nuclei.tif"
+    image = read_image(str(data_dir / "stardist_nuclei/images/img2d.tif"))
+    tifffile.imwrite(path, image, tile=(128, 128))
+    return path.read_bytes(), image
+
+
+def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog):
+    client, env = s3
+    client.put_object(Bucket="lab", Key="slides/nuclei.tif", Body=slide_bytes[0])
+    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], model_config=params,
+                        tta=False, roi_size=256, tile=256, halo=64)
+    report = run_slides(["s3://lab/slides/"], "s3://results/mediar", opts)
+    assert report["failed"] == {} and report["done"]["nuclei"]["cells"] >= 0
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]}
+    assert "mediar/nuclei.zarr/.mediar_complete" in keys
+    assert "mediar/run_summary.json" in keys
+    assert not any(".scratch" in k for k in keys)
+    labels = da.from_zarr("s3://results/mediar/nuclei.zarr/labels/cells/0")
+    assert labels.shape == (512, 512) and labels.dtype == np.uint32
+    image = da.from_zarr("s3://results/mediar/nuclei.zarr/0")
+    np.testing.assert_array_equal(image[0].compute(), slide_bytes[1])
+    assert env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+
+
+def test_missing_bucket_is_a_clear_failure(s3, slide_bytes, ref_dir, caplog):
+    client, env = s3
+    client.put_object(Bucket="lab", Key="one/nuclei.tif", Body=slide_bytes[0])
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile=256)
+    with pytest.raises(Exception) as err:
+        run_slides(["s3://lab/one/"], "s3://no-such-bucket/out", opts)
+    assert "no-such-bucket" in str(err.value) or "NoSuchBucket" in repr(err.value)
+    buckets = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    assert buckets == {"lab", "results"}  # nothing created elsewhere
+    assert env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+
+
+def test_missing_credentials_are_a_clear_failure(s3, ref_dir, caplog, tmp_path):
+    client, env = s3
+    # moto accepts any key pair, so "bad credentials" here means none can be found.
+    none = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile=256)
+    with environment(none):
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.pop(key)
+        with pytest.raises(Exception) as err:
+            run_slides(["s3://lab/slides/"], "s3://results/other", opts)
+    assert "credentials" in repr(err.value).lower() or "Access" in repr(err.value)
+    assert env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="results").get("Contents", [])}
+    assert not any(k.startswith("other/") for k in keys)
