@@ -47,7 +47,9 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[R
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--temp-dir={tmp}", "--disable-usage-stats",
     ]
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # Loopback-only test cluster: no token auth, so `ray job submit` needs no token.
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
