@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from mediar_ray import __version__
 from mediar_ray.io import expand_inputs, stem
@@ -223,6 +224,8 @@ def check_output_root(output: str) -> None:
     probe = f"{output.rstrip('/')}/.mediar_write_probe"
     try:
         fs, path = fsspec.core.url_to_fs(probe)
+        if isinstance(fs, LocalFileSystem):  # a local root may be created; a bucket never
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(b"ok")
         fs.rm(path)
