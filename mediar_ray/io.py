@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".svs", ".png", ".jpg", ".jpeg", ".bmp")
-_TIFF_EXTENSIONS = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")
 _GLOB_CHARS = set("*?[")
 
 

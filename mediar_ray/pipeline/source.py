@@ -46,9 +46,11 @@ class SlideReader:
             self._file = None
             self._array = read_image(url)  # not region-readable: decode once
             self.axes = "YX" if self._array.ndim == 2 else "YXC"
-        self.shape = tuple(int(v) for v in self._array.shape[:2])
+        kept = [self._array.shape[i] for i in getattr(self, "_keep", range(self._array.ndim))]
+        sizes = dict(zip(self.axes, kept))
+        self.shape = (int(sizes["Y"]), int(sizes["X"]))
         self.dtype = np.dtype(self._array.dtype)
-        self.channels = 1 if len(self._array.shape) == 2 else int(self._array.shape[2])
+        self.channels = int(sizes.get("C", 1))
 
     def _open_tiff(self) -> None:
         try:
@@ -71,9 +73,6 @@ class SlideReader:
         self._keep = [i for i, (a, n) in enumerate(zip(axes, self._array.shape))
                       if n > 1 or a in "YX"]
         self.axes = squeezed
-        if squeezed == "CYX":
-            c, h, w = (self._array.shape[i] for i in self._keep)
-            self._array_shape = (h, w, c)
 
     @property
     def full_shape(self) -> tuple[int, ...]:

@@ -113,7 +113,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step % 50 == 0:
             print(f"step {step} loss {np.mean(losses[-50:]):.3f} "
@@ -122,7 +122,7 @@ def main() -> None:
     scores = evaluate(model, held)
     card = {"steps": step, "train_minutes": round(minutes, 1), "train_pairs": len(train),
             "held_out_pairs": len(held), "held_out_f1": scores,
-            "held_out_mean_f1": float(np.mean([cellseg_f1_all for cellseg_f1_all in scores.values()])),
+            "held_out_mean_f1": float(np.mean(list(scores.values()))),
             "config": vars(args) | {"model": CPU_SMALL}}
     save_model(model, args.out, metadata={"training": card})
     print(json.dumps(card, indent=1))
