@@ -18,7 +18,8 @@ from mediar_ray.inference import predict_raw, resolve_device
 from mediar_ray.model import MEDIARFormer, default_weights, load_model
 from mediar_ray.preprocess import normalize
 
-__all__ = ["SegmentResult", "load_models", "parse_model_config", "segment_image"]
+__all__ = ["SegmentResult", "load_models", "parse_model_config", "resolve_weights",
+           "segment_image"]
 
 
 @dataclass
@@ -55,23 +56,28 @@ def _read_text(url: str) -> str:
         raise ValueError(f"--model-config {url}: file not found") from None
 
 
+def resolve_weights(weights: Sequence[str] | None) -> list[str]:
+    """The checkpoints to use: ``weights``, or the bundled model when none are given."""
+    paths = list(weights or [])
+    if paths:
+        return paths
+    bundled = default_weights()
+    if bundled is None:
+        raise ValueError(
+            "no weights given and no bundled model in this installation: pass "
+            "--weights CHECKPOINT (.pth of the original MEDIAR or our .safetensors)"
+        )
+    return [bundled]
+
+
 def load_models(
     weights: Sequence[str] | None,
     model_config: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
 ) -> list[MEDIARFormer]:
-    """Load each checkpoint in ``weights`` (or the bundled model when none are given)."""
-    paths = list(weights or [])
-    if not paths:
-        bundled = default_weights()
-        if bundled is None:
-            raise ValueError(
-                "no weights given and no bundled model in this installation: pass "
-                "--weights CHECKPOINT (.pth of the original MEDIAR or our .safetensors)"
-            )
-        paths = [bundled]
+    """Load each checkpoint of :func:`resolve_weights` (``weights`` or the bundled model)."""
     dev = resolve_device(device)
-    return [load_model(p, device=dev, **(model_config or {})) for p in paths]
+    return [load_model(p, device=dev, **(model_config or {})) for p in resolve_weights(weights)]
 
 
 def segment_image(

@@ -43,17 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from mediar_ray.model import default_weights
     from mediar_ray.pipeline import SlideOptions
-    from mediar_ray.segment import parse_model_config
+    from mediar_ray.segment import parse_model_config, resolve_weights
 
-    weights = list(args.weights or [])
-    if not weights:
-        bundled = default_weights()
-        if bundled is None:
-            raise ValueError("no weights given and no bundled model in this installation: "
-                             "pass --weights CHECKPOINT")
-        weights = [bundled]
+    weights = resolve_weights(args.weights)
     return SlideOptions(
         weights=weights, model_config=parse_model_config(args.model_config), tta=args.tta,
         roi_size=args.roi_size, tile=args.tile_size, halo=args.halo, workers=args.workers,
