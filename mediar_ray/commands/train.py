@@ -1,0 +1,67 @@
+"""``mediar-ray train``: MEDIAR training on Ray Train from a config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger("mediar_ray.train")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The training options, shared with ``jobs/train.py``; flags override the config."""
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="training config (YAML/JSON, local or URL), see configs/")
+    p.add_argument("--name", help="run name (default: the config's); same name = resume")
+    p.add_argument("--storage-path", metavar="URL",
+                   help="where checkpoints go: a folder or s3://... (shared on clusters)")
+    p.add_argument("--num-workers", type=int, help="DDP workers")
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker")
+    p.add_argument("--epochs", type=int, help="total epochs of the schedule")
+    p.add_argument("--max-epochs-this-run", type=int, metavar="N",
+                   help="stop after N epochs; running again resumes")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train MEDIAR-Former on Ray Train",
+        description="Train (or resume) a MEDIAR-Former with Ray Train from a config file. "
+        "Checkpoints go to STORAGE_PATH/NAME/checkpoint_epoch_*; rerunning with the same "
+        "name and storage path resumes from the latest one.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config file with the command-line overrides applied (and validated)."""
+    from mediar_ray.train.config import TrainConfig, load_config
+
+    cfg = load_config(args.config).to_dict()
+    for flag, (section, key) in {"name": (None, "name"),
+                                 "storage_path": ("run", "storage_path"),
+                                 "num_workers": ("run", "num_workers"),
+                                 "use_gpu": ("run", "use_gpu"),
+                                 "epochs": ("optim", "epochs")}.items():
+        value = getattr(args, flag)
+        if value is not None:
+            (cfg if section is None else cfg[section])[key] = value
+    return TrainConfig.from_dict(cfg, source=f"{args.config} (with command-line options)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.train.loop import run_training
+
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    summary = run_training(cfg, args.max_epochs_this_run)
+    where = f"{safe_url(cfg.run.storage_path.rstrip('/'))}/{cfg.name}"
+    print(json.dumps({**summary, "run": where}, indent=1, default=str))
+    log.info("checkpoints of run %s are in %s", cfg.name, where)
+    return 0

@@ -1,0 +1,2 @@
+"""Training data: dataset mappings, MEDIAR's augmentations, modality discovery and
+amplified sampling."""

@@ -1,0 +1,238 @@
+"""MEDIAR's training augmentations and targets, as small seeded numpy/torch functions.
+
+Each transform takes the image as (C, H, W) float32 in [0, 1] (after
+:func:`mediar_ray.preprocess.normalize`), the labels as (H, W) int and a
+``numpy.random.Generator``; spatial ones change both, intensity ones only the image.
+:func:`train_sample` composes them in MEDIAR's order and probabilities (its table):
+
+=====================  =====  ==================================================
+transform              p      parameters
+=====================  =====  ==================================================
+normalise              1      percentiles 0 / 99.5 of non-zero pixels, to [0, 1]
+zoom                   0.5    factor in [0.25, 1.5]; image "area", labels nearest
+pad + random crop      1      ``crop`` x ``crop``, zero padding centred
+axis flip              0.5    rows or columns, chosen at random
+rotation               0.5    k x 90 degrees, k in 1..3
+cell-aware intensity   0.25   40 % of cells, each x its own factor in [1.0, 1.7]
+Gaussian noise         0.25   std uniform in [0, 0.1]
+contrast               0.25   gamma in [1, 2]
+Gaussian smoothing     0.25   sigma_y in [0.25, 1.5], sigma_x in [1, 2] px
+histogram shift        0.25   3 control points
+Gaussian sharpening    0.25   sigma1 in [0.5, 1], sigma2 0.5, alpha in [10, 30]
+=====================  =====  ==================================================
+
+Targets come from the transformed labels (:func:`targets`), so flips and rotations need
+no vector bookkeeping. (MEDIAR's code applies cell-aware intensity to every sample while
+its paper's table says 0.25; the probability is ``cell_aware_p``, default 0.25.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from mediar_ray.dynamics import labels_to_flows
+from mediar_ray.preprocess import normalize
+
+__all__ = ["axis_flip", "border_pixels", "cell_aware_intensity", "contrast", "crop",
+           "gaussian_noise", "gaussian_sharpen", "gaussian_smooth", "histogram_shift",
+           "rotate90", "targets", "train_sample", "augment_sample", "zoom_crop"]
+
+Sample = tuple[np.ndarray, np.ndarray]
+
+
+def crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator) -> Sample:
+    """Zero-pad (centred) to at least ``size`` and take a random ``size`` x ``size`` crop.
+
+    image (C, H, W), labels (H, W) -> (C, size, size), (size, size).
+    """
+    h, w = labels.shape
+    py, px = max(size - h, 0), max(size - w, 0)
+    pads = ((py // 2, py - py // 2), (px // 2, px - px // 2))
+    image = np.pad(image, ((0, 0),) + pads)
+    labels = np.pad(labels, pads)
+    y = int(rng.integers(0, labels.shape[0] - size + 1))
+    x = int(rng.integers(0, labels.shape[1] - size + 1))
+    return image[:, y:y + size, x:x + size], labels[y:y + size, x:x + size]
+
+
+def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
+              rng: np.random.Generator) -> Sample:
+    """Zoom by ``factor`` then crop ``size`` (as MEDIAR's RandZoom + SpatialPad + RandCrop).
+
+    Done as a crop of ``size / factor`` pixels resized to ``size``, which gives the same
+    distribution of samples without resizing the whole image first. Image: area
+    interpolation; labels: nearest neighbour (ids are kept).
+    """
+    src = max(1, int(round(size / factor)))
+    image, labels = crop(image, labels, src, rng)
+    if src == size:
+        return image, labels
+    img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(size, size),
+                        mode="area")[0].numpy()
+    lab = F.interpolate(torch.from_numpy(labels.astype(np.float64))[None, None],
+                        size=(size, size), mode="nearest")[0, 0].numpy().astype(labels.dtype)
+    return img, lab
+
+
+def axis_flip(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Sample:
+    """Flip rows or columns (one axis, chosen at random)."""
+    axis = int(rng.integers(2))
+    return np.flip(image, axis=axis + 1), np.flip(labels, axis=axis)
+
+
+def rotate90(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Sample:
+    """Rotate by k x 90 degrees, k in 1..3 (counter-clockwise, rows to columns)."""
+    k = int(rng.integers(1, 4))
+    return np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k)
+
+
+def cell_aware_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                         fraction: float = 0.4, factors: tuple[float, float] = (1.0, 1.7)
+                         ) -> np.ndarray:
+    """Multiply each of a random ``fraction`` of the cells by its own factor.
+
+    Each chosen cell id gets a factor drawn uniformly from ``factors``; background and
+    the other cells are unchanged. Values are clipped to [0, 1] afterwards.
+    """
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return image
+    chosen = rng.choice(ids, int(round(fraction * ids.size)), replace=False)
+    scale = np.ones(int(labels.max()) + 1, np.float32)
+    scale[chosen] = rng.uniform(*factors, size=chosen.size).astype(np.float32)
+    return np.clip(image * scale[labels][None], 0.0, 1.0)
+
+
+def gaussian_noise(image: np.ndarray, rng: np.random.Generator, max_std: float = 0.1
+                   ) -> np.ndarray:
+    """Add zero-mean Gaussian noise of a standard deviation drawn from [0, max_std]."""
+    std = rng.uniform(0.0, max_std)
+    return image + rng.normal(0.0, std, image.shape).astype(np.float32)
+
+
+def _span(image: np.ndarray) -> tuple[float, float]:
+    lo, hi = float(image.min()), float(image.max())
+    return lo, max(hi - lo, 1e-7)
+
+
+def contrast(image: np.ndarray, rng: np.random.Generator,
+             gamma: tuple[float, float] = (1.0, 2.0)) -> np.ndarray:
+    """Gamma on the image's own range: ((x - min) / range) ** g * range + min."""
+    g = rng.uniform(*gamma)
+    lo, span = _span(image)
+    return (((image - lo) / span) ** g * span + lo).astype(np.float32)
+
+
+def gaussian_smooth(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian blur, sigma_y in [0.25, 1.5] and sigma_x in [1, 2] pixels."""
+    sigma = (0.0, rng.uniform(0.25, 1.5), rng.uniform(1.0, 2.0))
+    return ndimage.gaussian_filter(image, sigma).astype(np.float32)
+
+
+def histogram_shift(image: np.ndarray, rng: np.random.Generator, points: int = 3
+                    ) -> np.ndarray:
+    """Piecewise-linear intensity remap through ``points`` control points whose inner
+    ones are moved at random (ends fixed), on the image's own range."""
+    ref = np.linspace(0.0, 1.0, points)
+    moved = ref.copy()
+    for i in range(1, points - 1):
+        moved[i] = rng.uniform(moved[i - 1], moved[i + 1])
+    lo, span = _span(image)
+    out = np.interp((image - lo) / span, ref, moved)
+    return (out * span + lo).astype(np.float32)
+
+
+def gaussian_sharpen(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unsharp masking: b1 = blur(x, s1), b2 = blur(b1, 0.5), x' = b1 + alpha (b1 - b2)."""
+    s1, alpha = rng.uniform(0.5, 1.0), rng.uniform(10.0, 30.0)
+    b1 = ndimage.gaussian_filter(image, (0.0, s1, s1))
+    b2 = ndimage.gaussian_filter(b1, (0.0, 0.5, 0.5))
+    return (b1 + alpha * (b1 - b2)).astype(np.float32)
+
+
+def border_pixels(labels: np.ndarray) -> np.ndarray:
+    """Cell pixels with a 4-neighbour of another value (background or another cell).
+
+    The image edge does not count as a border. Equals
+    ``skimage.segmentation.find_boundaries(labels, connectivity=1, mode="inner")`` inside
+    the image. Returns (H, W) bool.
+    """
+    p = np.pad(labels, 1, mode="edge")
+    c = p[1:-1, 1:-1]
+    differs = ((p[:-2, 1:-1] != c) | (p[2:, 1:-1] != c) |
+               (p[1:-1, :-2] != c) | (p[1:-1, 2:] != c))
+    return differs & (c > 0)
+
+
+def targets(labels: np.ndarray, boundary_exclusion: bool = False) -> dict[str, np.ndarray]:
+    """Training targets of a (transformed) label image.
+
+    Returns flows (2, H, W) float32 unit vectors (dy, dx), cell (H, W) float32 0/1 and
+    valid (H, W) float32: 0 on :func:`border_pixels` under boundary exclusion, else 1.
+    """
+    labels = np.ascontiguousarray(labels)
+    valid = np.ones(labels.shape, np.float32)
+    if boundary_exclusion:
+        valid[border_pixels(labels)] = 0.0
+    return {"flows": labels_to_flows(labels), "cell": (labels > 0).astype(np.float32),
+            "valid": valid}
+
+
+def train_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                 cfg: Any, public: bool = False) -> dict[str, np.ndarray]:
+    """One augmented training sample (MEDIAR's table, see the module docstring).
+
+    Parameters
+    ----------
+    image : ndarray, (H, W) or (H, W, C), any dtype
+        As :func:`mediar_ray.io.read_image` returns it.
+    labels : ndarray, (H, W) int
+    rng : numpy Generator
+        All randomness comes from it: a seed gives the same sample.
+    cfg : AugmentSection
+        Probabilities and parameters (:class:`mediar_ray.train.config.AugmentSection`).
+    public : bool
+        A replay sample from public data: boundary exclusion applies.
+
+    Returns
+    -------
+    dict of image (3, S, S) float32, flows (2, S, S) float32, cell (S, S) float32,
+    valid (S, S) float32, with S = ``cfg.crop``.
+    """
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape} and labels {labels.shape} differ in size")
+    return augment_sample(normalize(image), labels, rng, cfg, public)
+
+
+def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                   cfg: Any, public: bool = False) -> dict[str, np.ndarray]:
+    """:func:`train_sample` after normalisation: ``img`` (3, H, W) float32 in [0, 1]
+    (callers that see an image many times normalise it once)."""
+    lab = labels.astype(np.int64)
+    size = cfg.crop
+    if rng.random() < cfg.zoom_p:
+        img, lab = zoom_crop(img, lab, size, rng.uniform(*cfg.zoom_range), rng)
+    else:
+        img, lab = crop(img, lab, size, rng)
+    if rng.random() < cfg.flip_p:
+        img, lab = axis_flip(img, lab, rng)
+    if rng.random() < cfg.rotate_p:
+        img, lab = rotate90(img, lab, rng)
+    img, lab = np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    if rng.random() < cfg.cell_aware_p:
+        img = cell_aware_intensity(img, lab, rng, cfg.cell_aware_fraction,
+                                   tuple(cfg.cell_aware_range))
+    for p, fn in ((cfg.noise_p, gaussian_noise), (cfg.contrast_p, contrast),
+                  (cfg.smooth_p, gaussian_smooth), (cfg.hist_shift_p, histogram_shift),
+                  (cfg.sharpen_p, gaussian_sharpen)):
+        if rng.random() < p:
+            img = fn(img, rng)
+    out = targets(lab, cfg.boundary_exclusion or public)
+    out["image"] = img.astype(np.float32)
+    return out
