@@ -41,3 +41,42 @@ def test_evaluate_without_pairs_fails(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert main(["evaluate", "--pred", str(tmp_path / "a"), "--gt", str(tmp_path / "b")]) == 1
+
+
+def test_heldout_split_of_a_config_matches_segment_then_evaluate(data_dir, tmp_path):
+    """``evaluate --config`` scores a training config's held-out pairs exactly as
+    ``segment`` followed by ``evaluate --pred --gt`` scores the same files."""
+    import json
+
+    import yaml
+
+    root = tmp_path / "ds" / "dsb"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for lab in sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[:4]:
+        stem = lab.name[: -len("_label.tiff")]
+        shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")), root / "images")
+        shutil.copy(lab, root / "labels")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
+                                                            "holdout_every": 2}}))
+    report = tmp_path / "held.json"
+    assert main(["evaluate", "--config", str(config), "--no-tta", "--json", str(report)]) == 0
+    held = json.loads(report.read_text())
+    assert held["val_images"] == 2 and [i["source"] for i in held["images"]] == ["dsb"] * 2
+    # the same two images through the two file-based commands
+    names = [i["image"] for i in held["images"]]
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    gt.mkdir()
+    for name in names:
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        shutil.copy(root / "labels" / f"{stem}_label.tiff", gt)
+    assert main(["segment", *names, "--output", str(pred), "--no-tta", "--device", "cpu"]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt),
+                 "--csv", str(tmp_path / "s.csv")]) == 0
+    rows = {r["name"]: float(r["f1"]) for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    for item in held["images"]:
+        stem = item["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        assert item["f1"] == rows[stem]
+    assert held["val_f1"] == rows["mean"] and held["val_f1_dsb"] == rows["mean"]
+    assert 0.0 < held["val_f1"] <= 1.0

@@ -16,16 +16,67 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "dropped from both sides) for every prediction with a ground truth "
         "(<stem>_label.tiff or <stem>.tif[f]).",
     )
-    p.add_argument("--pred", required=True, help="folder of <stem>_label.tiff predictions")
-    p.add_argument("--gt", required=True, help="folder of ground-truth labels")
+    p.add_argument("--pred", help="folder of <stem>_label.tiff predictions")
+    p.add_argument("--gt", help="folder of ground-truth labels")
     p.add_argument("--csv", help="also write the per-image table to this CSV file/URL")
     p.add_argument("--keep-border", action="store_true",
                    help="do not drop cells that touch the image border")
+    held = p.add_argument_group(
+        "held-out split of a training config",
+        "instead of --pred/--gt: segment the held-out pairs of a training config (as "
+        "`mediar-ray segment` would) and report F1 per source")
+    held.add_argument("--config", metavar="FILE", help="training config (configs/*.yaml)")
+    held.add_argument("--weights", action="append", metavar="CKPT",
+                      help="checkpoint(s); default: the bundled model")
+    held.add_argument("--model-config", metavar="JSON", help="parameters of a .pth checkpoint")
+    held.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                      help="test-time augmentation (default: on, as `segment`)")
+    held.add_argument("--json", metavar="URL", help="also write the report as JSON")
     p.set_defaults(func=run)
+
+
+def run_heldout(args: argparse.Namespace) -> int:
+    """Score the held-out split of ``args.config``; prints per image and per source."""
+    import json
+
+    import fsspec
+
+    from mediar_ray.data.mapping import load_pairs, split_holdout
+    from mediar_ray.segment import load_models, parse_model_config
+    from mediar_ray.train.config import load_config
+    from mediar_ray.train.validate import validate
+
+    cfg = load_config(args.config)
+    _, held = split_holdout(load_pairs(cfg.data.mappings, cfg.data.roots),
+                            cfg.data.holdout_every)
+    if not held:
+        log.error("%s holds out no pairs (data.holdout_every = %d)", args.config,
+                  cfg.data.holdout_every)
+        return 1
+    models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
+    rows: list = []
+    report = validate(models, held, roi_size=512, tta=args.tta, per_image=rows)
+    for image, source, f1, n_true, n_pred in rows:
+        print(f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
+              f"true {n_true:5d} pred {n_pred:5d}")
+    for key, value in report.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.json:
+        with fsspec.open(args.json, "w") as f:
+            json.dump({"config": args.config, "tta": args.tta, **report,
+                       "images": [dict(zip(("image", "source", "f1", "true", "pred"), r))
+                                  for r in rows]}, f, indent=1)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from mediar_ray.evaluate import evaluate_dirs, pair_files, write_csv
+
+    if args.config:
+        return run_heldout(args)
+    if not (args.pred and args.gt):
+        log.error("give --pred and --gt, or --config for a training config's held-out split")
+        return 2
 
     pairs, missing = pair_files(args.pred, args.gt)
     for stem in missing:

@@ -14,13 +14,14 @@ from mediar_ray.segment import segment_image
 __all__ = ["validate"]
 
 
-def validate(model: torch.nn.Module, pairs: Sequence[Any], max_images: int = 0,
-             roi_size: int = 512) -> dict[str, float]:
-    """Segment held-out images as ``mediar-ray segment --no-tta`` would and score them.
+def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequence[Any],
+             max_images: int = 0, roi_size: int = 512, tta: bool = False,
+             per_image: list | None = None) -> dict[str, float]:
+    """Segment held-out images as ``mediar-ray segment`` would and score them.
 
     Parameters
     ----------
-    model : MEDIARFormer
+    models : MEDIARFormer or sequence of them (an ensemble)
         Put in eval mode for the duration, back in train mode after.
     pairs : sequence of Pair
         Held-out (image, label, source) pairs.
@@ -28,6 +29,10 @@ def validate(model: torch.nn.Module, pairs: Sequence[Any], max_images: int = 0,
         Score only the first ``max_images`` pairs (0 = all).
     roi_size : int
         Sliding-window size.
+    tta : bool
+        Test-time augmentation (flips), as ``mediar-ray segment`` does by default.
+    per_image : list, optional
+        Gets one (image URL, source, F1, true cells, predicted cells) tuple per image.
 
     Returns
     -------
@@ -37,16 +42,23 @@ def validate(model: torch.nn.Module, pairs: Sequence[Any], max_images: int = 0,
     """
     chosen = list(pairs)[: max_images or None]
     scores: dict[str, list[float]] = {}
-    device = next(model.parameters()).device
-    model.eval()
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
+    device = next(models[0].parameters()).device
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         for pair in chosen:
-            labels = segment_image(read_image(pair.image), [model], tta=False,
+            labels = segment_image(read_image(pair.image), models, tta=tta,
                                    roi_size=roi_size, device=device).labels
-            truth = read_image(pair.label)
-            scores.setdefault(pair.source, []).append(cellseg_f1(truth, labels).f1)
+            score = cellseg_f1(read_image(pair.label), labels)
+            scores.setdefault(pair.source, []).append(score.f1)
+            if per_image is not None:
+                per_image.append((pair.image, pair.source, score.f1,
+                                  score.tp + score.fn, score.tp + score.fp))
     finally:
-        model.train()
+        for m, training in zip(models, modes):
+            m.train(training)
     every = [s for v in scores.values() for s in v]
     out = {"val_f1": float(np.mean(every)) if every else 0.0, "val_images": len(every)}
     out.update({f"val_f1_{k}": float(np.mean(v)) for k, v in scores.items()})
