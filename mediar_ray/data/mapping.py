@@ -3,17 +3,24 @@
 A dataset folder holds ``images/<stem>.<ext>`` (tif, tiff, png, bmp, jpg, jpeg) and
 ``labels/<stem>_label.tiff``. A root given to :func:`load_pairs` may be such a folder, or a
 folder of them (each subfolder is a *source*, e.g. ``dsb2018/``). Any fsspec URL works.
+
+:func:`map_dataset` with ``check=True`` (what ``mediar-ray map-dataset`` does) also opens
+every file: images and labels whose header cannot be parsed, labels that are not a single
+plane, and pairs whose image and label sizes differ are reported as unreadable (reading
+the headers only, so it stays fast; ``decode=True`` decodes the pixels too).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import fsspec
+import numpy as np
 
-__all__ = ["Pair", "load_pairs", "map_dataset", "split_holdout", "write_mapping"]
+__all__ = ["Pair", "check_pair", "load_pairs", "map_dataset", "split_holdout", "write_mapping"]
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label.tiff"
@@ -46,15 +53,85 @@ def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
                   if fs.isdir(f"{p}/images") and fs.isdir(f"{p}/labels"))
 
 
-def map_dataset(root: str) -> dict:
+def _header_dims(url: str) -> tuple[int, int, int]:
+    """(H, W, planes) of an image file from its header only (TIFF: first series, level
+    0); planes is the product of all other axes (channels, samples, z, time)."""
+    import tifffile
+    from PIL import Image
+
+    with fsspec.open(url, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            with tifffile.TiffFile(f) as tif:
+                series = tif.series[0]
+                shape = dict(zip(series.axes, series.shape))
+                if "Y" not in shape or "X" not in shape:
+                    raise ValueError(f"no Y/X axes (axes {series.axes!r})")
+                other = [n for a, n in shape.items() if a not in "YX"]
+                return shape["Y"], shape["X"], int(np.prod(other, dtype=np.int64))
+        with Image.open(f) as im:
+            return im.size[1], im.size[0], len(im.getbands())
+
+
+def _dims(url: str, decode: bool) -> tuple[int, int, int]:
+    if not decode:
+        return _header_dims(url)
+    from mediar_ray.io import read_image
+
+    arr = read_image(url)
+    return arr.shape[0], arr.shape[1], arr.shape[2] if arr.ndim == 3 else 1
+
+
+def check_pair(image: str, label: str, decode: bool = False) -> tuple[str, str] | None:
+    """(file at fault, short reason) when the pair cannot be used, else None.
+
+    Reads the image and label headers (``decode``: decodes the whole files), and checks
+    that the label is a single plane of the image's height and width.
+    """
+    dims = []
+    for what, url in (("image", image), ("label", label)):
+        try:
+            dims.append(_dims(url, decode))
+        except Exception as err:  # any parse failure means: unreadable
+            return url, f"{what} not readable ({type(err).__name__}: {err})"
+    (ih, iw, _), (lh, lw, planes) = dims
+    if planes != 1:
+        return label, f"label has {planes} planes/channels, expected one"
+    if (ih, iw) != (lh, lw):
+        return image, f"image is {ih}x{iw} but its label is {lh}x{lw} pixels"
+    return None
+
+
+def _drop_unreadable(out: dict, decode: bool, threads: int = 8) -> None:
+    """Move the pairs of ``out`` that :func:`check_pair` rejects to ``unreadable``."""
+    pairs = out["pairs"]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = list(pool.map(lambda p: check_pair(p["image"], p["label"], decode), pairs))
+    out["pairs"] = [p for p, bad in zip(pairs, found) if bad is None]
+    out["unreadable"] += [{"path": bad[0], "reason": bad[1]} for bad in found if bad]
+
+
+def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
     """Pair every image of ``root`` with its label image.
+
+    Parameters
+    ----------
+    root : str
+        A dataset folder or a folder of them, local path or fsspec URL.
+    check : bool
+        Also open every pair (:func:`check_pair`); rejected pairs go to ``unreadable``.
+    decode : bool
+        With ``check``: decode the pixels, not only the headers (slower, also catches
+        truncated pixel data).
 
     Returns
     -------
     dict
         ``root``, ``pairs`` (list of {image, label, source}), ``unpaired`` (images
         without a label and labels without an image) and ``unreadable`` ({path, reason}:
-        empty files). Raises FileNotFoundError when ``root`` holds no dataset.
+        empty files and, with ``check``, files that cannot be parsed or pairs of
+        different sizes). Raises FileNotFoundError when ``root`` holds no dataset.
     """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.exists(base):
@@ -85,12 +162,14 @@ def map_dataset(root: str) -> dict:
                 continue
             out["pairs"].append({"image": _join(fs, images[stem]["name"]),
                                  "label": _join(fs, labels[stem]["name"]), "source": source})
+    if check:
+        _drop_unreadable(out, decode)
     return out
 
 
-def write_mapping(root: str, out_url: str) -> dict:
+def write_mapping(root: str, out_url: str, check: bool = False, decode: bool = False) -> dict:
     """:func:`map_dataset` of ``root`` written as JSON to ``out_url``; returns it."""
-    mapping = map_dataset(root)
+    mapping = map_dataset(root, check, decode)
     with fsspec.open(out_url, "w") as f:
         json.dump(mapping, f, indent=1)
     return mapping

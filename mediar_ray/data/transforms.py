@@ -16,14 +16,19 @@ rotation               0.5    k x 90 degrees, k in 1..3
 cell-aware intensity   0.25   40 % of cells, each x its own factor in [1.0, 1.7]
 Gaussian noise         0.25   std uniform in [0, 0.1]
 contrast               0.25   gamma in [1, 2]
-Gaussian smoothing     0.25   sigma_y in [0.25, 1.5], sigma_x in [1, 2] px
+Gaussian smoothing     0.25   sigma in [1, 2] px along rows, [0.25, 1.5] along
+                              columns (MONAI's sigma_x is the first spatial axis)
 histogram shift        0.25   3 control points
-Gaussian sharpening    0.25   sigma1 in [0.5, 1], sigma2 0.5, alpha in [10, 30]
+Gaussian sharpening    0.25   per axis sigma1 in [0.5, 1], sigma2 in [0.5, sigma1];
+                              alpha in [10, 30]
 =====================  =====  ==================================================
 
 Targets come from the transformed labels (:func:`targets`), so flips and rotations need
 no vector bookkeeping. (MEDIAR's code applies cell-aware intensity to every sample while
 its paper's table says 0.25; the probability is ``cell_aware_p``, default 0.25.)
+
+Replay ("public") samples get what MEDIAR's public-data pipeline gives them: pad + random
+crop, flip and rotation, and boundary exclusion; no zoom and no intensity transforms.
 """
 
 from __future__ import annotations
@@ -66,7 +71,10 @@ def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
 
     Done as a crop of ``size / factor`` pixels resized to ``size``, which gives the same
     distribution of samples without resizing the whole image first. Image: area
-    interpolation; labels: nearest neighbour (ids are kept).
+    interpolation; labels: nearest neighbour at the pixel centre (torch's
+    "nearest-exact"), so ids are kept and each label pixel comes from the middle of the
+    area its image pixel averages (plain "nearest" would shift labels by up to half an
+    output pixel towards the top left).
     """
     src = max(1, int(round(size / factor)))
     image, labels = crop(image, labels, src, rng)
@@ -75,7 +83,7 @@ def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
     img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(size, size),
                         mode="area")[0].numpy()
     lab = F.interpolate(torch.from_numpy(labels.astype(np.float64))[None, None],
-                        size=(size, size), mode="nearest")[0, 0].numpy().astype(labels.dtype)
+                        size=(size, size), mode="nearest-exact")[0, 0].numpy().astype(labels.dtype)
     return img, lab
 
 
@@ -96,8 +104,11 @@ def cell_aware_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.G
                          ) -> np.ndarray:
     """Multiply each of a random ``fraction`` of the cells by its own factor.
 
-    Each chosen cell id gets a factor drawn uniformly from ``factors``; background and
-    the other cells are unchanged. Values are clipped to [0, 1] afterwards.
+    ``round(fraction * n)`` of the ``n`` cell ids are chosen; each gets a factor drawn
+    uniformly from ``factors``; background and the other cells are unchanged. Values are
+    not clipped (as in MEDIAR: clipping would flatten bright cells into saturated blobs).
+
+    image (C, H, W) float32, labels (H, W) int -> (C, H, W) float32.
     """
     ids = np.unique(labels)
     ids = ids[ids > 0]
@@ -106,7 +117,7 @@ def cell_aware_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.G
     chosen = rng.choice(ids, int(round(fraction * ids.size)), replace=False)
     scale = np.ones(int(labels.max()) + 1, np.float32)
     scale[chosen] = rng.uniform(*factors, size=chosen.size).astype(np.float32)
-    return np.clip(image * scale[labels][None], 0.0, 1.0)
+    return (image * scale[labels][None]).astype(np.float32)
 
 
 def gaussian_noise(image: np.ndarray, rng: np.random.Generator, max_std: float = 0.1
@@ -130,8 +141,9 @@ def contrast(image: np.ndarray, rng: np.random.Generator,
 
 
 def gaussian_smooth(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian blur, sigma_y in [0.25, 1.5] and sigma_x in [1, 2] pixels."""
-    sigma = (0.0, rng.uniform(0.25, 1.5), rng.uniform(1.0, 2.0))
+    """Gaussian blur of a (C, H, W) image: sigma in [1, 2] pixels along rows (H) and in
+    [0.25, 1.5] along columns (W), as MONAI's RandGaussianSmooth(sigma_x=(1, 2))."""
+    sigma = (0.0, rng.uniform(1.0, 2.0), rng.uniform(0.25, 1.5))
     return ndimage.gaussian_filter(image, sigma).astype(np.float32)
 
 
@@ -149,10 +161,16 @@ def histogram_shift(image: np.ndarray, rng: np.random.Generator, points: int = 3
 
 
 def gaussian_sharpen(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Unsharp masking: b1 = blur(x, s1), b2 = blur(b1, 0.5), x' = b1 + alpha (b1 - b2)."""
-    s1, alpha = rng.uniform(0.5, 1.0), rng.uniform(10.0, 30.0)
-    b1 = ndimage.gaussian_filter(image, (0.0, s1, s1))
-    b2 = ndimage.gaussian_filter(b1, (0.0, 0.5, 0.5))
+    """Unsharp masking of a (C, H, W) image, as MONAI's RandGaussianSharpen defaults.
+
+    b1 = blur(x, s1), b2 = blur(b1, s2), x' = b1 + alpha (b1 - b2), with s1 drawn per
+    axis from [0.5, 1] px, s2 per axis from [0.5, s1] and alpha from [10, 30].
+    """
+    s1 = rng.uniform(0.5, 1.0, size=2)
+    s2 = rng.uniform(0.5, s1)
+    alpha = rng.uniform(10.0, 30.0)
+    b1 = ndimage.gaussian_filter(image, (0.0, *s1))
+    b2 = ndimage.gaussian_filter(b1, (0.0, *s2))
     return (b1 + alpha * (b1 - b2)).astype(np.float32)
 
 
@@ -198,7 +216,8 @@ def train_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     cfg : AugmentSection
         Probabilities and parameters (:class:`mediar_ray.train.config.AugmentSection`).
     public : bool
-        A replay sample from public data: boundary exclusion applies.
+        A replay sample from public data: crop, flip and rotation only (no zoom, no
+        intensity transforms), and boundary exclusion.
 
     Returns
     -------
@@ -213,10 +232,11 @@ def train_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                    cfg: Any, public: bool = False) -> dict[str, np.ndarray]:
     """:func:`train_sample` after normalisation: ``img`` (3, H, W) float32 in [0, 1]
-    (callers that see an image many times normalise it once)."""
+    (callers that see an image many times normalise it once). ``public`` samples get
+    the spatial transforms other than zoom, and boundary exclusion, only."""
     lab = labels.astype(np.int64)
     size = cfg.crop
-    if rng.random() < cfg.zoom_p:
+    if not public and rng.random() < cfg.zoom_p:
         img, lab = zoom_crop(img, lab, size, rng.uniform(*cfg.zoom_range), rng)
     else:
         img, lab = crop(img, lab, size, rng)
@@ -225,6 +245,17 @@ def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     if rng.random() < cfg.rotate_p:
         img, lab = rotate90(img, lab, rng)
     img, lab = np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    if not public:
+        img = _intensity_augment(img, lab, rng, cfg)
+    out = targets(lab, cfg.boundary_exclusion or public)
+    out["image"] = img.astype(np.float32)
+    return out
+
+
+def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
+                       cfg: Any) -> np.ndarray:
+    """Cell-aware intensity, then noise, contrast, smoothing, histogram shift and
+    sharpening, each with its probability from ``cfg``."""
     if rng.random() < cfg.cell_aware_p:
         img = cell_aware_intensity(img, lab, rng, cfg.cell_aware_fraction,
                                    tuple(cfg.cell_aware_range))
@@ -233,6 +264,4 @@ def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator
                   (cfg.sharpen_p, gaussian_sharpen)):
         if rng.random() < p:
             img = fn(img, rng)
-    out = targets(lab, cfg.boundary_exclusion or public)
-    out["image"] = img.astype(np.float32)
-    return out
+    return img

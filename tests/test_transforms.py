@@ -1,0 +1,294 @@
+"""MEDIAR's augmentations on real label images: alignment, flows, cell-aware, borders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.segmentation import find_boundaries
+
+from mediar_ray.data import transforms as T
+from mediar_ray.dynamics import labels_to_flows
+from mediar_ray.io import read_image
+from mediar_ray.preprocess import normalize
+from mediar_ray.train.config import AugmentSection
+
+NO_INTENSITY = {"cell_aware_p": 0.0, "noise_p": 0.0, "contrast_p": 0.0, "smooth_p": 0.0,
+                "hist_shift_p": 0.0, "sharpen_p": 0.0}
+
+
+def _stem_pair(data_dir: Path, source: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = sorted((data_dir / source / "labels").glob("*_label.tiff"))[index]
+    stem = labels.name[: -len("_label.tiff")]
+    image = next((data_dir / source / "images").glob(stem + ".*"))
+    return read_image(str(image)), read_image(str(labels)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def real(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A real DSB2018 fluorescence pair, cut to 160 x 200 so flows are quick."""
+    image, labels = _stem_pair(data_dir, "dsb2018", 3)
+    assert labels.max() > 50
+    return image[:160, :200], labels[:160, :200]
+
+
+def _rot_flows(flows: np.ndarray, k: int) -> np.ndarray:
+    """Flows of np.rot90(labels, k): each 90-degree turn (rows to columns) moves the
+    image and maps the vector (dy, dx) to (-dx, dy)."""
+    for _ in range(k % 4):
+        dy, dx = np.rot90(flows[0]), np.rot90(flows[1])
+        flows = np.stack([-dx, dy])
+    return flows
+
+
+def _flip_flows(flows: np.ndarray, axis: int) -> np.ndarray:
+    """Flows of np.flip(labels, axis): flipped, and the component along axis negated."""
+    out = np.stack([np.flip(flows[0], axis), np.flip(flows[1], axis)])
+    out[axis] *= -1
+    return out
+
+
+def _assert_flows_match(actual: np.ndarray, expected: np.ndarray, labels: np.ndarray) -> None:
+    """Recomputed flows equal the transformed ones, up to the few cells whose centre
+    pixel is a tie (the pixel nearest the median may become its mirror twin) and float
+    rounding of the diffusion far from the centre: >= 95 % of cell pixels agree to 0.1,
+    and the mean cosine over all cell pixels is > 0.99."""
+    cells = labels > 0
+    err = np.abs(actual - expected).max(axis=0)[cells]
+    cos = (actual * expected).sum(axis=0)[cells]
+    assert (err < 0.1).mean() >= 0.95, (err < 0.1).mean()
+    assert cos.mean() > 0.99, cos.mean()
+
+
+# Each spatial transform's possible outcomes: name -> (labels op, image op, flows op).
+SPATIAL = {
+    "flip": (T.axis_flip, {
+        f"axis{a}": (lambda lab, a=a: np.flip(lab, a),
+                     lambda img, a=a: np.flip(img, a + 1),
+                     lambda fl, a=a: _flip_flows(fl, a)) for a in (0, 1)}),
+    "rot90": (T.rotate90, {
+        f"k{k}": (lambda lab, k=k: np.rot90(lab, k),
+                  lambda img, k=k: np.rot90(img, k, axes=(1, 2)),
+                  lambda fl, k=k: _rot_flows(fl, k)) for k in (1, 2, 3)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPATIAL))
+def test_spatial_transform_flows_equal_transformed_flows(real, name: str) -> None:
+    """Over seeded draws every outcome of the transform occurs; the image moves with
+    the labels, and flows recomputed from the moved labels equal the original flows
+    moved the same way (vectors flipped/rotated too)."""
+    image, labels = real
+    img = normalize(image)
+    flows = labels_to_flows(labels)
+    transform, outcomes = SPATIAL[name]
+    seen = set()
+    for seed in range(16):
+        img_t, lab_t = transform(img, labels, np.random.default_rng(seed))
+        key = next(k for k, (lab_op, _, _) in outcomes.items()
+                   if np.array_equal(lab_t, lab_op(labels)))
+        _, img_op, flow_op = outcomes[key]
+        assert np.array_equal(img_t, img_op(img))
+        if key not in seen:
+            seen.add(key)
+            recomputed = T.targets(np.ascontiguousarray(lab_t))["flows"]
+            _assert_flows_match(recomputed, flow_op(flows), lab_t)
+    assert seen == set(outcomes)
+
+
+def test_flow_check_detects_an_unnegated_flip(real) -> None:
+    """The comparison above can fail: flows flipped without negating do not match."""
+    _, labels = real
+    flows = labels_to_flows(labels)
+    flipped = np.flip(labels, 1)
+    wrong = np.stack([np.flip(flows[0], 1), np.flip(flows[1], 1)])
+    with pytest.raises(AssertionError):
+        _assert_flows_match(labels_to_flows(np.ascontiguousarray(flipped)), wrong, flipped)
+
+
+def _encode(labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """A synthetic (3, H, W) image whose value is the label id / (max + 1)."""
+    scale = float(labels.max() + 1)
+    return np.repeat((labels / scale).astype(np.float32)[None], 3, axis=0), scale
+
+
+def _decode(image: np.ndarray, scale: float) -> np.ndarray:
+    """Labels back from an :func:`_encode` image; asserts every pixel is a pure code."""
+    codes = image[0] * scale
+    assert np.abs(codes - np.round(codes)).max() < 1e-3, "image values were mixed/changed"
+    return np.round(codes).astype(np.int64)
+
+
+def test_crop_flip_rotate_keep_image_and_targets_aligned(real) -> None:
+    """Through augment_sample (no zoom, no intensity changes): the labels read back from
+    the output image give exactly the output's cell mask and flows."""
+    _, labels = real
+    img, scale = _encode(labels)
+    cfg = AugmentSection.from_dict({"crop": 96, "zoom_p": 0.0, "flip_p": 1.0,
+                                    "rotate_p": 1.0, **NO_INTENSITY})
+    for seed in range(3):
+        out = T.augment_sample(img, labels, np.random.default_rng(seed), cfg)
+        lab = _decode(out["image"], scale)
+        assert set(np.unique(lab)) <= set(np.unique(labels))
+        assert np.array_equal(out["cell"], (lab > 0).astype(np.float32))
+        np.testing.assert_allclose(out["flows"], labels_to_flows(lab), atol=1e-6)
+        assert (out["valid"] == 1).all()
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.6, 1.4])
+def test_zoom_keeps_ids_and_pure_pixels_agree(real, factor: float) -> None:
+    """Zoomed labels hold only original ids (nearest neighbour), and wherever the
+    area-interpolated image is unmixed (it shows one cell's code), the label is that
+    cell. Channel 0 is a random code per id, channel 1 its square: a mixture of codes
+    has channel 1 > channel 0 squared, so mixed pixels are recognised."""
+    _, labels = real
+    codes = np.random.default_rng(1).uniform(0.2, 1.0, labels.max() + 1)
+    codes[0] = 0.0
+    img = np.stack([codes[labels], codes[labels] ** 2, np.zeros(labels.shape)])
+    img_z, lab_z = T.zoom_crop(img.astype(np.float32), labels, 64, factor,
+                               np.random.default_rng(5))
+    assert img_z.shape == (3, 64, 64) and lab_z.shape == (64, 64)
+    assert set(np.unique(lab_z)) <= set(np.unique(labels))
+    value = img_z[0].astype(np.float64)
+    nearest_id = np.abs(value[..., None] - codes).argmin(axis=-1)
+    pure = (np.abs(img_z[1] - value**2) < 1e-6) & (np.abs(codes[nearest_id] - value) < 1e-5)
+    assert pure.mean() > 0.3
+    disagree = (nearest_id != lab_z) & pure
+    assert disagree.mean() < 0.005, disagree.mean()
+
+
+def test_zoom_labels_are_not_shifted_against_the_image(data_dir: Path) -> None:
+    """Downsampling by 4: the label foreground's centroid stays within a quarter output
+    pixel of the image's (area-averaged) foreground mass (plain floor-nearest labels sit
+    ~0.4 px off, towards the bottom right)."""
+    shifts = []
+    for i in range(4):
+        _, labels = _stem_pair(data_dir, "usiigaci_phase", i)
+        fg = (labels > 0).astype(np.float32)[None]
+        img_z, lab_z = T.zoom_crop(fg, labels, 256, 0.25, np.random.default_rng(0))
+        yy, xx = np.mgrid[:256, :256]
+        mass, mask = img_z[0], lab_z > 0
+        shifts.append((np.sum(mass * yy) / mass.sum() - yy[mask].mean(),
+                       np.sum(mass * xx) / mass.sum() - xx[mask].mean()))
+    assert np.abs(np.mean(shifts, axis=0)).max() < 0.25, np.mean(shifts, axis=0)
+
+
+def test_public_samples_get_spatial_transforms_only(real) -> None:
+    """MEDIAR's public (replay) pipeline: no zoom and no intensity change, even with
+    every probability at 1; boundary exclusion applies."""
+    _, labels = real
+    img, scale = _encode(labels)
+    every = {k: 1.0 for k in NO_INTENSITY}
+    cfg = AugmentSection.from_dict({"crop": 96, "zoom_p": 1.0, "flip_p": 1.0,
+                                    "rotate_p": 1.0, **every})
+    out = T.augment_sample(img, labels, np.random.default_rng(0), cfg, public=True)
+    lab = _decode(out["image"], scale)
+    assert np.array_equal(out["valid"] == 0, T.border_pixels(lab))
+    main = T.augment_sample(img, labels, np.random.default_rng(0), cfg)
+    with pytest.raises(AssertionError):
+        _decode(main["image"], scale)  # the main-data sample was changed
+
+
+def test_cell_aware_intensity_per_cell_factors(real) -> None:
+    image, labels = real
+    img = 0.5 * normalize(image) + 0.1  # every pixel > 0, so every change is visible
+    ids = np.unique(labels)[1:]
+    out = T.cell_aware_intensity(img, labels, np.random.default_rng(7), 0.4, (1.0, 1.7))
+    np.testing.assert_array_equal(out[:, labels == 0], img[:, labels == 0])
+    factors = {}
+    for i in ids:
+        ratio = out[:, labels == i] / img[:, labels == i]
+        assert np.ptp(ratio) < 1e-5, f"cell {i} not scaled by one factor"
+        factors[i] = float(ratio.mean())
+    changed = [f for f in factors.values() if abs(f - 1.0) > 1e-6]
+    assert len(changed) == round(0.4 * len(ids))
+    assert all(1.0 <= f <= 1.7 + 1e-6 for f in changed)
+    assert len(np.unique(np.round(changed, 6))) == len(changed), "cells share a factor"
+    assert max(factors.values()) > 1.0 + 1e-3 and out.max() > img.max()  # not clipped
+
+
+def test_cell_aware_probability_in_augment_sample(real) -> None:
+    """With cell_aware_p = 0.25 about a quarter of the samples change (and only the
+    cells); the rest leave the image untouched."""
+    _, labels = real
+    img, scale = _encode(labels)
+    cfg = AugmentSection.from_dict({"crop": 64, "zoom_p": 0.0, "flip_p": 0.0,
+                                    "rotate_p": 0.0, **NO_INTENSITY, "cell_aware_p": 0.25})
+    n, hit = 120, 0
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        out = T.augment_sample(img, labels, rng, cfg)
+        codes = out["image"][0] * scale
+        hit += bool(np.abs(codes - np.round(codes)).max() > 1e-3)
+    assert abs(hit / n - 0.25) < 0.1, hit / n
+
+
+def test_border_pixels_match_skimage_inner_boundaries(data_dir: Path) -> None:
+    for source, index in (("dsb2018", 0), ("dsb2018", 40), ("usiigaci_phase", 2),
+                          ("stardist_nuclei", 0)):
+        _, labels = _stem_pair(data_dir, source, index)
+        expected = find_boundaries(labels, mode="inner", connectivity=1)
+        got = T.border_pixels(labels)
+        assert got.any()
+        np.testing.assert_array_equal(got, expected)
+        part = np.ascontiguousarray(labels[:128, :128])
+        valid = T.targets(part, boundary_exclusion=True)["valid"]
+        np.testing.assert_array_equal(valid == 0, find_boundaries(part, mode="inner",
+                                                                  connectivity=1))
+
+
+def test_border_pixels_hand_made_cases() -> None:
+    square = np.zeros((7, 7), int)
+    square[2:5, 2:5] = 1  # 3 x 3 cell: its ring of 8 is border, the centre is not
+    expected = square.astype(bool).copy()
+    expected[3, 3] = False
+    np.testing.assert_array_equal(T.border_pixels(square), expected)
+
+    touching = np.zeros((4, 6), int)
+    touching[:, :3], touching[:, 3:] = 1, 2  # two cells filling the image, meeting at x=2|3
+    expected = np.zeros((4, 6), bool)
+    expected[:, 2:4] = True  # only the shared interface; the image edge is no border
+    np.testing.assert_array_equal(T.border_pixels(touching), expected)
+
+    line = np.zeros((5, 5), int)
+    line[2, 1:4] = 3  # a one-pixel-wide cell is all border
+    np.testing.assert_array_equal(T.border_pixels(line), line > 0)
+    assert not T.border_pixels(np.zeros((4, 4), int)).any()
+    valid = T.targets(square, boundary_exclusion=True)["valid"]
+    np.testing.assert_array_equal(valid == 0, T.border_pixels(square))
+    assert (T.targets(square)["valid"] == 1).all()
+
+
+def test_gaussian_smooth_follows_monai_axes() -> None:
+    """sigma in [1, 2] along rows (MONAI's sigma_x, the first spatial axis) and in
+    [0.25, 1.5] along columns, measured from the blurred impulse."""
+    impulse = np.zeros((1, 41, 41), np.float32)
+    impulse[0, 20, 20] = 1.0
+    r = np.arange(41) - 20
+    cols = []
+    for seed in range(20):
+        out = T.gaussian_smooth(impulse, np.random.default_rng(seed))[0]
+        sy = np.sqrt((out.sum(axis=1) * r**2).sum() / out.sum())
+        sx = np.sqrt((out.sum(axis=0) * r**2).sum() / out.sum())
+        assert 0.95 <= sy <= 2.05 and 0.2 <= sx <= 1.6, (sy, sx)
+        cols.append(sx)
+    assert min(cols) < 0.9  # would be impossible with the ranges swapped
+
+
+def test_intensity_transforms_keep_range_ends_and_order(real) -> None:
+    image, _ = real
+    img = normalize(image)
+    for fn in (T.contrast, T.histogram_shift):
+        out = fn(img, np.random.default_rng(2))
+        assert out.dtype == np.float32 and out.shape == img.shape
+        assert np.isclose(out.min(), img.min(), atol=1e-5)
+        assert np.isclose(out.max(), img.max(), atol=1e-5)
+        order = np.argsort(img.ravel(), kind="stable")
+        assert (np.diff(out.ravel()[order]) >= -1e-6).all()  # monotonic remap
+    noisy = T.gaussian_noise(img, np.random.default_rng(3))
+    assert 0 < (noisy - img).std() <= 0.1 + 1e-3
+    a = T.gaussian_sharpen(img, np.random.default_rng(4))
+    b = T.gaussian_sharpen(img, np.random.default_rng(4))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == img.shape and a.dtype == np.float32 and not np.allclose(a, img)
