@@ -184,7 +184,8 @@ def test_public_samples_get_spatial_transforms_only(real) -> None:
                                     "rotate_p": 1.0, **every})
     out = T.augment_sample(img, labels, np.random.default_rng(0), cfg, public=True)
     lab = _decode(out["image"], scale)
-    assert np.array_equal(out["valid"] == 0, T.border_pixels(lab))
+    assert np.array_equal(out["valid"] == 0, T.excluded_pixels(lab))
+    assert (out["valid"] == 0).any()
     main = T.augment_sample(img, labels, np.random.default_rng(0), cfg)
     with pytest.raises(AssertionError):
         _decode(main["image"], scale)  # the main-data sample was changed
@@ -234,8 +235,10 @@ def test_border_pixels_match_skimage_inner_boundaries(data_dir: Path) -> None:
         np.testing.assert_array_equal(got, expected)
         part = np.ascontiguousarray(labels[:128, :128])
         valid = T.targets(part, boundary_exclusion=True)["valid"]
-        np.testing.assert_array_equal(valid == 0, find_boundaries(part, mode="inner",
-                                                                  connectivity=1))
+        area = np.bincount(part.ravel())[part]
+        inner = find_boundaries(part, mode="inner", connectivity=1)
+        np.testing.assert_array_equal(valid == 0, inner & (area >= 196))
+        assert (inner & (area < 196)).any() or source != "dsb2018"
 
 
 def test_border_pixels_hand_made_cases() -> None:
@@ -255,9 +258,21 @@ def test_border_pixels_hand_made_cases() -> None:
     line[2, 1:4] = 3  # a one-pixel-wide cell is all border
     np.testing.assert_array_equal(T.border_pixels(line), line > 0)
     assert not T.border_pixels(np.zeros((4, 4), int)).any()
-    valid = T.targets(square, boundary_exclusion=True)["valid"]
-    np.testing.assert_array_equal(valid == 0, T.border_pixels(square))
-    assert (T.targets(square)["valid"] == 1).all()
+
+
+def test_boundary_exclusion_spares_small_cells() -> None:
+    """Under boundary exclusion a 20 x 20 cell loses its ring of 76 border pixels, a
+    13 x 13 one (169 < 196 px, MEDIAR's limit) keeps all its pixels; without boundary
+    exclusion everything counts."""
+    labels = np.zeros((40, 60), int)
+    labels[5:25, 5:25] = 1
+    labels[5:18, 35:48] = 2
+    valid = T.targets(labels, boundary_exclusion=True)["valid"]
+    assert (valid[labels == 1] == 0).sum() == 76
+    assert (valid[labels == 2] == 1).all() and (valid[labels == 0] == 1).all()
+    np.testing.assert_array_equal(valid == 0, T.border_pixels(labels) & (labels == 1))
+    assert (T.targets(labels)["valid"] == 1).all()
+    assert T.excluded_pixels(labels, min_area=0)[labels == 2].sum() == 48
 
 
 def test_gaussian_smooth_follows_monai_axes() -> None:

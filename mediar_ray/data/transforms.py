@@ -29,6 +29,8 @@ its paper's table says 0.25; the probability is ``cell_aware_p``, default 0.25.)
 
 Replay ("public") samples get what MEDIAR's public-data pipeline gives them: pad + random
 crop, flip and rotation, and boundary exclusion; no zoom and no intensity transforms.
+Boundary exclusion ignores the border pixels of cells of at least 196 pixels
+(:func:`excluded_pixels`); smaller cells keep theirs, as in MEDIAR.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from mediar_ray.dynamics import labels_to_flows
 from mediar_ray.preprocess import normalize
 
 __all__ = ["axis_flip", "border_pixels", "cell_aware_intensity", "contrast", "crop",
+           "excluded_pixels",
            "gaussian_noise", "gaussian_sharpen", "gaussian_smooth", "histogram_shift",
            "rotate90", "targets", "train_sample", "augment_sample", "zoom_crop"]
 
@@ -188,16 +191,31 @@ def border_pixels(labels: np.ndarray) -> np.ndarray:
     return differs & (c > 0)
 
 
+#: Cells smaller than this many pixels (14 x 14, as MEDIAR) keep their borders under
+#: boundary exclusion: most of a small cell is border, and ignoring it would hide it.
+BOUNDARY_MIN_AREA = 196
+
+
+def excluded_pixels(labels: np.ndarray, min_area: int = BOUNDARY_MIN_AREA) -> np.ndarray:
+    """The pixels boundary exclusion ignores: :func:`border_pixels` of the cells of at
+    least ``min_area`` pixels. labels (H, W) int -> (H, W) bool."""
+    border = border_pixels(labels)
+    if min_area <= 1:
+        return border
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return border & (counts[inverse.reshape(labels.shape)] >= min_area)
+
+
 def targets(labels: np.ndarray, boundary_exclusion: bool = False) -> dict[str, np.ndarray]:
     """Training targets of a (transformed) label image.
 
     Returns flows (2, H, W) float32 unit vectors (dy, dx), cell (H, W) float32 0/1 and
-    valid (H, W) float32: 0 on :func:`border_pixels` under boundary exclusion, else 1.
+    valid (H, W) float32: 0 on :func:`excluded_pixels` under boundary exclusion, else 1.
     """
     labels = np.ascontiguousarray(labels)
     valid = np.ones(labels.shape, np.float32)
     if boundary_exclusion:
-        valid[border_pixels(labels)] = 0.0
+        valid[excluded_pixels(labels)] = 0.0
     return {"flows": labels_to_flows(labels), "cell": (labels > 0).astype(np.float32),
             "valid": valid}
 
