@@ -62,3 +62,45 @@ def test_kuberay_manifests(path):
         entry = doc["spec"]["entrypoint"].split()
         assert entry[0] == "python" and (Path(__file__).resolve().parents[1] / entry[1]).is_file()
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def _job_parser(script: str):
+    """The argument parser a RayJob's entry point script would use."""
+    import argparse
+    import importlib.util
+
+    if script == "jobs/train.py":  # flags of `mediar-ray train`, shared with the job
+        from mediar_ray.commands.train import add_arguments
+
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser
+    spec = importlib.util.spec_from_file_location("job_script", CLUSTER.parent / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CLUSTER / "kuberay").glob("rayjob-*.yaml")), ids=lambda p: p.name
+)
+def test_rayjob_entrypoint_parses_with_its_job(path):
+    doc = yaml.safe_load(path.read_text())
+    entry = doc["spec"]["entrypoint"].split()
+    args = _job_parser(entry[1]).parse_args(entry[2:])  # exits (fails) on a bad flag
+    assert doc["spec"]["runtimeEnvYAML"].strip().startswith("working_dir:")
+    spec = doc["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "no work on the head"
+    if entry[1] != "jobs/train.py":
+        return
+    # Ray Train on several nodes needs shared storage, and the GPU groups must be able to
+    # grow to one GPU per training worker.
+    assert args.storage_path.startswith("s3://") and args.use_gpu
+    from mediar_ray.train.config import load_config
+
+    load_config(str(CLUSTER.parent / args.config))  # shipped in the image, and valid
+    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]
+                                      ["limits"].get("nvidia.com/gpu", 0))
+               for g in spec["workerGroupSpecs"])
+    assert args.num_workers <= gpus
+    assert doc["spec"]["backoffLimit"] >= 1  # a retried job resumes from the checkpoints
