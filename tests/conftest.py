@@ -22,3 +22,20 @@ def data_dir() -> Path:
 def ref_dir() -> Path:
     assert FIXTURES.is_dir(), f"MEDIAR reference fixtures expected at {FIXTURES}"
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """Run a module's tests with one torch and one numba thread (``pytestmark =
+    pytest.mark.usefixtures("single_threaded")``). On this shared 2-core machine the
+    OpenMP threads of numba's parallel loops keep spinning after a loop ends, and small
+    torch/numpy operations that follow run ~20x slower; one thread each avoids it."""
+    import numba
+    import torch
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])

@@ -16,17 +16,7 @@ from mediar_ray.data.modalities import (STAT_FEATURES, StatisticsEmbedder, embed
                                         image_statistics, kmeans, load_modality_table,
                                         standardise, write_modality_table)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's 2 cores are shared: torch's spinning worker threads make
-    the resizing and the encoder many times slower than one thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from mediar_ray.io import read_image
 from mediar_ray.preprocess import normalize
 from mediar_ray.train.config import AugmentSection
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
 NO_INTENSITY = {"cell_aware_p": 0.0, "noise_p": 0.0, "contrast_p": 0.0, "smooth_p": 0.0,
                 "hist_shift_p": 0.0, "sharpen_p": 0.0}
 
@@ -307,3 +309,63 @@ def test_intensity_transforms_keep_range_ends_and_order(real) -> None:
     b = T.gaussian_sharpen(img, np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
     assert a.shape == img.shape and a.dtype == np.float32 and not np.allclose(a, img)
+
+
+def _orientation(out: np.ndarray) -> np.ndarray:
+    """Signs of d(row code, column code) / d(output row, column) of an output of the
+    :func:`_coordinate_image`: the identity for an unturned crop, a matrix of
+    determinant -1 for a reflection."""
+    grads = np.array([[np.diff(out[c], axis=a).mean() for a in (0, 1)] for c in (0, 1)])
+    return np.sign(np.round(grads / np.abs(grads).max(), 3))
+
+
+def _was_resized(out: np.ndarray, size: int) -> bool:
+    """A plain crop of the :func:`_coordinate_image` holds ``size`` distinct whole
+    coordinates per channel; zooming in repeats some, zooming out averages them."""
+    codes = out[:2] * 127
+    whole = np.abs(codes - np.round(codes)).max() < 1e-3
+    return not whole or any(len(np.unique(np.round(c))) < size for c in codes)
+
+
+def _coordinate_image(size: int) -> np.ndarray:
+    """Channel 0 = row / (size - 1), channel 1 = column / (size - 1), channel 2 = 0.5
+    (``size`` 128 for :func:`_was_resized`)."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    rows, cols = np.meshgrid(ramp, ramp, indexing="ij")
+    return np.stack([rows, cols, np.full_like(rows, 0.5)])
+
+
+def test_spatial_probabilities_match_mediar_table() -> None:
+    """Default probabilities (zoom 0.5, flip 0.5, rotation 0.5) seen in the outputs: a
+    zoomed crop resamples the coordinates (except a factor within ~1.5 % of 1, which
+    keeps the crop as it is), a flip makes the map a reflection, and only 'no flip, no
+    rotation' (0.25) leaves the orientation alone."""
+    cfg = AugmentSection.from_dict({"crop": 32, **NO_INTENSITY})
+    assert (cfg.zoom_p, cfg.flip_p, cfg.rotate_p) == (0.5, 0.5, 0.5)
+    img, labels = _coordinate_image(128), np.zeros((128, 128), np.int64)
+    n, zoomed, reflected, identity = 1000, 0, 0, 0
+    for seed in range(n):
+        out = T.augment_sample(img, labels, np.random.default_rng(seed), cfg)["image"]
+        signs = _orientation(out)
+        zoomed += _was_resized(out, 32)
+        reflected += np.linalg.det(signs) < 0
+        identity += np.array_equal(signs, np.eye(2))
+    # Four binomial standard errors (0.016 at p = 0.5, 0.014 at 0.25), and ~2 % of the
+    # zooms (factor near 1) look like none.
+    assert abs(zoomed / n - 0.49) < 0.065, zoomed / n
+    assert abs(reflected / n - 0.5) < 0.065, reflected / n
+    assert abs(identity / n - 0.25) < 0.055, identity / n
+
+
+def test_intensity_probabilities_match_mediar_table() -> None:
+    """Noise, contrast, smoothing, histogram shift and sharpening at 0.25 each: an image
+    comes out unchanged with probability 0.75 ** 5."""
+    cfg = AugmentSection.from_dict({"crop": 32, "zoom_p": 0.0, "flip_p": 0.0,
+                                    "rotate_p": 0.0})
+    assert [getattr(cfg, k) for k in NO_INTENSITY] == [0.25] * 6
+    img = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    labels = np.zeros((32, 32), np.int64)
+    n = 1000
+    same = sum(np.array_equal(T.augment_sample(img, labels, np.random.default_rng(s),
+                                               cfg)["image"], img) for s in range(n))
+    assert abs(same / n - 0.75**5) < 0.055, same / n  # four standard errors

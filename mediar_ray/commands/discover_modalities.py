@@ -47,9 +47,16 @@ def _images(inputs: list[str]) -> list[str]:
     return [p.image for p in load_pairs(mappings, roots)]
 
 
+def _model_params(value: str | None) -> dict:
+    if not value:  # mediar_ray.segment imports monai: slow, and only needed here
+        return {}
+    from mediar_ray.segment import parse_model_config
+
+    return parse_model_config(value)
+
+
 def run(args: argparse.Namespace) -> int:
     from mediar_ray.data.modalities import discover_modalities, write_modality_table
-    from mediar_ray.segment import parse_model_config
 
     if args.clusters < 1 or args.size < 1:
         log.error("--clusters and --size must be >= 1")
@@ -57,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         images = _images(args.inputs)
         doc = discover_modalities(images, args.clusters, args.checkpoint, args.seed,
-                                  args.size, args.device,
-                                  parse_model_config(args.model_config))
+                                  args.size, args.device, _model_params(args.model_config))
     except (ValueError, FileNotFoundError, KeyError) as err:
         log.error("%s", err)
         return 2
