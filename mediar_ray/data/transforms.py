@@ -76,8 +76,9 @@ def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
     distribution of samples without resizing the whole image first. Image: area
     interpolation; labels: nearest neighbour at the pixel centre (torch's
     "nearest-exact"), so ids are kept and each label pixel comes from the middle of the
-    area its image pixel averages (plain "nearest" would shift labels by up to half an
-    output pixel towards the top left).
+    area its image pixel averages (plain "nearest" takes the block's top-left source
+    pixel, which moves the labels towards the bottom right by almost half an output
+    pixel when zooming out by 4).
     """
     src = max(1, int(round(size / factor)))
     image, labels = crop(image, labels, src, rng)
