@@ -7,7 +7,7 @@ Plain loop: one process, a torch DataLoader with one worker process making the s
 batches (:class:`mediar_ray.train.stream.BatchMaker` over the same stream rows), the same
 model, loss and AdamW step, torch with one thread per training process. Ray Train: the
 same rows as a Ray Dataset mapped by BatchMaker actors, TorchTrainer with 1 and with 2
-workers of one CPU each (DDP over gloo for 2). Samples per second are counted over the
+workers of one torch thread each (DDP over gloo for 2). Samples per second are counted over the
 epochs after the first (warm-up: process start, model build, first batches).
 """
 
@@ -36,8 +36,10 @@ def config(data: Path, storage: Path, workers: int, args) -> "TrainConfig":
     d["optim"].update({"epochs": args.epochs, "batch_size": args.batch})
     d["run"].update({"storage_path": str(storage), "num_workers": workers,
                      "validate_every": 0, "checkpoint_every": args.epochs,
-                     "max_steps_per_epoch": args.steps, "cpus_per_worker": 1,
-                     "loader_workers": 1, "loader_cpus": 1})
+                     "max_steps_per_epoch": args.steps,
+                     # logical shares that fit 2 workers + the loader into 2 CPUs; every
+                     # training process runs one torch thread whatever its share
+                     "cpus_per_worker": 0.75, "loader_workers": 1, "loader_cpus": 0.5})
     return TrainConfig.from_dict(d)
 
 

@@ -83,6 +83,16 @@ def _storage(url: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _with_local_paths_absolute(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as a dict with a local ``model.init`` made absolute: workers run in other
+    folders (and on other machines, where only URLs and shared paths work)."""
+    d = cfg.to_dict()
+    init = d["model"]["init"]
+    if init and "://" not in init:
+        d["model"]["init"] = os.path.abspath(init)
+    return d
+
+
 def run_training(cfg: Any, max_epochs_this_run: int | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns a summary dict.
 
@@ -105,7 +115,7 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None) -> dict[str, 
     stop = cfg.optim.epochs if max_epochs_this_run is None else min(
         cfg.optim.epochs, start + max_epochs_this_run)
     world = cfg.run.num_workers
-    from mediar_ray.train.stream import BatchMaker, plan_stream
+    from mediar_ray.train.stream import BatchMaker, plan_stream, throttle_idle_scheduling
 
     plan = plan_stream(cfg, data.clusters, len(data.public), world, start)
     plan.rows = [r for r in plan.rows if r["epoch"] < stop]
@@ -113,6 +123,7 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None) -> dict[str, 
              "%d steps per epoch per worker x %d workers", cfg.name, start, stop - 1,
              cfg.optim.epochs, len(data.train), len(data.held), len(data.public),
              plan.steps_per_epoch, world)
+    throttle_idle_scheduling(ray.data.DataContext.get_current())
     ds = ray.data.from_items(plan.rows, override_num_blocks=max(1, min(len(plan.rows), 200)))
     ds = ds.map_batches(
         BatchMaker, fn_constructor_args=(data.train, data.public, cfg.augment),
@@ -121,7 +132,7 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None) -> dict[str, 
     storage_path, storage_fs = _storage(cfg.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "held": data.held,
+        train_loop_config={"cfg": _with_local_paths_absolute(cfg), "held": data.held,
                            "steps_per_epoch": plan.steps_per_epoch,
                            "stream_start": start, "stop_epoch": stop},
         scaling_config=ray.train.ScalingConfig(
