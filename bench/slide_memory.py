@@ -2,18 +2,21 @@
 
 For each size, writes a tiled RGB TIFF (256-px tiles) made of crops of the real DSB2018
 images, segments it with ``run_slides`` on a local Ray, and samples the resident memory
-of every Ray worker process (``ray::`` processes) while it runs. Prints, per size: peak
-RSS of the largest worker, end-to-end seconds per megapixel, and the model forward time
-alone for the same slide (every global sliding window once, times the TTA flips, measured
-here with one thread per worker like the actors, divided by the worker count); then the
-ratio of peaks (largest slide / smallest) and the overhead ratio (end-to-end / forward).
+of every busy Ray worker process (``ray::`` processes) while it runs. Prints, per size:
+peak RSS of the largest worker, end-to-end seconds per megapixel, and the model forward
+time alone for the slide's windows (every global sliding window once per TTA frame). The
+forward-only time is measured on a sample of real windows of the slide (same batch size,
+one thread per process, as many processes at once as there are actors) and scaled by the
+number of windows; then the ratio of peaks (largest slide / smallest) and the overhead
+ratio (end-to-end / forward-only).
 
-    python bench/slide_memory.py --sizes 4096 16384 --tile 1024 --workers 2 --no-tta
+    python bench/slide_memory.py --sizes 4096 16384 --tile 2048 --workers 2 --no-tta
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import threading
@@ -83,48 +86,87 @@ class WorkerMemory:
         self._thread.join()
 
 
-def forward_seconds(models: list, size: int, roi: int, tta: bool, workers: int,
-                    batch: int = 4) -> float:
-    """Model forward alone on every global window of a size x size slide (estimated from
-    timed batches of real-sized windows), as wall-clock time over ``workers``."""
+def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray,
+                  batch: int) -> float:
+    """Seconds per window for the model forward alone (every model), in this process."""
     import torch
+
+    from mediar_ray.inference import _forward
+    from mediar_ray.segment import load_models
+
+    models = load_models(weights, model_config, "cpu")
+    x = torch.from_numpy(np.array(windows))  # a writable copy
+    for m in models:
+        _forward(m, x[:batch], torch.device("cpu"), False)  # warm-up, untimed
+    start = time.perf_counter()
+    for b in range(0, len(x), batch):
+        for m in models:
+            _forward(m, x[b : b + batch], torch.device("cpu"), False)
+    return (time.perf_counter() - start) / len(x)
+
+
+def sample_windows(image_url: str, roi: int, n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3, roi, roi) float32: real windows of the slide at random grid positions,
+    normalised like the pipeline's input (percentiles of each window)."""
+    import zarr
+
+    from mediar_ray.inference import window_starts
+    from mediar_ray.preprocess import normalize
+
+    image = zarr.open_array(image_url, mode="r")
+    h, w = image.shape[1:]
+    ys, xs = window_starts(h, roi, 0.6), window_starts(w, roi, 0.6)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, roi, roi), np.float32)
+    for i in range(n):
+        y, x = int(rng.choice(ys)), int(rng.choice(xs))
+        out[i] = normalize(np.moveaxis(np.asarray(image[:, y : y + roi, x : x + roi]), 0, -1))
+    return out
+
+
+def forward_seconds(weights: list[str], image_url: str, roi: int, tta: bool, workers: int,
+                    sample: int, batch: int = 4) -> tuple[float, int, float]:
+    """Model forward alone on every window of the slide, as wall-clock seconds over
+    ``workers``: timed on ``sample`` real windows of the slide, split over ``workers``
+    Ray tasks of one CPU each running at the same time (like the inference actors, same
+    batch size and thread count), then scaled by the slide's number of windows.
+
+    Returns (estimated seconds, number of windows, measured seconds per window).
+    """
+    import ray
 
     from mediar_ray.inference import window_starts
 
-    n_windows = len(window_starts(size, roi, 0.6)) ** 2
-    x = torch.rand(batch, 3, roi, roi)
-    with torch.inference_mode():
-        for m in models:
-            m(x)  # warm-up
-        start = time.perf_counter()
-        reps = 3
-        for _ in range(reps):
-            for m in models:
-                m(x)
-        per_window = (time.perf_counter() - start) / (reps * batch)
-    flips = 4 if tta else 1
-    return per_window * n_windows * flips / workers
+    import zarr
+
+    h, w = zarr.open_array(image_url, mode="r").shape[1:]
+    n_windows = len(window_starts(h, roi, 0.6)) * len(window_starts(w, roi, 0.6))
+    n_windows *= 3 if tta else 1
+    windows = sample_windows(image_url, roi, sample)
+    task = ray.remote(num_cpus=1, max_calls=1)(_time_forward)  # worker exits after
+    per = ray.get([task.remote(weights, {}, part, batch)
+                   for part in np.array_split(windows, workers)])
+    per_window = float(np.mean(per))
+    return per_window * n_windows / workers, n_windows, per_window
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--weights", nargs="*", default=[])
     parser.add_argument("--no-tta", dest="tta", action="store_false")
+    parser.add_argument("--sample", type=int, default=200,
+                        help="windows timed for the forward-only estimate, per slide")
     args = parser.parse_args()
 
     import ray
-    import torch
 
     from mediar_ray.pipeline import SlideOptions, run_slides
-    from mediar_ray.segment import load_models
 
-    torch.set_num_threads(1)  # like one actor with num_cpus=1
     logging.basicConfig(level=logging.WARNING)
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING)
-    models = load_models(args.weights, {}, "cpu")
     opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
                         workers=args.workers)
     rows = []
@@ -139,20 +181,36 @@ def main() -> None:
             if report["failed"]:
                 raise SystemExit(f"slide {size} failed: {report['failed']}")
             name, peak = max(mem.peak.values(), key=lambda v: v[1])
-            fwd = forward_seconds(models, size, opts.roi_size, args.tta, args.workers)
-            mp = size * size / 1e6
-            rows.append((size, mp, report["done"][slide.stem]["cells"], seconds, fwd, peak, name))
+            fwd, n_windows, per_window = forward_seconds(
+                args.weights, f"{tmp}/out/{slide.stem}.zarr/0", opts.roi_size, args.tta,
+                args.workers, args.sample)
+            done = report["done"][slide.stem]
+            rows.append(dict(size=size, mp=size * size / 1e6, cells=done["cells"],
+                             sec=seconds, stages=done["seconds"], fwd=fwd,
+                             windows=n_windows, per_window=per_window, peak=peak, name=name))
+            print(json.dumps(rows[-1]), flush=True)  # kept even if a later size fails
     ray.shutdown()
+    print_table(args, rows)
 
+
+def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"tile {args.tile}, workers {args.workers}, tta {args.tta}, "
-          f"weights {args.weights or 'bundled cpu_small'}")
-    print("| size | MP | cells | end-to-end s | s/MP | forward-only s/MP | overhead ratio "
-          "| peak worker RSS MiB | worker |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size, mp, cells, sec, fwd, peak, name in rows:
-        print(f"| {size}^2 | {mp:.1f} | {cells} | {sec:.1f} | {sec / mp:.2f} | {fwd / mp:.2f} "
-              f"| {sec / fwd:.2f} | {peak / 2**20:.0f} | {name} |")
-    print(f"peak worker RSS, largest / smallest slide: {rows[-1][5] / rows[0][5]:.2f}")
+          f"weights {args.weights or 'bundled cpu_small'}; forward-only = seconds per window "
+          f"measured on {args.sample} real windows of each slide (batch 4, {args.workers} "
+          "one-CPU Ray tasks at once, like the actors) x the slide's windows / workers")
+    print("| size | MP | cells | windows | end-to-end s | plan / infer / track / finish s "
+          "| s/MP | forward-only s/MP | overhead ratio | peak worker RSS MiB | worker |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        st = r["stages"]
+        stages = " / ".join(f"{st.get(k, 0):.0f}" for k in ("plan", "infer", "track", "finish"))
+        print(f"| {r['size']}^2 | {r['mp']:.1f} | {r['cells']} | {r['windows']} "
+              f"| {r['sec']:.1f} | {stages} | {r['sec'] / r['mp']:.2f} "
+              f"| {r['fwd'] / r['mp']:.2f} | {r['sec'] / r['fwd']:.2f} "
+              f"| {r['peak'] / 2**20:.0f} | {r['name']} |")
+    print("forward seconds per window (all models, one thread): "
+          + ", ".join(f"{r['size']}^2 {r['per_window']:.3f}" for r in rows))
+    print(f"peak worker RSS, largest / smallest slide: {rows[-1]['peak'] / rows[0]['peak']:.2f}")
 
 
 if __name__ == "__main__":

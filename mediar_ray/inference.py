@@ -13,6 +13,12 @@ calls it per tile; :func:`predict_raw` is the whole image as one region.
 A flipped augmentation is computed in the flipped image's own frame (its own window grid
 and padding, as the original does by flipping the whole image), then flipped back, and
 the flow component along the flipped axis changes sign.
+
+For a slide, :func:`predict_partial` computes every window exactly once: the result is a
+sum over windows of (weight x prediction / the frame's coverage at each pixel), so a
+window may be assigned to one tile only (the tile holding its top-left corner in image
+coordinates) and the tiles' partial sums, added where they overlap, give the
+whole-image prediction up to float rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
-__all__ = ["Reader", "predict_raw", "predict_region", "window_starts", "resolve_device"]
+__all__ = [
+    "Reader", "predict_raw", "predict_region", "predict_partial", "partial_extent",
+    "window_starts", "resolve_device",
+]
 
 #: read(y0, y1, x0, x1) -> (3, y1 - y0, x1 - x0) float32, normalised pixels of the image.
 Reader = Callable[[int, int, int, int], np.ndarray]
@@ -69,6 +78,71 @@ def _pad_before(length: int, roi: int) -> int:
 
 def _overlapping(starts: list[int], roi: int, lo: int, hi: int) -> list[int]:
     return [s for s in starts if s < hi and s + roi > lo]
+
+
+def _image_starts(length: int, roi: int, overlap: float, flipped: bool) -> list[int]:
+    """Window starts along one axis in *image* coordinates, in the frame's scan order.
+
+    The frame is the image (``flipped=False``) or the image flipped along this axis,
+    padded as MONAI pads it (:func:`_pad_before`) and scanned by :func:`window_starts`.
+    A start ``a`` means the window covers image pixels ``a .. a + roi - 1`` (negative or
+    beyond ``length`` where the window lies in the padding).
+    """
+    pad = _pad_before(length, roi)
+    starts = window_starts(max(length, roi), roi, overlap)
+    if flipped:  # frame pixel u is image pixel length - 1 - (u - pad)
+        return [length - s - roi + pad for s in starts]
+    return [s - pad for s in starts]
+
+
+def _importance(roi: int) -> torch.Tensor:
+    """(roi, roi) float32 Gaussian importance map (MONAI's, sigma = 0.125 x roi)."""
+    return compute_importance_map(
+        (roi, roi), mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
+    )
+
+
+def _add_window(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> None:
+    """``canvas[..., y:y+r, x:x+r] += patch`` for an (..., r, r) patch, clipped to the canvas.
+
+    ``(y, x)`` is the patch's top-left corner in canvas coordinates (may be negative).
+    """
+    h, w = canvas.shape[-2:]
+    r = patch.shape[-1]
+    cy0, cy1, cx0, cx1 = max(y, 0), min(y + r, h), max(x, 0), min(x + r, w)
+    if cy0 < cy1 and cx0 < cx1:
+        canvas[..., cy0:cy1, cx0:cx1] += patch[..., cy0 - y : cy1 - y, cx0 - x : cx1 - x]
+
+
+def _coverage(
+    ys: list[int], xs: list[int], weight: torch.Tensor, origin: tuple[int, int],
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """Sum of the importance ``weight`` of windows ``ys x xs`` over a canvas.
+
+    ``ys``/``xs`` are window starts, ``origin`` the canvas's top-left in the same
+    coordinates, ``shape`` its (h, w). Windows are added in C order (MONAI's), so each
+    pixel's value does not depend on which other windows are listed. Returns (h, w)
+    float32.
+    """
+    count = torch.zeros(shape, dtype=torch.float32)
+    for y in ys:
+        for x in xs:
+            _add_window(count, weight, y - origin[0], x - origin[1])
+    return count
+
+
+def _batches(starts: list[tuple[int, int]], size: int):
+    for b in range(0, len(starts), size):
+        yield starts[b : b + size]
+
+
+def _crops(canvas: torch.Tensor, batch: list[tuple[int, int]], origin: tuple[int, int],
+           roi: int) -> torch.Tensor:
+    """(N, C, roi, roi) windows at starts ``batch`` of a (C, h, w) canvas whose top-left
+    is ``origin`` (same coordinates as the starts)."""
+    oy, ox = origin
+    return torch.stack([canvas[:, y - oy : y - oy + roi, x - ox : x - ox + roi] for y, x in batch])
 
 
 def _flipped_reader(read: Reader, shape: tuple[int, int], fy: bool, fx: bool) -> Reader:
@@ -116,24 +190,16 @@ def _windowed(
         iy0, iy1, ix0, ix1
     )
     image = torch.from_numpy(canvas)
-    weight = compute_importance_map(
-        (roi, roi), mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
-    )
+    weight = _importance(roi)
     total = torch.zeros((3,) + canvas.shape[1:], dtype=torch.float32)
-    count = torch.zeros(canvas.shape[1:], dtype=torch.float32)
+    count = _coverage(ys, xs, weight, (ey0, ex0), canvas.shape[1:])
     starts = [(y, x) for y in ys for x in xs]  # C order, as MONAI iterates
     for model in models:
         out = torch.zeros_like(total)
-        count.zero_()
-        for b in range(0, len(starts), sw_batch_size):
-            batch = starts[b : b + sw_batch_size]
-            crops = torch.stack(
-                [image[:, y - ey0 : y - ey0 + roi, x - ex0 : x - ex0 + roi] for y, x in batch]
-            )
-            pred = _forward(model, crops, device, amp)
+        for batch in _batches(starts, sw_batch_size):
+            pred = _forward(model, _crops(image, batch, (ey0, ex0), roi), device, amp)
             for (y, x), p in zip(batch, pred):
-                out[:, y - ey0 : y - ey0 + roi, x - ex0 : x - ex0 + roi] += weight * p
-                count[y - ey0 : y - ey0 + roi, x - ex0 : x - ex0 + roi] += weight
+                _add_window(out, weight * p, y - ey0, x - ex0)
         total += out / count.clamp_min(torch.finfo(torch.float32).tiny)
     oy, ox = ry0 + py - ey0, rx0 + px - ex0
     return total[:, oy : oy + ry1 - ry0, ox : ox + rx1 - rx0].numpy()
@@ -150,6 +216,37 @@ def _forward(
     )
     with torch.inference_mode(), autocast:
         return model(crops.to(device)).float().cpu()
+
+
+def _prepare_models(
+    models: Sequence[torch.nn.Module] | torch.nn.Module, device: str | torch.device | None
+) -> tuple[list[torch.nn.Module], torch.device]:
+    """The models as a non-empty list, in eval mode on the resolved device."""
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
+    if not models:
+        raise ValueError("inference needs at least one model")
+    dev = resolve_device(device)
+    return [m.to(dev).eval() for m in models], dev
+
+
+def _check_region(
+    image_shape: tuple[int, int], region: tuple[int, int, int, int]
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(H, W) and (y0, y1, x0, x1) as ints; refuses an empty region or one outside."""
+    h, w = (int(v) for v in image_shape)
+    y0, y1, x0, x1 = (int(v) for v in region)
+    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+        raise ValueError(f"region {region} is empty or outside an image of shape {(h, w)}")
+    return (h, w), (y0, y1, x0, x1)
+
+
+def _frames(tta: bool) -> tuple[tuple[bool, bool], ...]:
+    return _TTA if tta else _TTA[:1]
+
+
+def _flow_sign(fy: bool, fx: bool) -> np.ndarray:
+    """(3,) float32: a flip along an axis negates the flow component along it."""
+    return np.array([-1.0 if fy else 1.0, -1.0 if fx else 1.0, 1.0], np.float32)
 
 
 def predict_region(
@@ -193,17 +290,10 @@ def predict_region(
     ndarray, (3, y1 - y0, x1 - x0) float32
         dy, dx (flows x 5, pixels) and the cell logit.
     """
-    models = [models] if isinstance(models, torch.nn.Module) else list(models)
-    if not models:
-        raise ValueError("predict_region needs at least one model")
-    h, w = (int(v) for v in image_shape)
-    y0, y1, x0, x1 = (int(v) for v in region)
-    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
-        raise ValueError(f"region {region} is empty or outside an image of shape {(h, w)}")
-    dev = resolve_device(device)
-    models = [m.to(dev).eval() for m in models]
+    models, dev = _prepare_models(models, device)
+    (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     result = np.zeros((3, y1 - y0, x1 - x0), dtype=np.float32)
-    for fy, fx in _TTA if tta else _TTA[:1]:
+    for fy, fx in _frames(tta):
         # The region and the reader in the flipped frame; predict there, flip back.
         fregion = (h - y1, h - y0, x0, x1) if fy else (y0, y1, x0, x1)
         fregion = fregion[:2] + ((w - x1, w - x0) if fx else fregion[2:])
@@ -213,9 +303,109 @@ def predict_region(
         )
         axes = [a for a, f in ((1, fy), (2, fx)) if f]
         pred = np.flip(pred, axis=axes) if axes else pred
-        sign = np.array([-1.0 if fy else 1.0, -1.0 if fx else 1.0, 1.0], np.float32)
-        result += pred * sign[:, None, None]
-    return result / np.float32(len(models) * (3 if tta else 1))
+        result += pred * _flow_sign(fy, fx)[:, None, None]
+    return result / np.float32(len(models) * len(_frames(tta)))
+
+
+def partial_extent(
+    image_shape: tuple[int, int], region: tuple[int, int, int, int], roi_size: int = 512
+) -> tuple[int, int, int, int]:
+    """Pixels (y0, y1, x0, x1), half-open, that the windows owned by ``region`` cover.
+
+    A window is owned by the region holding its top-left corner (clipped into the image),
+    so it reaches at most ``roi_size - 1`` pixels beyond the region's bottom and right
+    edges, and never above or left of it.
+    """
+    h, w = (int(v) for v in image_shape)
+    y0, y1, x0, x1 = (int(v) for v in region)
+    return y0, min(y1 + roi_size - 1, h), x0, min(x1 + roi_size - 1, w)
+
+
+def _owned(starts: list[int], length: int, lo: int, hi: int) -> list[int]:
+    """Window starts whose corner, clipped into ``[0, length)``, lies in ``[lo, hi)``."""
+    return [a for a in starts if lo <= min(max(a, 0), length - 1) < hi]
+
+
+def predict_partial(
+    read: Reader,
+    image_shape: tuple[int, int],
+    region: tuple[int, int, int, int],
+    models: Sequence[torch.nn.Module] | torch.nn.Module,
+    tta: bool = True,
+    roi_size: int = 512,
+    overlap: float = 0.6,
+    sw_batch_size: int = 4,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+) -> np.ndarray:
+    """A region's share of whole-image inference: the windows it owns, each run once.
+
+    Whole-image inference at a pixel is, for each augmentation frame f and model m, the
+    sum over the frame's windows covering it of weight x prediction, divided by the
+    frame's coverage (sum of weights) there, averaged over frames and models. Coverage
+    depends only on the window grid, so the result is a sum of per-window terms. Each
+    window (of every frame, mapped back to image coordinates) is owned by the region that
+    holds its top-left corner, clipped into the image; this function sums the terms of
+    the windows ``region`` owns. Over regions that partition the image, the partials
+    placed at their :func:`partial_extent` and added give :func:`predict_raw` up to
+    float rounding (the sum order differs), with every window computed exactly once.
+
+    Parameters
+    ----------
+    read : callable
+        As :func:`predict_region`; called once, with the image part of the owned
+        windows (within :func:`partial_extent` of the region).
+    image_shape, region, models, tta, roi_size, overlap, sw_batch_size, device, amp
+        As :func:`predict_region`.
+
+    Returns
+    -------
+    ndarray, (3, ey1 - ey0, ex1 - ex0) float32
+        Partial (dy, dx, logit) over ``partial_extent(image_shape, region, roi_size)``
+        ``= (ey0, ey1, ex0, ex1)``; zero where the region's windows do not reach.
+    """
+    models, dev = _prepare_models(models, device)
+    (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
+    roi = roi_size
+    ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
+    frames = []  # (fy, fx, all starts y, all starts x, owned y, owned x)
+    for fy, fx in _frames(tta):
+        ys_all, xs_all = _image_starts(h, roi, overlap, fy), _image_starts(w, roi, overlap, fx)
+        frames.append((fy, fx, ys_all, xs_all, _owned(ys_all, h, y0, y1), _owned(xs_all, w, x0, x1)))
+    result = torch.zeros((3, ey1 - ey0, ex1 - ex0), dtype=torch.float32)
+    owned_y = [a for f in frames if f[5] for a in f[4]]
+    owned_x = [a for f in frames if f[4] for a in f[5]]
+    if not owned_y:
+        return result.numpy()
+    # One read: the image part of every owned window, zero-padded like MONAI outside it.
+    cy0, cy1, cx0, cx1 = min(owned_y), max(owned_y) + roi, min(owned_x), max(owned_x) + roi
+    iy0, iy1, ix0, ix1 = max(cy0, 0), min(cy1, h), max(cx0, 0), min(cx1, w)
+    canvas = torch.zeros((3, cy1 - cy0, cx1 - cx0), dtype=torch.float32)
+    canvas[:, iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0] = torch.from_numpy(
+        np.ascontiguousarray(read(iy0, iy1, ix0, ix1), dtype=np.float32)
+    )
+    weight = _importance(roi)
+    for fy, fx, ys_all, xs_all, ys, xs in frames:
+        if not ys or not xs:
+            continue
+        axes = [a for a, f in ((0, fy), (1, fx)) if f]  # (rows, cols) flipped in the frame
+
+        def flip(t: torch.Tensor) -> torch.Tensor:  # frame <-> image orientation, last 2 dims
+            return t.flip([a + t.ndim - 2 for a in axes]) if axes else t
+
+        # The frame's coverage, on the image, from every window of the frame reaching it.
+        count = _coverage(_overlapping(ys_all, roi, ey0, ey1), _overlapping(xs_all, roi, ex0, ex1),
+                          flip(weight), (ey0, ex0), (ey1 - ey0, ex1 - ex0))
+        acc = torch.zeros_like(result)
+        starts = [(y, x) for y in ys for x in xs]
+        for model in models:
+            for batch in _batches(starts, sw_batch_size):
+                pred = _forward(model, flip(_crops(canvas, batch, (cy0, cx0), roi)), dev, amp)
+                for (y, x), p in zip(batch, pred):
+                    _add_window(acc, flip(weight * p), y - ey0, x - ex0)
+        sign = torch.from_numpy(_flow_sign(fy, fx))[:, None, None]
+        result += acc / count.clamp_min(torch.finfo(torch.float32).tiny) * sign
+    return (result / np.float32(len(models) * len(frames))).numpy()
 
 
 def predict_raw(

@@ -10,9 +10,12 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
-from mediar_ray.inference import predict_raw, predict_region, window_starts
+import mediar_ray.inference as inference
+from mediar_ray.inference import (partial_extent, predict_partial, predict_raw, predict_region,
+                                  window_starts)
 from mediar_ray.io import read_image
 from mediar_ray.model import load_model
+from mediar_ray.pipeline.layout import tile_grid
 from mediar_ray.preprocess import normalize
 
 FIXTURE_IMAGES = ["phase_gray_uint16", "tissue_rgb_uint8"]
@@ -72,3 +75,55 @@ def test_regions_equal_whole_image_with_tta(models):
 def test_bad_input_shape_is_refused(models):
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         predict_raw(np.zeros((64, 64), np.float32), models[:1])
+
+
+def _forward_counter(monkeypatch) -> list[int]:
+    """Counts the windows every model forward sees (all callers of ``_forward``)."""
+    seen = [0]
+    forward = inference._forward
+
+    def counting(model, crops, device, amp):
+        seen[0] += crops.shape[0]
+        return forward(model, crops, device, amp)
+
+    monkeypatch.setattr(inference, "_forward", counting)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "source, crop, roi, tile",
+    [
+        # a real phase-contrast image, many windows per axis, tiles not dividing it
+        ("usiigaci_phase/images/train_set1.tif", (520, 700), 256, 192),
+        # a real image smaller than one window (MONAI pads it), tiles smaller than it
+        ("dsb2018/images", None, 512, 96),
+    ],
+)
+def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypatch,
+                                                      source, crop, roi, tile):
+    """Each tile runs only the windows it owns; the partials, added where they overlap,
+    equal whole-image inference (TTA + two-model ensemble), each window run once."""
+    path = data_dir / source
+    if path.is_dir():  # the first real image there smaller than one window
+        path = next(p for p in sorted(path.glob("*.png"))
+                    if max(read_image(str(p)).shape[:2]) < roi)
+    image = read_image(str(path))
+    if crop:
+        image = image[: crop[0], : crop[1]]
+    image = normalize(image)
+    h, w = image.shape[1:]
+    assert h % tile and w % tile and (h > tile and w > tile)
+    seen = _forward_counter(monkeypatch)
+    whole = predict_raw(image, models, tta=True, roi_size=roi)
+    whole_windows, seen[0] = seen[0], 0
+    total = np.zeros_like(whole)
+    for t in tile_grid((h, w), tile):
+        region = (t.y0, t.y1, t.x0, t.x1)
+        part = predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w), region,
+                               models, tta=True, roi_size=roi)
+        y0, y1, x0, x1 = partial_extent((h, w), region, roi)
+        assert part.shape == (3, y1 - y0, x1 - x0) and part.dtype == np.float32
+        assert y1 - t.y1 < roi and x1 - t.x1 < roi  # spills at most one window right/down
+        total[:, y0:y1, x0:x1] += part
+    assert seen[0] == whole_windows  # every window of every frame and model exactly once
+    assert rel_l2(total, whole) < 1e-5

@@ -124,6 +124,39 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, tiny, data_
     assert (out / "CMU-1-Small-Region.zarr/qc.png").stat().st_size > 1000
 
 
+def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir, tmp_path):
+    """Partials are per tile and whole chunks: a rerun after a lost partial and a lost
+    flows chunk recomputes just the partial that chunk needs and gives the same flows."""
+    weights, params = tiny
+    image = tmp_path / "phase.tif"
+    tifffile.imwrite(image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700])
+    opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
+                        tile=256, workers=1)
+    plan = plan_slide(str(image), str(tmp_path / "out"), opts)
+    assert len(tile_grid(plan.shape, plan.tile)) == 9
+    infer_slide(plan, opts, lambda m: None)
+    flows = open_array(plan.layout.scratch + "/flows", mode="r+")
+    first = np.asarray(flows[:])
+    done = Path(plan.layout.scratch) / "done"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (done / "windows").iterdir()}
+    assert len(stamps) == 9
+    # Lose tile 1_1's flows (chunk zeroed, record gone) and the partial of its upper-left
+    # neighbour 0_0, as if both workers had been killed mid-write.
+    (done / "infer/1_1").unlink()
+    (done / "windows/0_0").unlink()
+    flows[:, 256:512, 256:512] = np.zeros((3, 256, 256), np.float32)
+    messages = []
+    infer_slide(plan, opts, messages.append)
+    assert [m for m in messages if m.startswith("infer")] == ["infer: 1/1 tiles, ETA 0 s"]
+    assert [m for m in messages if m.startswith("gather")] == ["gather: 1/1 tiles"]
+    after = {p.name: p.stat().st_mtime_ns for p in (done / "windows").iterdir()}
+    assert {k for k in after if after[k] != stamps.get(k)} == {"0_0"}
+    np.testing.assert_array_equal(np.asarray(flows[:]), first)
+    whole = predict_raw(normalize(read_image(str(image))), load_model(weights, **params),
+                        tta=True, roi_size=256)
+    assert np.linalg.norm(first - whole) / np.linalg.norm(whole) < 1e-5
+
+
 def test_dask_reads_one_chunk_lazily(local_ray, tmp_path):
     truth = mosaic(real_labels(("stardist_nuclei",)), 1024, seed=0)
     image = tmp_path / "s.tif"

@@ -82,7 +82,7 @@ def plan_slide(url: str, output: str, opts: SlideOptions) -> SlidePlan:
             return SlidePlan.from_json(f.read())
     with SlideReader(url) as reader:
         plan = SlidePlan(url, layout, reader.shape, reader.channels, str(reader.dtype),
-                         opts.tile, opts.halo)
+                         opts.tile, opts.halo, roi_size=opts.roi_size)
     stages.create_arrays(plan)
     tiles = tile_grid(plan.shape, plan.tile)
     rows = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]
@@ -98,31 +98,46 @@ def plan_slide(url: str, output: str, opts: SlideOptions) -> SlidePlan:
 
 
 def infer_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], None]) -> None:
-    """Stage 2: windowed TTA ensemble inference, one Ray Data row per tile."""
+    """Stage 2: windowed TTA ensemble inference, every window of the slide run once.
+
+    infer (Ray Data, one row per tile): each tile's own windows -> its partial chunk;
+    gather (Ray tasks): each tile's flows chunk = the partials that reach it. A rerun
+    gathers only the tiles without flows, and infers only the partials they still need.
+    """
     import ray
 
     done = stages.done_tiles(plan, "infer")
     todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name not in done]
     if not todo:
         return
-    rows = [{"plan": plan.to_json(), "tile": json.dumps(asdict(t))} for t in todo]
-    gpu = opts.num_gpus_per_worker > 0
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        stages.TileInference,
-        fn_constructor_kwargs={"weights": opts.weights, "model_config": opts.model_config,
-                               "tta": opts.tta, "roi_size": opts.roi_size,
-                               "device": opts.device if not gpu else "cuda"},
-        compute=ray.data.ActorPoolStrategy(size=max(1, opts.workers)),
-        batch_size=1,
-        num_cpus=1 if not gpu else 0.5,
-        num_gpus=opts.num_gpus_per_worker if gpu else 0,
-        max_restarts=3,
-        max_task_retries=3,
-    )
-    start = time.perf_counter()
-    for i, _ in enumerate(ds.iter_rows(), 1):
-        eta = (time.perf_counter() - start) / i * (len(todo) - i)
-        progress(f"infer: {i}/{len(todo)} tiles, ETA {eta:.0f} s")
+    have = stages.done_tiles(plan, "windows")
+    needed = {s for t in todo for s in stages.partial_sources(plan, t) if s.name not in have}
+    needed = sorted(needed, key=lambda t: (t.ty, t.tx))
+    if needed:
+        rows = [{"plan": plan.to_json(), "tile": json.dumps(asdict(t))} for t in needed]
+        gpu = opts.num_gpus_per_worker > 0
+        # Ray Data's actor pool restarts a dead actor and retries its tile by default
+        # (max_restarts / max_task_retries -1); a retried tile rewrites its whole chunk.
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            stages.TileInference,
+            fn_constructor_kwargs={"weights": opts.weights, "model_config": opts.model_config,
+                                   "tta": opts.tta,
+                                   "device": opts.device if not gpu else "cuda"},
+            compute=ray.data.ActorPoolStrategy(size=max(1, opts.workers)),
+            batch_size=1,
+            num_cpus=1 if not gpu else 0.5,
+            num_gpus=opts.num_gpus_per_worker if gpu else 0,
+        )
+        start = time.perf_counter()
+        for i, _ in enumerate(ds.iter_rows(), 1):
+            eta = (time.perf_counter() - start) / i * (len(needed) - i)
+            progress(f"infer: {i}/{len(needed)} tiles, ETA {eta:.0f} s")
+    gather = ray.remote(stages.gather_tile).options(max_retries=3)
+    pending = [gather.remote(plan, t) for t in todo]
+    for i in range(1, len(todo) + 1):
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready[0])
+        progress(f"gather: {i}/{len(todo)} tiles")
 
 
 def track_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], None]) -> dict:

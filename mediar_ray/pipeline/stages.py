@@ -2,6 +2,14 @@
 
 None of these holds more than one tile (plus its halo) in memory, and each writes only the
 zarr chunks of its own tile, so no two writers ever share a chunk.
+
+Inference runs every sliding window of the slide exactly once, in two steps per tile:
+:func:`infer_partial` runs the windows the tile owns (:func:`mediar_ray.inference.
+predict_partial`) and writes their blended sum over the tile and up to one window beyond
+its bottom and right edges as one whole chunk of ``.scratch/partials``; then
+:func:`gather_tile` adds the parts of its own and its upper/left neighbours' partials that
+fall on the tile and writes the tile's chunk of ``.scratch/flows``. Both steps only
+overwrite whole chunks, so a retried tile simply redoes its step.
 """
 
 from __future__ import annotations
@@ -16,13 +24,16 @@ import numpy as np
 import zarr
 
 from mediar_ray.dynamics import flows_to_labels
-from mediar_ray.inference import predict_region
+from mediar_ray.inference import partial_extent, predict_partial
 from mediar_ray.pipeline.layout import IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales
 from mediar_ray.pipeline.source import SlideReader
 from mediar_ray.pipeline.stitch import anchor_labels
 from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
 
-__all__ = ["SlidePlan", "copy_and_measure", "infer_tile", "track_chunk", "relabel_chunk"]
+__all__ = [
+    "SlidePlan", "copy_and_measure", "infer_partial", "gather_tile", "partial_sources",
+    "track_chunk", "relabel_chunk",
+]
 
 
 @dataclass
@@ -37,6 +48,12 @@ class SlidePlan:
     tile: int
     halo: int
     stats: IntensityStats | None = None
+    roi_size: int = 512
+
+    @property
+    def spill(self) -> int:
+        """Side of a tile's partial-inference chunk: the tile plus one window less a pixel."""
+        return self.tile + self.roi_size - 1
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -67,6 +84,9 @@ def create_arrays(plan: SlidePlan) -> None:
     scratch = zarr.open_group(plan.layout.scratch, mode="a", zarr_format=3)
     scratch.create_array("flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32",
                          fill_value=0, overwrite=True)
+    ny, nx, s = -(-h // t), -(-w // t), plan.spill
+    scratch.create_array("partials", shape=(ny, nx, 3, s, s), chunks=(1, 1, 3, s, s),
+                         dtype="float32", fill_value=0, overwrite=True)
     scratch.create_array("anchors", shape=(h, w), chunks=(t, t), dtype="uint64",
                          fill_value=0, overwrite=True)
     labels = zarr.open_group(plan.layout.path("labels", "cells"), mode="a", zarr_format=3)
@@ -89,30 +109,32 @@ def copy_and_measure(plan: SlidePlan, tiles: list[Tile]) -> IntensityAccumulator
 
 
 class TileInference:
-    """Ray Data callable class: holds the models (loaded once per actor) and predicts
-    tiles, each writing its core of (dy, dx, logit) to the flows array."""
+    """Ray Data callable class: holds the models (loaded once per actor) and runs the
+    windows each tile owns, writing the tile's partial sum (:func:`infer_partial`)."""
 
     def __init__(self, weights: list[str], model_config: dict[str, Any], tta: bool,
-                 device: str, roi_size: int = 512, sw_batch_size: int = 4) -> None:
+                 device: str, sw_batch_size: int = 4) -> None:
         from mediar_ray.segment import load_models
 
         self.models = load_models(weights, model_config, device)
-        self.tta, self.device = tta, device
-        self.roi_size, self.sw_batch_size = roi_size, sw_batch_size
+        self.tta, self.device, self.sw_batch_size = tta, device, sw_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seconds = []
         for plan_json, tile_json in zip(batch["plan"], batch["tile"]):
             start = time.perf_counter()
-            infer_tile(SlidePlan.from_json(str(plan_json)), Tile(**json.loads(str(tile_json))),
-                       self.models, self.tta, self.device, self.roi_size, self.sw_batch_size)
+            infer_partial(SlidePlan.from_json(str(plan_json)),
+                          Tile(**json.loads(str(tile_json))), self.models, self.tta,
+                          self.device, self.sw_batch_size)
             seconds.append(time.perf_counter() - start)
         return {"tile": batch["tile"], "seconds": np.array(seconds)}
 
 
-def infer_tile(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
-               roi_size: int = 512, sw_batch_size: int = 4) -> None:
-    """Network output on one tile core, written to ``.scratch/flows``; then a done record."""
+def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
+                  sw_batch_size: int = 4) -> None:
+    """Run the windows ``tile`` owns; write their partial sum as chunk (ty, tx) of
+    ``.scratch/partials`` ((3, spill, spill) float32 from the tile's top-left corner,
+    zero-padded), then a ``windows`` done record."""
     image = open_array(plan.layout.path("0"))
 
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -120,11 +142,43 @@ def infer_tile(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str
         hwc = chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
         return normalize(hwc, plan.stats)
 
-    raw = predict_region(read, plan.shape, (tile.y0, tile.y1, tile.x0, tile.x1), models,
-                         tta=tta, roi_size=roi_size, sw_batch_size=sw_batch_size,
-                         device=device)
+    region = (tile.y0, tile.y1, tile.x0, tile.x1)
+    part = predict_partial(read, plan.shape, region, models, tta=tta,
+                           roi_size=plan.roi_size, sw_batch_size=sw_batch_size, device=device)
+    chunk = np.zeros((3, plan.spill, plan.spill), np.float32)
+    chunk[:, : part.shape[1], : part.shape[2]] = part
+    partials = open_array(plan.layout.scratch + "/partials", mode="r+")
+    partials[tile.ty, tile.tx] = chunk  # exactly one whole chunk
+    mark_done(plan, "windows", tile)
+
+
+def partial_sources(plan: SlidePlan, tile: Tile) -> list[Tile]:
+    """The tiles whose partials reach ``tile``: itself and the tiles above/left of it
+    less than ``spill`` pixels away."""
+    (h, w), t = plan.shape, plan.tile
+    reach = -(-plan.spill // t)  # a partial spans at most this many tile rows/columns
+    sources = []
+    for ty in range(max(tile.ty - reach, 0), tile.ty + 1):
+        for tx in range(max(tile.tx - reach, 0), tile.tx + 1):
+            src = Tile(ty, tx, ty * t, min(ty * t + t, h), tx * t, min(tx * t + t, w))
+            ey0, ey1, ex0, ex1 = partial_extent(plan.shape, (src.y0, src.y1, src.x0, src.x1),
+                                                plan.roi_size)
+            if ey0 <= tile.y0 < ey1 and ex0 <= tile.x0 < ex1:
+                sources.append(src)
+    return sources
+
+
+def gather_tile(plan: SlidePlan, tile: Tile) -> None:
+    """Sum the partials that reach ``tile`` over its core, write its ``.scratch/flows``
+    chunk ((3, h, w) float32: dy, dx, logit), then an ``infer`` done record."""
+    partials = open_array(plan.layout.scratch + "/partials")
+    total = np.zeros((3, tile.y1 - tile.y0, tile.x1 - tile.x0), np.float32)
+    for src in partial_sources(plan, tile):
+        oy, ox = tile.y0 - src.y0, tile.x0 - src.x0
+        ny, nx = min(total.shape[1], plan.spill - oy), min(total.shape[2], plan.spill - ox)
+        total[:, :ny, :nx] += np.asarray(partials[src.ty, src.tx, :, oy : oy + ny, ox : ox + nx])
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
-    flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw
+    flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = total
     mark_done(plan, "infer", tile)
 
 
