@@ -1,5 +1,6 @@
-"""Training MEDIAR-Former: loss, targets and a single-process loop.
+"""Training MEDIAR-Former on Ray Train.
 
-The distributed Ray Train path of the design is not built yet; :mod:`.simple` is the
-single-process loop that trained the bundled small model.
+:mod:`.config` (validated run configs), :mod:`.stream` (each epoch's sampled batches as a
+Ray Dataset), :mod:`.loop` (the TorchTrainer driver and the per-worker DDP loop),
+:mod:`.loss`, :mod:`.checkpoint` and :mod:`.validate` (held-out F1).
 """
