@@ -198,9 +198,12 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
              "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
     job = [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(src)] + flags
     ref_out, out = tmp_path / "ref", tmp_path / "out"
-    subprocess.run(job + ["--output", str(ref_out)], check=True, capture_output=True)
+    # Each job starts its own local Ray: without an address, ray.init() joins the latest
+    # cluster that `ray start` left in /tmp/ray, which on a shared machine is someone else's.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    subprocess.run(job + ["--output", str(ref_out)], check=True, capture_output=True, env=env)
     proc = subprocess.Popen(job + ["--output", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     done_dir = out / "train_set4.zarr/.scratch/done/infer"
     deadline = time.monotonic() + 600
     while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 2):
@@ -211,7 +214,7 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
     assert (out / "train_set1.zarr/.mediar_complete").exists()
     assert not (out / "train_set4.zarr/.mediar_complete").exists()
     rerun = subprocess.run(job + ["--output", str(out)], check=True, capture_output=True,
-                           text=True)
+                           text=True, env=env)
     assert '"skipped": [\n  "train_set1"' in rerun.stdout
     for name in ("train_set1", "train_set4"):
         np.testing.assert_array_equal(labels_of(out, name), labels_of(ref_out, name))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from scipy import ndimage
 from scipy.ndimage import maximum_filter1d
 from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -140,10 +141,16 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, n: int) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def _union_error(masks: np.ndarray, a: int, b: int, flows: np.ndarray) -> float:
-    """Flow error of masks a and b taken together as one cell."""
-    ys, xs = np.nonzero((masks == a) | (masks == b))
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+def _union_error(masks: np.ndarray, a: int, b: int, flows: np.ndarray,
+                 boxes: list) -> float:
+    """Flow error of masks a and b taken together as one cell.
+
+    ``boxes`` are the masks' bounding boxes (``scipy.ndimage.find_objects``), so only the
+    cells' own pixels are scanned, never the whole image.
+    """
+    (ay, ax), (by, bx) = boxes[a - 1], boxes[b - 1]
+    y0, y1 = min(ay.start, by.start), max(ay.stop, by.stop)
+    x0, x1 = min(ax.start, bx.start), max(ax.stop, bx.stop)
     crop = masks[y0:y1, x0:x1]
     union = ((crop == a) | (crop == b)).astype(np.int32)
     return float(flow_errors(union, flows[:, y0:y1, x0:x1], 1)[0])
@@ -171,13 +178,16 @@ def merge_fragments(
         pairs.append(a.astype(np.int64) * (len(errors) + 1) + b)
     keys, border = np.unique(np.concatenate(pairs), return_counts=True)
     used = np.zeros(len(errors) + 1, bool)
+    # Boxes stay right for every mask still unused: only a used pair is ever relabelled.
+    boxes = ndimage.find_objects(masks, max_label=len(errors))
     for key in keys[np.argsort(-border, kind="stable")]:
         a, b = divmod(int(key), len(errors) + 1)
         if used[a] or used[b]:
             continue
-        err = _union_error(masks, a, b, flows)
+        err = _union_error(masks, a, b, flows, boxes)
         if err <= threshold:
-            masks[masks == b] = a
+            in_b = masks[boxes[b - 1]]
+            in_b[in_b == b] = a
             errors[a - 1] = err
             used[a] = used[b] = True
     return masks
