@@ -94,6 +94,10 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tmp_path):
     assert cells_across_borders(labels, 512) == cells_across_borders(reference, 512) > 200
     summary = json.loads((out / "mosaic.zarr/summary.json").read_text())
     assert summary["cells"] == n_out and (out / "mosaic.zarr/.mediar_complete").exists()
+    areas = np.bincount(labels.ravel())[1:]
+    assert summary["area_px"]["min"] == areas.min() > 0
+    assert summary["area_px"]["max"] == areas.max()
+    assert summary["area_px"]["mean"] == pytest.approx(areas.mean())
     assert not (out / "mosaic.zarr/.scratch").exists()
 
 

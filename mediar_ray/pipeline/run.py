@@ -171,7 +171,7 @@ def track_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], N
     return {"cells": int(areas.size), "joined_across_borders": len(uf.parent),
             "area_px": {"mean": float(areas.mean()) if areas.size else 0.0,
                         "median": float(np.median(areas)) if areas.size else 0.0,
-                        "min": int(areas.min(initial=0)), "max": int(areas.max(initial=0))}}
+                        "min": int(areas.min()) if areas.size else 0, "max": int(areas.max(initial=0))}}
 
 
 def build_pyramids(plan: SlidePlan) -> int:
