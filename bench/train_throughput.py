@@ -54,15 +54,20 @@ def plain_loop(cfg, steps_per_epoch: int) -> float:
     torch.set_num_threads(1)
     data = prepare_data(cfg)
     plan = plan_stream(cfg, data.clusters, len(data.public), 1)
-    maker = BatchMaker(data.train, data.public, cfg.augment)
-
     class Rows(torch.utils.data.Dataset):
+        """The stream rows as batches; the BatchMaker is built in the loader process
+        (numba's OpenMP must not start in a process that forks)."""
+
+        maker = None
+
         def __len__(self):
             return len(plan.rows)
 
         def __getitem__(self, i):
+            if Rows.maker is None:
+                Rows.maker = BatchMaker(data.train, data.public, cfg.augment)
             row = plan.rows[i]
-            return maker.make(json.loads(row["items"]), row["seed"])
+            return Rows.maker.make(json.loads(row["items"]), row["seed"])
 
     loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=1,
                                          prefetch_factor=2)
