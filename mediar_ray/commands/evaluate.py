@@ -41,14 +41,17 @@ def run_heldout(args: argparse.Namespace) -> int:
 
     import fsspec
 
-    from mediar_ray.data.mapping import load_pairs, split_holdout
     from mediar_ray.segment import load_models, parse_model_config
     from mediar_ray.train.config import load_config
+    from mediar_ray.train.loop import split_config_pairs
     from mediar_ray.train.validate import validate
 
     cfg = load_config(args.config)
-    _, held = split_holdout(load_pairs(cfg.data.mappings, cfg.data.roots),
-                            cfg.data.holdout_every)
+    try:
+        _, held = split_config_pairs(cfg)
+    except ValueError as err:
+        log.error("%s: %s", args.config, err)
+        return 1
     if not held:
         log.error("%s holds out no pairs (data.holdout_every = %d)", args.config,
                   cfg.data.holdout_every)

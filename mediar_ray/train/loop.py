@@ -28,7 +28,8 @@ import numpy as np
 from mediar_ray.train.checkpoint import (checkpoint_dir_name, latest_checkpoint,
                                          load_training_state, save_training_state)
 
-__all__ = ["TrainData", "prepare_data", "run_training", "train_loop_per_worker"]
+__all__ = ["TrainData", "prepare_data", "run_training", "split_config_pairs",
+           "train_loop_per_worker"]
 
 log = logging.getLogger("mediar_ray.train")
 
@@ -44,14 +45,24 @@ class TrainData:
     clusters: np.ndarray
 
 
-def prepare_data(cfg: Any) -> TrainData:
-    """Read the mappings/roots of ``cfg.data``, hold out pairs, attach clusters."""
+def split_config_pairs(cfg: Any) -> tuple[list, list]:
+    """(training, held-out) pairs of the mappings/roots of ``cfg.data``.
+
+    Raises ValueError when the config names no pairs.
+    """
     from mediar_ray.data.mapping import load_pairs, split_holdout
 
     pairs = load_pairs(cfg.data.mappings, cfg.data.roots)
     if not pairs:
         raise ValueError("no training pairs: set data.roots or data.mappings in the config")
-    train, held = split_holdout(pairs, cfg.data.holdout_every)
+    return split_holdout(pairs, cfg.data.holdout_every)
+
+
+def prepare_data(cfg: Any) -> TrainData:
+    """Read the mappings/roots of ``cfg.data``, hold out pairs, attach clusters."""
+    from mediar_ray.data.mapping import load_pairs
+
+    train, held = split_config_pairs(cfg)
     public = (load_pairs(cfg.data.public_mappings, cfg.data.public_roots)
               if cfg.data.public_mappings or cfg.data.public_roots else [])
     clusters = np.zeros(len(train), np.int64)
