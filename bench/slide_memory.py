@@ -3,12 +3,13 @@
 For each size, writes a tiled RGB TIFF (256-px tiles) made of crops of the real DSB2018
 images, segments it with ``run_slides`` on a local Ray, and samples the resident memory
 of every busy Ray worker process (``ray::`` processes) while it runs. Prints, per size:
-peak RSS of the largest worker, end-to-end seconds per megapixel, and the model forward
-time alone for the slide's windows (every global sliding window once per TTA frame). The
-forward-only time is measured on a sample of real windows of the slide (same batch size,
-one thread per process, as many processes at once as there are actors) and scaled by the
-number of windows; then the ratio of peaks (largest slide / smallest) and the overhead
-ratio (end-to-end / forward-only).
+peak RSS of the largest worker (and of each kind of worker), end-to-end seconds per
+megapixel, and the model forward time alone for the slide's windows (every global sliding
+window once per TTA frame). The forward-only time is measured before the pipeline runs,
+after a rest, on a sample of real windows of the slide (same batch size, one thread per
+process, as many one-CPU Ray tasks at once as there are actors) and scaled by the number
+of windows; then the ratio of peaks (largest slide / smallest) and the overhead ratio
+(end-to-end / forward-only).
 
     python bench/slide_memory.py --sizes 4096 16384 --tile 2048 --workers 2 --no-tta
 """
@@ -105,26 +106,26 @@ def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray,
     return (time.perf_counter() - start) / len(x)
 
 
-def sample_windows(image_url: str, roi: int, n: int, seed: int = 0) -> np.ndarray:
-    """(n, 3, roi, roi) float32: real windows of the slide at random grid positions,
-    normalised like the pipeline's input (percentiles of each window)."""
-    import zarr
-
+def sample_windows(slide: str, roi: int, n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3, roi, roi) float32: real windows of the slide at random positions of the
+    inference grid, each normalised by its own percentiles (the forward pass costs the
+    same whatever the values)."""
     from mediar_ray.inference import window_starts
+    from mediar_ray.pipeline.source import SlideReader
     from mediar_ray.preprocess import normalize
 
-    image = zarr.open_array(image_url, mode="r")
-    h, w = image.shape[1:]
-    ys, xs = window_starts(h, roi, 0.6), window_starts(w, roi, 0.6)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, 3, roi, roi), np.float32)
-    for i in range(n):
-        y, x = int(rng.choice(ys)), int(rng.choice(xs))
-        out[i] = normalize(np.moveaxis(np.asarray(image[:, y : y + roi, x : x + roi]), 0, -1))
+    with SlideReader(slide) as reader:
+        h, w = reader.shape
+        ys, xs = window_starts(h, roi, 0.6), window_starts(w, roi, 0.6)
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, 3, roi, roi), np.float32)
+        for i in range(n):
+            y, x = int(rng.choice(ys)), int(rng.choice(xs))
+            out[i] = normalize(reader[y : y + roi, x : x + roi])
     return out
 
 
-def forward_seconds(weights: list[str], image_url: str, roi: int, tta: bool, workers: int,
+def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers: int,
                     sample: int, batch: int = 4) -> tuple[float, int, float]:
     """Model forward alone on every window of the slide, as wall-clock seconds over
     ``workers``: timed on ``sample`` real windows of the slide, split over ``workers``
@@ -136,13 +137,13 @@ def forward_seconds(weights: list[str], image_url: str, roi: int, tta: bool, wor
     import ray
 
     from mediar_ray.inference import window_starts
+    from mediar_ray.pipeline.source import SlideReader
 
-    import zarr
-
-    h, w = zarr.open_array(image_url, mode="r").shape[1:]
+    with SlideReader(slide) as reader:
+        h, w = reader.shape
     n_windows = len(window_starts(h, roi, 0.6)) * len(window_starts(w, roi, 0.6))
     n_windows *= 3 if tta else 1
-    windows = sample_windows(image_url, roi, sample)
+    windows = sample_windows(slide, roi, sample)
     task = ray.remote(num_cpus=1, max_calls=1)(_time_forward)  # worker exits after
     per = ray.get([task.remote(weights, {}, part, batch)
                    for part in np.array_split(windows, workers)])
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--no-tta", dest="tta", action="store_false")
     parser.add_argument("--sample", type=int, default=200,
                         help="windows timed for the forward-only estimate, per slide")
+    parser.add_argument("--settle", type=float, default=30.0,
+                        help="seconds of rest before each timed phase")
     args = parser.parse_args()
 
     import ray
@@ -174,6 +177,12 @@ def main() -> None:
         for size in args.sizes:
             slide = Path(tmp) / f"slide_{size}.tif"
             write_slide(slide, size)
+            # The forward-only peer runs first, on a settled cluster: right after a
+            # pipeline run, Ray's clean-up slowed it from 0.44 to 0.79 s per window.
+            time.sleep(args.settle)
+            fwd, n_windows, per_window = forward_seconds(
+                args.weights, str(slide), opts.roi_size, args.tta, args.workers, args.sample)
+            time.sleep(args.settle)
             with WorkerMemory() as mem:
                 start = time.perf_counter()
                 report = run_slides([str(slide)], f"{tmp}/out", opts)
@@ -181,14 +190,16 @@ def main() -> None:
             if report["failed"]:
                 raise SystemExit(f"slide {size} failed: {report['failed']}")
             name, peak = max(mem.peak.values(), key=lambda v: v[1])
-            fwd, n_windows, per_window = forward_seconds(
-                args.weights, f"{tmp}/out/{slide.stem}.zarr/0", opts.roi_size, args.tta,
-                args.workers, args.sample)
+            by_kind: dict[str, int] = {}  # largest RSS of each kind of worker, MiB
+            for kind, rss in mem.peak.values():
+                by_kind[kind] = max(by_kind.get(kind, 0), rss // 2**20)
             done = report["done"][slide.stem]
             rows.append(dict(size=size, mp=size * size / 1e6, cells=done["cells"],
                              sec=seconds, stages=done["seconds"], fwd=fwd,
-                             windows=n_windows, per_window=per_window, peak=peak, name=name))
+                             windows=n_windows, per_window=per_window, peak=peak, name=name,
+                             peak_mib_by_worker=by_kind))
             print(json.dumps(rows[-1]), flush=True)  # kept even if a later size fails
+            slide.unlink()
     ray.shutdown()
     print_table(args, rows)
 
