@@ -5,8 +5,8 @@ images, segments it with ``run_slides`` on a local Ray, and samples the resident
 of every busy Ray worker process (``ray::`` processes) while it runs. Prints, per size:
 peak RSS of the largest worker (and of each kind of worker), end-to-end seconds per
 megapixel, and the model forward time alone for the slide's windows (every global sliding
-window once per TTA frame). The forward-only time is measured before the pipeline runs,
-after a rest, on a sample of real windows of the slide (same batch size, one thread per
+window once per TTA frame). Each size runs in its own Ray session; the forward-only time is
+measured first, after a rest, on a sample of real windows of the slide (same batch size, one thread per
 process, as many one-CPU Ray tasks at once as there are actors) and scaled by the number
 of windows; then the ratio of peaks (largest slide / smallest) and the overhead ratio
 (end-to-end / forward-only).
@@ -23,10 +23,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 import tifffile
+
+if TYPE_CHECKING:
+    from mediar_ray.pipeline import SlideOptions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CROP = 256
@@ -151,6 +155,42 @@ def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers
     return per_window * n_windows / workers, n_windows, per_window
 
 
+def measure_size(args: argparse.Namespace, opts: SlideOptions, slide: Path, size: int,
+                 out: str) -> dict:
+    """One size in its own Ray session: the forward-only peer first, then the pipeline.
+
+    A fresh session per size, because what a previous run leaves behind skews the
+    timing: measured 2026-11-26, a forward-only sample taken after the 4k pipeline in
+    the same session ran at 0.79 s per window, against 0.44 at the start of the session.
+    """
+    import ray
+
+    from mediar_ray.pipeline import run_slides
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        time.sleep(args.settle)
+        fwd, n_windows, per_window = forward_seconds(
+            args.weights, str(slide), opts.roi_size, args.tta, args.workers, args.sample)
+        time.sleep(args.settle)
+        with WorkerMemory() as mem:
+            start = time.perf_counter()
+            report = run_slides([str(slide)], out, opts)
+            seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    if report["failed"]:
+        raise SystemExit(f"slide {size} failed: {report['failed']}")
+    name, peak = max(mem.peak.values(), key=lambda v: v[1])
+    by_kind: dict[str, int] = {}  # largest RSS of each kind of worker, MiB
+    for kind, rss in mem.peak.values():
+        by_kind[kind] = max(by_kind.get(kind, 0), rss // 2**20)
+    done = report["done"][slide.stem]
+    return dict(size=size, mp=size * size / 1e6, cells=done["cells"], sec=seconds,
+                stages=done["seconds"], fwd=fwd, windows=n_windows, per_window=per_window,
+                peak=peak, name=name, peak_mib_by_worker=by_kind)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
@@ -164,12 +204,9 @@ def main() -> None:
                         help="seconds of rest before each timed phase")
     args = parser.parse_args()
 
-    import ray
-
-    from mediar_ray.pipeline import SlideOptions, run_slides
+    from mediar_ray.pipeline import SlideOptions
 
     logging.basicConfig(level=logging.WARNING)
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING)
     opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
                         workers=args.workers)
     rows = []
@@ -177,30 +214,9 @@ def main() -> None:
         for size in args.sizes:
             slide = Path(tmp) / f"slide_{size}.tif"
             write_slide(slide, size)
-            # The forward-only peer runs first, on a settled cluster: right after a
-            # pipeline run, Ray's clean-up slowed it from 0.44 to 0.79 s per window.
-            time.sleep(args.settle)
-            fwd, n_windows, per_window = forward_seconds(
-                args.weights, str(slide), opts.roi_size, args.tta, args.workers, args.sample)
-            time.sleep(args.settle)
-            with WorkerMemory() as mem:
-                start = time.perf_counter()
-                report = run_slides([str(slide)], f"{tmp}/out", opts)
-                seconds = time.perf_counter() - start
-            if report["failed"]:
-                raise SystemExit(f"slide {size} failed: {report['failed']}")
-            name, peak = max(mem.peak.values(), key=lambda v: v[1])
-            by_kind: dict[str, int] = {}  # largest RSS of each kind of worker, MiB
-            for kind, rss in mem.peak.values():
-                by_kind[kind] = max(by_kind.get(kind, 0), rss // 2**20)
-            done = report["done"][slide.stem]
-            rows.append(dict(size=size, mp=size * size / 1e6, cells=done["cells"],
-                             sec=seconds, stages=done["seconds"], fwd=fwd,
-                             windows=n_windows, per_window=per_window, peak=peak, name=name,
-                             peak_mib_by_worker=by_kind))
+            rows.append(measure_size(args, opts, slide, size, f"{tmp}/out_{size}"))
             print(json.dumps(rows[-1]), flush=True)  # kept even if a later size fails
             slide.unlink()
-    ray.shutdown()
     print_table(args, rows)
 
 

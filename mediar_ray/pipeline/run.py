@@ -112,7 +112,8 @@ def infer_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], N
         return
     have = stages.done_tiles(plan, "windows")
     needed = {s for t in todo for s in stages.partial_sources(plan, t) if s.name not in have}
-    needed = sorted(needed, key=lambda t: (t.ty, t.tx))
+    # Largest tiles first, so the last tiles to start are the short ones (less idle tail).
+    needed = sorted(needed, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
     if needed:
         rows = [{"plan": plan.to_json(), "tile": json.dumps(asdict(t))} for t in needed]
         gpu = opts.num_gpus_per_worker > 0
@@ -123,7 +124,11 @@ def infer_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], N
             fn_constructor_kwargs={"weights": opts.weights, "model_config": opts.model_config,
                                    "tta": opts.tta,
                                    "device": opts.device if not gpu else "cuda"},
-            compute=ray.data.ActorPoolStrategy(size=max(1, opts.workers)),
+            # One tile in flight per actor: a tile is minutes of work and its row is a
+            # few bytes, so prefetching gains nothing, while tiles queued behind a busy
+            # actor can leave another idle at the end.
+            compute=ray.data.ActorPoolStrategy(size=max(1, opts.workers),
+                                               max_tasks_in_flight_per_actor=1),
             batch_size=1,
             num_cpus=1 if not gpu else 0.5,
             num_gpus=opts.num_gpus_per_worker if gpu else 0,
