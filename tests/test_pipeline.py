@@ -28,6 +28,7 @@ from mediar_ray.pipeline.layout import SlideLayout, tile_grid
 from mediar_ray.pipeline.run import infer_slide, plan_slide
 from mediar_ray.pipeline.stages import mark_done, open_array
 from mediar_ray.preprocess import normalize
+from mediar_ray.segment import load_models, resolve_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mosaic import mosaic, real_labels  # noqa: E402
@@ -101,30 +102,32 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tmp_path):
     assert not (out / "mosaic.zarr/.scratch").exists()
 
 
-def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, tiny, data_dir, tmp_path):
+def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, tmp_path):
+    # The bundled trained model, so the slide has many cells (nuclei) to cut at seams.
     svs = str(data_dir / "slides/CMU-1-Small-Region.svs")
-    weights, params = tiny
-    model = load_model(weights, **params)
-    whole = predict_raw(normalize(read_image(svs)), model, tta=False, roi_size=256)
+    models = load_models(resolve_weights(None), {}, "cpu")
+    whole = predict_raw(normalize(read_image(svs)), models, tta=False)
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[weights], model_config=params, tta=False, roi_size=256,
-                        tile=1024, halo=128, workers=1)
+    opts = SlideOptions(weights=[], tta=False, tile=512, halo=128, workers=2)
     plan = plan_slide(svs, str(out), opts)
-    assert len(tile_grid(plan.shape, plan.tile)) == 9
+    assert len(tile_grid(plan.shape, plan.tile)) == 30
     infer_slide(plan, opts, lambda m: None)
     stitched = np.asarray(open_array(plan.layout.scratch + "/flows")[:])
     assert np.linalg.norm(stitched - whole) / np.linalg.norm(whole) < 1e-4
     run_slides([svs], str(out), opts)
     labels = labels_of(out, "CMU-1-Small-Region")
     reference = flows_to_labels(whole)
+    assert reference.max() >= 100  # 141 nuclei found with the bundled model
     assert abs(int(labels.max()) - int(reference.max())) <= 0.001 * max(reference.max(), 1)
     assert match_counts(reference, labels).f1 >= 0.999
+    assert cells_across_borders(labels, 512) == cells_across_borders(reference, 512) > 0
     image = zarr.open_array(str(out / "CMU-1-Small-Region.zarr/0"), mode="r")
     assert image.shape == (3, 2967, 2220)
     np.testing.assert_array_equal(np.moveaxis(image[:, :300, :300], 0, -1),
                                   read_image(svs)[:300, :300])
+    # Levels halve until the slide fits one 512-px tile: 2967 -> 1484 -> 742 -> 371.
     attrs = zarr.open_group(str(out / "CMU-1-Small-Region.zarr/labels/cells"), mode="r").attrs
-    assert "image-label" in attrs["ome"] and len(attrs["ome"]["multiscales"][0]["datasets"]) == 3
+    assert "image-label" in attrs["ome"] and len(attrs["ome"]["multiscales"][0]["datasets"]) == 4
     assert (out / "CMU-1-Small-Region.zarr/qc.png").stat().st_size > 1000
 
 
@@ -137,7 +140,7 @@ def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir,
     opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
                         tile=256, workers=1)
     plan = plan_slide(str(image), str(tmp_path / "out"), opts)
-    assert len(tile_grid(plan.shape, plan.tile)) == 9
+    assert len(tile_grid(plan.shape, plan.tile)) == 30
     infer_slide(plan, opts, lambda m: None)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     first = np.asarray(flows[:])
