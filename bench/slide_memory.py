@@ -5,11 +5,11 @@ images, segments it with ``run_slides`` on a local Ray, and samples the resident
 of every busy Ray worker process (``ray::`` processes) while it runs. Prints, per size:
 peak RSS of the largest worker (and of each kind of worker), end-to-end seconds per
 megapixel, and the model forward time alone for the slide's windows (every global sliding
-window once per TTA frame). Each size runs in its own Ray session; the forward-only time is
-measured first, after a rest, on a sample of real windows of the slide (same batch size, one thread per
-process, as many one-CPU Ray tasks at once as there are actors) and scaled by the number
-of windows; then the ratio of peaks (largest slide / smallest) and the overhead ratio
-(end-to-end / forward-only).
+window once per TTA frame). Each size runs in its own Ray session; the forward-only time
+is measured first, after a rest, on a sample of real windows of the slide (same batch
+size, one thread per process, as many one-CPU Ray tasks at once as there are actors) and
+scaled by the number of windows; then the ratio of peaks (largest slide / smallest) and
+the overhead ratio (end-to-end / forward-only).
 
     python bench/slide_memory.py --sizes 4096 16384 --tile 2048 --workers 2 --no-tta
 """
@@ -31,6 +31,7 @@ import tifffile
 
 if TYPE_CHECKING:
     from mediar_ray.pipeline import SlideOptions
+    from mediar_ray.pipeline.source import SlideReader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CROP = 256
@@ -110,22 +111,20 @@ def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray,
     return (time.perf_counter() - start) / len(x)
 
 
-def sample_windows(slide: str, roi: int, n: int, seed: int = 0) -> np.ndarray:
-    """(n, 3, roi, roi) float32: real windows of the slide at random positions of the
+def sample_windows(reader: SlideReader, roi: int, n: int, seed: int = 0) -> np.ndarray:
+    """(n, 3, roi, roi) float32: real windows of an open slide at random positions of the
     inference grid, each normalised by its own percentiles (the forward pass costs the
     same whatever the values)."""
     from mediar_ray.inference import window_starts
-    from mediar_ray.pipeline.source import SlideReader
     from mediar_ray.preprocess import normalize
 
-    with SlideReader(slide) as reader:
-        h, w = reader.shape
-        ys, xs = window_starts(h, roi, 0.6), window_starts(w, roi, 0.6)
-        rng = np.random.default_rng(seed)
-        out = np.empty((n, 3, roi, roi), np.float32)
-        for i in range(n):
-            y, x = int(rng.choice(ys)), int(rng.choice(xs))
-            out[i] = normalize(reader[y : y + roi, x : x + roi])
+    h, w = reader.shape
+    ys, xs = window_starts(h, roi, 0.6), window_starts(w, roi, 0.6)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, roi, roi), np.float32)
+    for i in range(n):
+        y, x = int(rng.choice(ys)), int(rng.choice(xs))
+        out[i] = normalize(reader[y : y + roi, x : x + roi])
     return out
 
 
@@ -143,11 +142,11 @@ def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers
     from mediar_ray.inference import window_starts
     from mediar_ray.pipeline.source import SlideReader
 
-    with SlideReader(slide) as reader:
+    with SlideReader(slide) as reader:  # opened once: shape and sampled windows
         h, w = reader.shape
+        windows = sample_windows(reader, roi, sample)
     n_windows = len(window_starts(h, roi, 0.6)) * len(window_starts(w, roi, 0.6))
     n_windows *= 3 if tta else 1
-    windows = sample_windows(slide, roi, sample)
     task = ray.remote(num_cpus=1, max_calls=1)(_time_forward)  # worker exits after
     per = ray.get([task.remote(weights, {}, part, batch)
                    for part in np.array_split(windows, workers)])
