@@ -47,8 +47,7 @@ def plain_loop(cfg, steps_per_epoch: int) -> float:
     """Samples per second of a plain single-process PyTorch loop (epochs after the first)."""
     import torch
 
-    from mediar_ray.train.loop import _build, _cosine, prepare_data
-    from mediar_ray.train.loss import mediar_loss
+    from mediar_ray.train.loop import _build, _cosine, prepare_data, train_step
     from mediar_ray.train.stream import BatchMaker, plan_stream
 
     torch.set_num_threads(1)
@@ -79,10 +78,7 @@ def plain_loop(cfg, steps_per_epoch: int) -> float:
         if i == steps_per_epoch:  # warm-up epoch done
             start = time.perf_counter()
         t = {k: torch.as_tensor(batch[k]) for k in ("image", "flows", "cell", "valid")}
-        loss = mediar_loss(model(t["image"]), t["flows"], t["cell"], t["valid"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, t, cfg.optim.flow_weight, cfg.optim.amp)
         if (i + 1) % steps_per_epoch == 0:
             sched.step()
         if start is not None:

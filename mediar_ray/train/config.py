@@ -166,6 +166,7 @@ class OptimSection(_Section):
     batch_size: int = 8
     flow_weight: float = 0.5
     warmup_epochs: int = 0
+    amp: bool = False           # bfloat16 autocast of the forward pass (loss in float32)
 
     def _rules(self):
         return [("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),

@@ -29,7 +29,7 @@ from mediar_ray.train.checkpoint import (checkpoint_dir_name, latest_checkpoint,
                                          load_training_state, save_training_state)
 
 __all__ = ["TrainData", "prepare_data", "run_training", "split_config_pairs",
-           "train_loop_per_worker"]
+           "train_loop_per_worker", "train_step"]
 
 log = logging.getLogger("mediar_ray.train")
 
@@ -194,7 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from mediar_ray.train.config import TrainConfig
-    from mediar_ray.train.loss import mediar_loss
 
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -226,13 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done >= remaining:
             break
         tensors = {k: torch.from_numpy(batch[k][0]).to(device) for k in ("image", "flows", "cell", "valid")}
-        out = model(tensors["image"])
-        loss = mediar_loss(out, tensors["flows"], tensors["cell"], tensors["valid"],
-                           cfg.optim.flow_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(train_step(model, optimizer, tensors, cfg.optim.flow_weight,
+                                 cfg.optim.amp))
         seen += json_ids(batch["ids"][0])
         step, done = step + 1, done + 1
         if done % steps == 0:
@@ -243,6 +237,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _end_epoch(cfg, config, model, optimizer, scheduler, epoch, step, losses, seen,
                        seconds, rank, warm)
             epoch, losses, seen, began = epoch + 1, [], [], time.perf_counter()
+
+
+def train_step(model: Any, optimizer: Any, batch: dict[str, Any], flow_weight: float = 0.5,
+               amp: bool = False) -> float:
+    """One optimiser step on one batch; returns the loss (float).
+
+    ``batch`` holds torch tensors on the model's device: image (B, 3, S, S) float32,
+    flows (B, 2, S, S) float32 (unit flows x 5), cell and valid (B, S, S) float32 in
+    {0, 1}, as :class:`mediar_ray.train.stream.BatchMaker` makes them. ``amp`` runs the
+    forward pass under bfloat16 autocast; the loss is computed in float32 either way.
+    """
+    import torch
+
+    from mediar_ray.train.loss import mediar_loss
+
+    device = batch["image"].device.type
+    # bfloat16 needs no loss scaling, and on CPUs with AVX512-BF16 or AMX it runs the
+    # forward and backward about twice as fast as float32. Weights stay float32.
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        out = model(batch["image"])
+    loss = mediar_loss(out.float(), batch["flows"], batch["cell"], batch["valid"],
+                       flow_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def json_ids(text: Any) -> list[str]:
