@@ -7,8 +7,10 @@ Plain loop: one process, a torch DataLoader with one worker process making the s
 batches (:class:`mediar_ray.train.stream.BatchMaker` over the same stream rows), the same
 model, loss and AdamW step, torch with one thread per training process. Ray Train: the
 same rows as a Ray Dataset mapped by BatchMaker actors, TorchTrainer with 1 and with 2
-workers of one torch thread each (DDP over gloo for 2). Samples per second are counted over the
-epochs after the first (warm-up: process start, model build, first batches).
+workers of one torch thread each (DDP over gloo for 2). All three run the cpu_small
+config's bfloat16 autocast (``optim.amp``); a fourth run, 2 workers in float32, measures
+what autocast buys. Samples per second are counted over the epochs after the first
+(warm-up: process start, model build, first batches).
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def config(data: Path, storage: Path, workers: int, args) -> "TrainConfig":
+def config(data: Path, storage: Path, workers: int, args, amp: bool = True) -> "TrainConfig":
     from mediar_ray.train.config import TrainConfig, load_config
 
     d = load_config(str(REPO / "configs" / "cpu_small.yaml")).to_dict()
-    d["name"] = f"throughput_{workers}w"
+    d["name"] = f"throughput_{workers}w_{'bf16' if amp else 'fp32'}"
     d["data"].update({"roots": [str(data)], "mappings": [], "holdout_every": 5,
                       "modality_table": None})
     d["augment"]["crop"] = args.crop
-    d["optim"].update({"epochs": args.epochs, "batch_size": args.batch})
+    d["optim"].update({"epochs": args.epochs, "batch_size": args.batch, "amp": amp})
     d["run"].update({"storage_path": str(storage), "num_workers": workers,
                      "validate_every": 0, "checkpoint_every": args.epochs,
                      "max_steps_per_epoch": args.steps,
@@ -116,6 +118,8 @@ def main() -> None:
         rows.append(("Ray Train, 1 worker", one))
         two = ray_loop(config(Path(args.data), tmp, 2, args))
         rows.append(("Ray Train, 2 workers (DDP, gloo)", two))
+        full = ray_loop(config(Path(args.data), tmp, 2, args, amp=False))
+        rows.append(("Ray Train, 2 workers, float32 (optim.amp off)", full))
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +130,7 @@ def main() -> None:
         print(f"| {name} | {value:.2f} |")
     print(f"Ray Train 1 worker / plain loop: {one / plain:.2f} (goal >= 0.9)")
     print(f"Ray Train 2 workers / 1 worker: {two / one:.2f}")
+    print(f"bfloat16 autocast / float32, 2 workers: {two / full:.2f}")
 
 
 if __name__ == "__main__":
