@@ -15,11 +15,9 @@ from mediar_ray.model import build_model
 from mediar_ray.train.config import AugmentSection
 from mediar_ray.train.loop import train_step
 from mediar_ray.train.stream import BatchMaker
+from test_train_loop import TINY_MODEL  # the DDP test's model
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
-
-TINY_MODEL = {"encoder_name": "mit_b0", "decoder_channels": [32, 16, 16, 16, 16],
-              "decoder_pab_channels": 16}
 
 
 @pytest.fixture(scope="module")
