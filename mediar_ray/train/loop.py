@@ -245,8 +245,9 @@ def train_step(model: Any, optimizer: Any, batch: dict[str, Any], flow_weight: f
 
     ``batch`` holds torch tensors on the model's device: image (B, 3, S, S) float32,
     flows (B, 2, S, S) float32 unit vectors (the loss scales them by 5), cell and valid
-    (B, S, S) float32 in {0, 1}, as :class:`mediar_ray.train.stream.BatchMaker` makes them. ``amp`` runs the
-    forward pass under bfloat16 autocast; the loss is computed in float32 either way.
+    (B, S, S) float32 in {0, 1}, as :class:`mediar_ray.train.stream.BatchMaker` makes
+    them. ``amp`` runs the forward pass under bfloat16 autocast; the loss is computed in
+    float32 either way.
     """
     import torch
 
