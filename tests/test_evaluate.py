@@ -80,3 +80,11 @@ def test_heldout_split_of_a_config_matches_segment_then_evaluate(data_dir, tmp_p
         assert item["f1"] == rows[stem]
     assert held["val_f1"] == rows["mean"] and held["val_f1_dsb"] == rows["mean"]
     assert 0.0 < held["val_f1"] <= 1.0
+    # --split train scores the other half of the config's pairs, and only those
+    trained = tmp_path / "train.json"
+    assert main(["evaluate", "--config", str(config), "--split", "train", "--no-tta",
+                 "--json", str(trained)]) == 0
+    train_names = [i["image"] for i in json.loads(trained.read_text())["images"]]
+    assert len(train_names) == 2 and not set(train_names) & set(names)
+    assert {n.rsplit("/", 1)[-1] for n in train_names + names} == {
+        p.name for p in (root / "images").iterdir()}

@@ -22,10 +22,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-border", action="store_true",
                    help="do not drop cells that touch the image border")
     held = p.add_argument_group(
-        "held-out split of a training config",
-        "instead of --pred/--gt: segment the held-out pairs of a training config (as "
-        "`mediar-ray segment` would) and report F1 per source")
+        "split of a training config",
+        "instead of --pred/--gt: segment the held-out (or training) pairs of a training "
+        "config (as `mediar-ray segment` would) and report F1 per source")
     held.add_argument("--config", metavar="FILE", help="training config (configs/*.yaml)")
+    held.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                      help="which pairs of the config to score (default: heldout; train "
+                      "tells underfitting from overfitting)")
     held.add_argument("--weights", action="append", metavar="CKPT",
                       help="checkpoint(s); default: the bundled model")
     held.add_argument("--model-config", metavar="JSON", help="parameters of a .pth checkpoint")
@@ -35,8 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run_heldout(args: argparse.Namespace) -> int:
-    """Score the held-out split of ``args.config``; prints per image and per source."""
+def run_split(args: argparse.Namespace) -> int:
+    """Score ``args.split`` of ``args.config``; prints per image and per source."""
     import json
 
     import fsspec
@@ -48,17 +51,18 @@ def run_heldout(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     try:
-        _, held = split_config_pairs(cfg)
+        train, held = split_config_pairs(cfg)
     except ValueError as err:
         log.error("%s: %s", args.config, err)
         return 1
-    if not held:
-        log.error("%s holds out no pairs (data.holdout_every = %d)", args.config,
+    pairs = held if args.split == "heldout" else train
+    if not pairs:
+        log.error("%s has no %s pairs (data.holdout_every = %d)", args.config, args.split,
                   cfg.data.holdout_every)
         return 1
     models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
     rows: list = []
-    report = validate(models, held, roi_size=512, tta=args.tta, per_image=rows)
+    report = validate(models, pairs, roi_size=512, tta=args.tta, per_image=rows)
     for image, source, f1, n_true, n_pred in rows:
         print(f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
               f"true {n_true:5d} pred {n_pred:5d}")
@@ -66,7 +70,7 @@ def run_heldout(args: argparse.Namespace) -> int:
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
         with fsspec.open(args.json, "w") as f:
-            json.dump({"config": args.config, "tta": args.tta, **report,
+            json.dump({"config": args.config, "split": args.split, "tta": args.tta, **report,
                        "images": [dict(zip(("image", "source", "f1", "true", "pred"), r))
                                   for r in rows]}, f, indent=1)
     return 0
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from mediar_ray.evaluate import evaluate_dirs, pair_files, write_csv
 
     if args.config:
-        return run_heldout(args)
+        return run_split(args)
     if not (args.pred and args.gt):
         log.error("give --pred and --gt, or --config for a training config's held-out split")
         return 2
