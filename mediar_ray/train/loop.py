@@ -255,7 +255,7 @@ def train_step(model: Any, optimizer: Any, batch: dict[str, Any], flow_weight: f
 
     device = batch["image"].device.type
     # bfloat16 needs no loss scaling, and on CPUs with AVX512-BF16 or AMX it trains
-    # 1.6-2.4x as fast as float32 (bench/train_throughput.py). Weights stay float32.
+    # faster than float32 (1.6x here, bench/train_throughput.py). Weights stay float32.
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         out = model(batch["image"])
     loss = mediar_loss(out.float(), batch["flows"], batch["cell"], batch["valid"],
