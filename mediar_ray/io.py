@@ -7,8 +7,12 @@ uint16 when every id fits, else uint32.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
+from collections import Counter
 from pathlib import PurePosixPath
+from typing import Sequence
 
 import fsspec
 import numpy as np
@@ -20,6 +24,7 @@ __all__ = [
     "ImageReadError",
     "expand_inputs",
     "label_name",
+    "output_names",
     "read_image",
     "stem",
     "write_labels_tiff",
@@ -36,6 +41,51 @@ class ImageReadError(ValueError):
 def stem(url: str) -> str:
     """File name up to its first '.', as MEDIAR names its outputs."""
     return PurePosixPath(str(url).rstrip("/")).name.split(".")[0]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character outside ``A-Z a-z 0-9 . _ -`` replaced by ``_`` and
+    leading dots dropped, so it is a file name on every file system and object store."""
+    return _UNSAFE.sub("_", text).lstrip(".") or "image"
+
+
+def output_names(urls: Sequence[str]) -> dict[str, str]:
+    """A unique output name for each input, deterministic for the same list of inputs.
+
+    The name is MEDIAR's :func:`stem` (file name up to its first '.') made safe by
+    :func:`safe_name`. Where two inputs would share a name (compared ignoring case, as
+    on case-insensitive file systems), each of them gets the name of its whole file name
+    less the last extension (``a.1.png`` -> ``a.1``) if that alone tells them apart, else
+    ``<stem>-<8 hex digits of the SHA-1 of its full URL>`` (``f1/slide.png`` and
+    ``f2/slide.png``). Inputs listed twice keep one name.
+
+    Returns
+    -------
+    dict
+        input URL -> output name (no folder part, never empty, never starting with '.').
+    """
+    urls = list(dict.fromkeys(map(str, urls)))
+    first = {u: safe_name(stem(u)) for u in urls}
+    clashes = Counter(n.casefold() for n in first.values())
+    names = {}
+    for u in urls:
+        name = first[u]
+        if clashes[name.casefold()] > 1:
+            base = PurePosixPath(u.rstrip("/")).name
+            longer = safe_name(base.rsplit(".", 1)[0] if "." in base else base)
+            rivals = [v for v in urls if first[v].casefold() == name.casefold()]
+            longer_all = [safe_name(PurePosixPath(v.rstrip("/")).name.rsplit(".", 1)[0])
+                          for v in rivals]
+            if Counter(n.casefold() for n in longer_all)[longer.casefold()] == 1 and \
+                    longer.casefold() not in clashes:
+                name = longer
+            else:
+                name = f"{name}-{hashlib.sha1(u.encode()).hexdigest()[:8]}"
+        names[u] = name
+    return names
 
 
 def label_name(url: str) -> str:

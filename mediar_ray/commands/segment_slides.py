@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs per model actor; > 0 runs the models on CUDA")
     p.add_argument("--device", default="cpu", help="cpu or cuda (for CPU actors: cpu)")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are complete")
+    p.add_argument("--reader", default="auto",
+                   help="slide reader: auto (by content and name) or a reader's name "
+                   "(tifffile, openslide, wsidicom, ome-zarr, pillow)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +54,7 @@ def options_from_args(args: argparse.Namespace):
         weights=weights, model_config=parse_model_config(args.model_config), tta=args.tta,
         roi_size=args.roi_size, tile=args.tile_size, halo=args.halo, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, reader=args.reader,
     )
 
 

@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mediar_ray import __version__
 from mediar_ray.io import expand_inputs, stem
 from mediar_ray.pipeline.layout import SlideLayout, Tile, safe_url, tile_grid
-from mediar_ray.pipeline.source import SlideReader
+from mediar_ray.sources import open_slide
 from mediar_ray.pipeline.stitch import UnionFind, border_pairs, consecutive_ids
 from mediar_ray.pipeline import stages
 from mediar_ray.pipeline.stages import SlidePlan
@@ -49,6 +49,7 @@ class SlideOptions:
     num_gpus_per_worker: float = 0.0
     device: str = "cpu"
     overwrite: bool = False
+    reader: str = "auto"
     flow_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,9 +81,9 @@ def plan_slide(url: str, output: str, opts: SlideOptions) -> SlidePlan:
     if _exists(plan_url):
         with fsspec.open(plan_url, "r") as f:
             return SlidePlan.from_json(f.read())
-    with SlideReader(url) as reader:
+    with open_slide(url, opts.reader) as reader:
         plan = SlidePlan(url, layout, reader.shape, reader.channels, str(reader.dtype),
-                         opts.tile, opts.halo, roi_size=opts.roi_size)
+                         opts.tile, opts.halo, roi_size=opts.roi_size, reader=opts.reader)
     stages.create_arrays(plan)
     tiles = tile_grid(plan.shape, plan.tile)
     rows = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]

@@ -26,8 +26,8 @@ import zarr
 from mediar_ray.dynamics import flows_to_labels
 from mediar_ray.inference import partial_extent, predict_partial
 from mediar_ray.pipeline.layout import IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales
-from mediar_ray.pipeline.source import SlideReader
 from mediar_ray.pipeline.stitch import anchor_labels
+from mediar_ray.sources import open_slide
 from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
 
 __all__ = [
@@ -49,6 +49,7 @@ class SlidePlan:
     halo: int
     stats: IntensityStats | None = None
     roi_size: int = 512
+    reader: str = "auto"
 
     @property
     def spill(self) -> int:
@@ -99,7 +100,7 @@ def copy_and_measure(plan: SlidePlan, tiles: list[Tile]) -> IntensityAccumulator
     accumulate its intensity statistics (exact for integer images)."""
     acc = IntensityAccumulator()
     image = open_array(plan.layout.path("0"), mode="r+")
-    with SlideReader(plan.url) as reader:
+    with open_slide(plan.url, plan.reader) as reader:
         for tile in tiles:
             region = reader[tile.y0:tile.y1, tile.x0:tile.x1]
             acc.update(region)
