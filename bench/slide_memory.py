@@ -31,7 +31,7 @@ import tifffile
 
 if TYPE_CHECKING:
     from mediar_ray.pipeline import SlideOptions
-    from mediar_ray.pipeline.source import SlideReader
+    from mediar_ray.sources import SlideSource
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CROP = 256
@@ -111,7 +111,7 @@ def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray,
     return (time.perf_counter() - start) / len(x)
 
 
-def sample_windows(reader: SlideReader, roi: int, n: int, seed: int = 0) -> np.ndarray:
+def sample_windows(reader: SlideSource, roi: int, n: int, seed: int = 0) -> np.ndarray:
     """(n, 3, roi, roi) float32: real windows of an open slide at random positions of the
     inference grid, each normalised by its own percentiles (the forward pass costs the
     same whatever the values)."""
@@ -140,9 +140,9 @@ def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers
     import ray
 
     from mediar_ray.inference import window_starts
-    from mediar_ray.pipeline.source import SlideReader
+    from mediar_ray.sources import open_slide
 
-    with SlideReader(slide) as reader:  # opened once: shape and sampled windows
+    with open_slide(str(slide)) as reader:  # opened once: shape and sampled windows
         h, w = reader.shape
         windows = sample_windows(reader, roi, sample)
     n_windows = len(window_starts(h, roi, 0.6)) * len(window_starts(w, roi, 0.6))

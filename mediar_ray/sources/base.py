@@ -9,11 +9,13 @@ is never pickled: every Ray task and actor opens its own with :func:`open_slide`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["Level", "SlideReadError", "SlideSource"]
+__all__ = ["Level", "SlideReadError", "SlideSource", "composite_alpha", "shown", "white_value"]
 
 
 class SlideReadError(ValueError):
@@ -78,6 +80,28 @@ class SlideSource(ABC):
     def close(self) -> None:
         """Release files and handles (a no-op by default)."""
 
+    @contextmanager
+    def _reading(self, level: int, y0: int, y1: int, x0: int, x1: int) -> Iterator[None]:
+        """Check a region request, and turn a failure of the reader library inside the
+        block (a corrupt tile, a lost connection) into a :class:`SlideReadError` naming
+        the slide and the region."""
+        if not 0 <= level < len(self.levels):
+            raise IndexError(f"{shown(self.url)} has {len(self.levels)} level(s); level "
+                             f"{level} asked")
+        h, w = self.levels[level].shape
+        if not (0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w):
+            raise IndexError(f"{shown(self.url)}: region [{y0}:{y1}, {x0}:{x1}] is outside "
+                             f"level {level} ({h} x {w})")
+        try:
+            yield
+        except (SlideReadError, IndexError):
+            raise
+        except Exception as err:
+            raise SlideReadError(
+                f"{shown(self.url)}: cannot read level {level} region [{y0}:{y1}, {x0}:{x1}] "
+                f"with {self.reader} ({type(err).__name__}: {err}); the file may be corrupt or "
+                "truncated") from None
+
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``source[y0:y1, x0:x1]``: a region of level 0."""
         ys, xs = key
@@ -91,3 +115,54 @@ class SlideSource(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shown(url: object) -> str:
+    """``url`` as it may appear in a message: without credentials, query or fragment."""
+    from mediar_ray.pipeline.layout import safe_url  # late: the pipeline imports sources
+
+    return safe_url(str(url))
+
+
+def white_value(dtype: np.dtype) -> float:
+    """Full intensity of ``dtype``: 255 for uint8, 65535 for uint16, 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def composite_alpha(region: np.ndarray, background: tuple[float, ...] | None = None,
+                    premultiplied: bool = False) -> np.ndarray:
+    """Composite colour + alpha over a solid background, as a viewer shows it.
+
+    Parameters
+    ----------
+    region : ndarray
+        (h, w, C + 1): C colour channels (3 for RGB, 1 for grey) then alpha, integer or
+        float (alpha range 0..max of the integer type, or 0..1 for floats).
+    background : tuple of float, optional
+        C values in the region's intensity range (OpenSlide's background colour);
+        default white.
+    premultiplied : bool
+        Colour already multiplied by alpha (TIFF associated alpha) instead of straight
+        (PNG, OpenSlide's Python regions, TIFF unassociated alpha).
+
+    Returns
+    -------
+    ndarray
+        (h, w, C) (or (h, w) when C is 1), the region's dtype: colour where alpha is
+        full, the background where alpha is 0 (never black), a blend in between.
+    """
+    full = white_value(region.dtype)
+    color, alpha = region[..., :-1], region[..., -1:]
+    if np.all(alpha == full):  # opaque: the colour itself, bit for bit
+        out = color
+    else:
+        bg = np.broadcast_to(np.asarray(background if background is not None else
+                                        (full,) * color.shape[-1], np.float32), color.shape[-1:])
+        a = alpha.astype(np.float32) / full
+        c = color.astype(np.float32)
+        blend = (c if premultiplied else c * a) + bg * (1.0 - a)
+        if np.issubdtype(region.dtype, np.integer):
+            blend = np.clip(np.rint(blend), 0, full)
+        out = blend.astype(region.dtype)
+    return out[..., 0] if out.shape[-1] == 1 else np.ascontiguousarray(out)
