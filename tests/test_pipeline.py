@@ -24,9 +24,11 @@ from mediar_ray.io import read_image
 from mediar_ray.metrics import match_counts
 from mediar_ray.model import load_model
 from mediar_ray.pipeline import SlideOptions, run_slides
-from mediar_ray.pipeline.layout import SlideLayout, tile_grid
-from mediar_ray.pipeline.run import infer_slide, plan_slide
-from mediar_ray.pipeline.stages import mark_done, open_array
+from mediar_ray.pipeline.layout import tile_grid
+from mediar_ray.pipeline.plan import plan_slide
+from mediar_ray.pipeline.run import check_weights, slide_fingerprint
+from mediar_ray.pipeline.stages import (gather_tile, infer_partial, mark_done, open_array,
+                                        tiles_to_infer)
 from mediar_ray.preprocess import normalize
 from mediar_ray.segment import load_models, resolve_weights
 
@@ -49,6 +51,22 @@ def tiny(ref_dir):
     return str(ref_dir / "model_a.pth"), params
 
 
+def plan_as_job(image: Path, out: Path, opts: SlideOptions):
+    """Plan a slide exactly as the job would (same fingerprint), so that a following
+    run_slides reuses what the test puts into its scratch."""
+    fp = slide_fingerprint(str(image), opts, check_weights(opts))
+    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp).plan
+
+
+def infer_in_process(plan, opts: SlideOptions) -> None:
+    """Stage 2 without Ray: the functions the model actors and gather tasks run."""
+    models = load_models(opts.weights, opts.model_config, "cpu")
+    for tile in tile_grid(plan.shape, plan.tile):
+        infer_partial(plan, tile, models, opts.tta, "cpu")
+    for tile in tile_grid(plan.shape, plan.tile):
+        gather_tile(plan, tile)
+
+
 def labels_of(out: Path, name: str) -> np.ndarray:
     return np.asarray(zarr.open_array(str(out / f"{name}.zarr/labels/cells/0"), mode="r")[:])
 
@@ -65,7 +83,7 @@ def cells_across_borders(labels: np.ndarray, tile: int) -> int:
     return len(crossing)
 
 
-def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tmp_path):
+def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tiny, tmp_path):
     """3072^2 mosaic of real labels, 512-px tiles: 36 tiles, many seams."""
     dense = real_labels(("dsb2018", "stardist_nuclei"))
     dense.sort(key=lambda lab: len(np.unique(lab)) / lab.size, reverse=True)
@@ -76,14 +94,14 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tmp_path):
     image = tmp_path / "mosaic.tif"
     tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200, tile=(256, 256))
     out = tmp_path / "out"
-    opts = SlideOptions(weights=["unused.pth"], tile=512, halo=128)
-    plan = plan_slide(str(image), str(out), opts)
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=512, halo=128)
+    plan = plan_as_job(image, out, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     for tile in tile_grid(plan.shape, plan.tile):  # stage 2 replaced by the true flows
         flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw[:, tile.y0:tile.y1, tile.x0:tile.x1]
         mark_done(plan, "infer", tile)
     report = run_slides([str(image)], str(out), opts)
-    assert report["failed"] == {} and "mosaic" in report["done"]
+    assert report["failed"] == {} and report["done"]["mosaic"]["tiles_inferred"] == 0
     labels = labels_of(out, "mosaic")
     n_ref, n_out = int(reference.max()), int(labels.max())
     assert n_ref > 5000
@@ -108,13 +126,14 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     models = load_models(resolve_weights(None), {}, "cpu")
     whole = predict_raw(normalize(read_image(svs)), models, tta=False)
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[], tta=False, tile=512, halo=128, workers=2)
-    plan = plan_slide(svs, str(out), opts)
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=512, halo=128, workers=2)
+    plan = plan_as_job(Path(svs), out, opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 30
-    infer_slide(plan, opts, lambda m: None)
+    infer_in_process(plan, opts)
     stitched = np.asarray(open_array(plan.layout.scratch + "/flows")[:])
     assert np.linalg.norm(stitched - whole) / np.linalg.norm(whole) < 1e-4
-    run_slides([svs], str(out), opts)
+    report = run_slides([svs], str(out), opts)
+    assert report["done"]["CMU-1-Small-Region"]["tiles_inferred"] == 0  # the scratch reused
     labels = labels_of(out, "CMU-1-Small-Region")
     reference = flows_to_labels(whole)
     assert reference.max() >= 50  # 118 objects (10 across the 512-px seams) with the bundled model
@@ -133,44 +152,44 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
 
 def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir, tmp_path):
     """Partials are per tile and whole chunks: a rerun after a lost partial and a lost
-    flows chunk recomputes just the partial that chunk needs and gives the same flows."""
+    flows chunk recomputes just the partial that chunk needs, and the labels equal those
+    of a run without losses."""
     weights, params = tiny
     image = tmp_path / "phase.tif"
     tifffile.imwrite(image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700])
     opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
                         tile=256, workers=1)
-    plan = plan_slide(str(image), str(tmp_path / "out"), opts)
+    plan = plan_as_job(image, tmp_path / "out", opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 9
-    infer_slide(plan, opts, lambda m: None)
+    infer_in_process(plan, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     first = np.asarray(flows[:])
+    whole = predict_raw(normalize(read_image(str(image))), load_model(weights, **params),
+                        tta=True, roi_size=256)
+    assert np.linalg.norm(first - whole) / np.linalg.norm(whole) < 1e-5
     done = Path(plan.layout.scratch) / "done"
-    stamps = {p.name: p.stat().st_mtime_ns for p in (done / "windows").iterdir()}
-    assert len(stamps) == 9
+    assert len(list((done / "windows").iterdir())) == 9
     # Lose tile 1_1's flows (chunk zeroed, record gone) and the partial of its upper-left
     # neighbour 0_0, as if both workers had been killed mid-write.
     (done / "infer/1_1").unlink()
     (done / "windows/0_0").unlink()
     flows[:, 256:512, 256:512] = np.zeros((3, 256, 256), np.float32)
-    messages = []
-    infer_slide(plan, opts, messages.append)
-    assert [m for m in messages if m.startswith("infer")] == ["infer: 1/1 tiles, ETA 0 s"]
-    assert [m for m in messages if m.startswith("gather")] == ["gather: 1/1 tiles"]
-    after = {p.name: p.stat().st_mtime_ns for p in (done / "windows").iterdir()}
-    assert {k for k in after if after[k] != stamps.get(k)} == {"0_0"}
-    np.testing.assert_array_equal(np.asarray(flows[:]), first)
-    whole = predict_raw(normalize(read_image(str(image))), load_model(weights, **params),
-                        tta=True, roi_size=256)
-    assert np.linalg.norm(first - whole) / np.linalg.norm(whole) < 1e-5
+    assert [t.name for t in tiles_to_infer(plan)] == ["0_0"]
+    report = run_slides([str(image)], str(tmp_path / "out"), opts)
+    assert report["done"]["phase"]["tiles_inferred"] == 1
+    clean = run_slides([str(image)], str(tmp_path / "clean"), opts)
+    assert clean["done"]["phase"]["tiles_inferred"] == 9
+    np.testing.assert_array_equal(labels_of(tmp_path / "out", "phase"),
+                                  labels_of(tmp_path / "clean", "phase"))
 
 
-def test_dask_reads_one_chunk_lazily(local_ray, tmp_path):
+def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
     truth = mosaic(real_labels(("stardist_nuclei",)), 1024, seed=0)
     image = tmp_path / "s.tif"
     tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200)
     out = tmp_path / "out"
-    opts = SlideOptions(weights=["unused.pth"], tile=256)
-    plan = plan_slide(str(image), str(out), opts)
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=256)
+    plan = plan_as_job(image, out, opts)
     raw = np.concatenate([labels_to_flows(truth) * 5, np.where(truth > 0, 5.0, -5.0)[None]])
     open_array(plan.layout.scratch + "/flows", mode="r+")[:] = raw.astype(np.float32)
     for tile in tile_grid(plan.shape, plan.tile):
@@ -211,17 +230,20 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
     subprocess.run(job + ["--output", str(ref_out)], check=True, capture_output=True, env=env)
     proc = subprocess.Popen(job + ["--output", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    done_dir = out / "train_set4.zarr/.scratch/done/infer"
+    # Kill while the second slide's tiles are being inferred (its partials half done).
+    done_dir = out / "train_set4.zarr/.scratch/done/windows"
     deadline = time.monotonic() + 600
     while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-way through the second slide
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (out / "train_set1.zarr/.mediar_complete").exists()
-    assert not (out / "train_set4.zarr/.mediar_complete").exists()
-    rerun = subprocess.run(job + ["--output", str(out)], check=True, capture_output=True,
-                           text=True, env=env)
-    assert '"skipped": [\n  "train_set1"' in rerun.stdout
+    complete = [n for n in ("train_set1", "train_set4")
+                if (out / f"{n}.zarr/.mediar_complete").exists()]
+    assert "train_set4" not in complete
+    subprocess.run(job + ["--output", str(out)], check=True, capture_output=True, env=env)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["skipped"] == complete and summary["failed"] == {}
+    assert summary["done"]["train_set4"]["tiles_inferred"] <= 4  # resumed, not redone
     for name in ("train_set1", "train_set4"):
         np.testing.assert_array_equal(labels_of(out, name), labels_of(ref_out, name))

@@ -89,3 +89,23 @@ def test_missing_credentials_are_a_clear_failure(s3, ref_dir, caplog, tmp_path):
     assert env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="results").get("Contents", [])}
     assert not any(k.startswith("other/") for k in keys)
+
+
+def test_awkward_names_on_s3(s3, slide_bytes, ref_dir):
+    """Spaces and brackets in keys, and a macOS '._' file, in a bucket: the good slides
+    are done under safe, distinct names; the junk file fails alone with its reason."""
+    client, env = s3
+    for key in ("awk/my slide [1].tif", "awk/my slide (2).tif"):
+        client.put_object(Bucket="lab", Key=key, Body=slide_bytes[0])
+    client.put_object(Bucket="lab", Key="awk/._my slide [1].tif", Body=b"\x00\x05\x16\x07" * 8)
+    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], model_config=params,
+                        tta=False, roi_size=256, tile=256, halo=64)
+    report = run_slides(["s3://lab/awk/"], "s3://results/awk", opts)
+    assert sorted(report["inputs"][n] for n in report["done"]) == [
+        "s3://lab/awk/my slide (2).tif", "s3://lab/awk/my slide [1].tif"]
+    (bad,) = report["failed"]
+    assert "._my slide [1].tif" in report["failed"][bad]
+    for name in report["done"]:
+        labels = da.from_zarr(f"s3://results/awk/{name}.zarr/labels/cells/0")
+        assert labels.shape == (512, 512)

@@ -21,11 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halo", type=int, default=128,
                    help="flow-tracking halo in pixels (at least the largest cell diameter)")
     p.add_argument("--roi-size", type=int, default=512, help="sliding-window size (MEDIAR: 512)")
-    p.add_argument("--workers", type=int, default=1, help="model actors (one per GPU on GPUs)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="model actors, living for the whole job (one per GPU on GPUs)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0,
                    help="GPUs per model actor; > 0 runs the models on CUDA")
     p.add_argument("--device", default="cpu", help="cpu or cuda (for CPU actors: cpu)")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are complete")
+    p.add_argument("--max-slides-in-flight", type=int, default=0, metavar="N",
+                   help="slides prepared, inferred or finished at once (bounds scratch "
+                   "storage and memory; default 0: 2 x workers + 4)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.0,
+                   help="CPUs each model actor requests (default: 1 with GPUs, else 0.75, "
+                   "leaving room on its node for the CPU stages)")
+    p.add_argument("--cpus-per-task", type=float, default=0.25,
+                   help="CPUs each CPU-stage task requests (plan, gather, track, ...)")
+    p.add_argument("--resource-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="on an autoscaling cluster, how long to wait for a node that can "
+                   "hold a model actor")
     p.add_argument("--reader", default="auto",
                    help="slide reader: auto (by content and name) or a reader's name "
                    "(tifffile, openslide, wsidicom, ome-zarr, pillow)")
@@ -55,7 +67,9 @@ def options_from_args(args: argparse.Namespace):
         roi_size=args.roi_size, tile=args.tile_size, halo=args.halo, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, device=args.device,
         overwrite=args.overwrite, reader=args.reader,
-    )
+        max_slides_in_flight=args.max_slides_in_flight, cpus_per_worker=args.cpus_per_worker,
+        cpus_per_task=args.cpus_per_task, resource_timeout=args.resource_timeout,
+    ).validate()
 
 
 def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
@@ -63,12 +77,16 @@ def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
     from mediar_ray.pipeline import run_slides
     from mediar_ray.pipeline.layout import safe_url
 
+    from mediar_ray.pipeline.cluster import ResourceError
+
     try:
         opts = options_from_args(args)
-    except ValueError as err:
+        report = run_slides(inputs, output, opts)
+    except (ValueError, ResourceError, PermissionError, FileNotFoundError) as err:
+        # Bad options, weights or inputs, an unwritable output, missing GPUs: found
+        # before any slide was touched.
         log.error("%s", err)
         return 2
-    report = run_slides(inputs, output, opts)
     print(json.dumps({k: report[k] for k in ("done", "skipped", "failed")}, indent=1))
     print(f"outputs: {safe_url(output)}/<slide>.zarr (labels at labels/cells/0); "
           f"run summary: {safe_url(output)}/run_summary.json")

@@ -1,5 +1,6 @@
-"""Whole-slide segmentation on Ray (see :mod:`mediar_ray.pipeline.run`)."""
+"""Whole-slide segmentation of archives on Ray (see :mod:`mediar_ray.pipeline.run`)."""
 
-from mediar_ray.pipeline.run import SlideOptions, run_slides, segment_slide
+from mediar_ray.pipeline.options import OptionError, SlideOptions
+from mediar_ray.pipeline.run import run_slides
 
-__all__ = ["SlideOptions", "run_slides", "segment_slide"]
+__all__ = ["OptionError", "SlideOptions", "run_slides"]

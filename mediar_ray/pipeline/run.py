@@ -1,243 +1,35 @@
-"""Whole-slide segmentation on Ray: plan -> infer (Ray Data) -> track + stitch -> finish.
+"""Whole-slide segmentation of an archive on Ray: checks, then the archive engine.
 
-One slide at a time goes through the stages; within a stage its tiles run in parallel on
-the cluster. A slide is complete when ``<stem>.zarr/.mediar_complete`` exists, which is
-written last: a rerun skips complete slides and redoes the rest (tiles already inferred
-are kept). An unreadable slide is logged and skipped; the others finish.
+Before any slide is touched, the options are validated, the output root is probed for
+writing, the cluster is checked for the resources the model actors ask for, and the
+weights are loaded once on the driver (strict key check) and hashed. Then one
+:class:`~mediar_ray.pipeline.engine.ArchiveRun` segments every slide: each slide
+``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when ``.mediar_complete`` exists
+(written last). A rerun skips complete slides made with the same input, options and
+weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
+logged and reported in ``OUTPUT/run_summary.json``; the others finish.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
-import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from mediar_ray import __version__
-from mediar_ray.io import expand_inputs, stem
-from mediar_ray.pipeline.layout import SlideLayout, Tile, safe_url, tile_grid
-from mediar_ray.sources import open_slide
-from mediar_ray.pipeline.stitch import UnionFind, border_pairs, consecutive_ids
-from mediar_ray.pipeline import stages
-from mediar_ray.pipeline.stages import SlidePlan
+from mediar_ray.io import output_names
+from mediar_ray.pipeline.cluster import check_resources, ensure_ray
+from mediar_ray.pipeline.engine import ArchiveRun
+from mediar_ray.pipeline.layout import safe_url
+from mediar_ray.pipeline.options import SlideOptions
+from mediar_ray.pipeline.plan import plan_slide
+from mediar_ray.pipeline.provenance import fingerprint, input_identity, sha256_of
 
-__all__ = ["SlideOptions", "run_slides", "segment_slide"]
+__all__ = ["SlideOptions", "check_weights", "plan_slide", "run_slides", "slide_fingerprint"]
 
 log = logging.getLogger("mediar_ray.slides")
-
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".png", ".jpg", ".jpeg", ".bmp")
-
-
-@dataclass
-class SlideOptions:
-    """Options of a slide job (defaults: the single-image path's)."""
-
-    weights: list[str] = field(default_factory=list)
-    model_config: dict[str, Any] = field(default_factory=dict)
-    tta: bool = True
-    roi_size: int = 512
-    tile: int = 1024
-    halo: int = 128
-    workers: int = 1
-    num_gpus_per_worker: float = 0.0
-    device: str = "cpu"
-    overwrite: bool = False
-    reader: str = "auto"
-    flow_params: dict[str, Any] = field(default_factory=dict)
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start Ray in this process."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-                 logging_level=logging.WARNING)
-
-
-def _write_json(url: str, obj: dict) -> None:
-    with fsspec.open(url, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def plan_slide(url: str, output: str, opts: SlideOptions) -> SlidePlan:
-    """Stage 1: metadata, arrays, level-0 copy and exact intensity statistics."""
-    import ray
-
-    layout = SlideLayout(output, stem(url))
-    plan_url = f"{layout.scratch}/plan.json"
-    if _exists(plan_url):
-        with fsspec.open(plan_url, "r") as f:
-            return SlidePlan.from_json(f.read())
-    with open_slide(url, opts.reader) as reader:
-        plan = SlidePlan(url, layout, reader.shape, reader.channels, str(reader.dtype),
-                         opts.tile, opts.halo, roi_size=opts.roi_size, reader=opts.reader)
-    stages.create_arrays(plan)
-    tiles = tile_grid(plan.shape, plan.tile)
-    rows = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]
-    task = ray.remote(stages.copy_and_measure).options(max_retries=3)
-    accs = ray.get([task.remote(plan, group) for group in rows])
-    merged = accs[0]
-    for acc in accs[1:]:
-        merged.merge(acc)
-    plan.stats = merged.stats()
-    with fsspec.open(plan_url, "w") as f:
-        f.write(plan.to_json())
-    return plan
-
-
-def infer_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], None]) -> None:
-    """Stage 2: windowed TTA ensemble inference, every window of the slide run once.
-
-    infer (Ray Data, one row per tile): each tile's own windows -> its partial chunk;
-    gather (Ray tasks): each tile's flows chunk = the partials that reach it. A rerun
-    gathers only the tiles without flows, and infers only the partials they still need.
-    """
-    import ray
-
-    done = stages.done_tiles(plan, "infer")
-    todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name not in done]
-    if not todo:
-        return
-    have = stages.done_tiles(plan, "windows")
-    needed = {s for t in todo for s in stages.partial_sources(plan, t) if s.name not in have}
-    # Largest tiles first, so the last tiles to start are the short ones (less idle tail).
-    needed = sorted(needed, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
-    if needed:
-        rows = [{"plan": plan.to_json(), "tile": json.dumps(asdict(t))} for t in needed]
-        gpu = opts.num_gpus_per_worker > 0
-        # Ray Data's actor pool restarts a dead actor and retries its tile by default
-        # (max_restarts / max_task_retries -1); a retried tile rewrites its whole chunk.
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            stages.TileInference,
-            fn_constructor_kwargs={"weights": opts.weights, "model_config": opts.model_config,
-                                   "tta": opts.tta,
-                                   "device": opts.device if not gpu else "cuda"},
-            # One tile in flight per actor: a tile is minutes of work and its row is a
-            # few bytes, so prefetching gains nothing, while tiles queued behind a busy
-            # actor can leave another idle at the end.
-            compute=ray.data.ActorPoolStrategy(size=max(1, opts.workers),
-                                               max_tasks_in_flight_per_actor=1),
-            batch_size=1,
-            num_cpus=1 if not gpu else 0.5,
-            num_gpus=opts.num_gpus_per_worker if gpu else 0,
-        )
-        start = time.perf_counter()
-        for i, _ in enumerate(ds.iter_rows(), 1):
-            eta = (time.perf_counter() - start) / i * (len(needed) - i)
-            progress(f"infer: {i}/{len(needed)} tiles, ETA {eta:.0f} s")
-    gather = ray.remote(stages.gather_tile).options(max_retries=3)
-    pending = [gather.remote(plan, t) for t in todo]
-    for i in range(1, len(todo) + 1):
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready[0])
-        progress(f"gather: {i}/{len(todo)} tiles")
-
-
-def track_slide(plan: SlidePlan, opts: SlideOptions, progress: Callable[[str], None]) -> dict:
-    """Stage 3: tracking per chunk + halo, union-find over borders, global relabel."""
-    import ray
-
-    tiles = tile_grid(plan.shape, plan.tile)
-    track = ray.remote(stages.track_chunk).options(max_retries=3)
-    pending = [track.remote(plan, t, opts.flow_params) for t in tiles]
-    results = {}
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        r = ray.get(ready[0])
-        results[(r["tile"].ty, r["tile"].tx)] = r
-        progress(f"track: {len(results)}/{len(tiles)} chunks")
-    uf = UnionFind()
-    for (ty, tx), r in results.items():
-        for side, (dy, dx), other in (("right", (0, 1), "left"), ("bottom", (1, 0), "top")):
-            if side in r["strips"]:
-                theirs = results[(ty + dy, tx + dx)]["strips"][other]
-                for a, b in border_pairs(r["strips"][side], theirs):
-                    uf.union(int(a), int(b))
-    names = np.concatenate([r["names"] for r in results.values()] + [np.zeros(0, np.uint64)])
-    sorted_names, ids = consecutive_ids(names, uf)
-    relabel = ray.remote(stages.relabel_chunk).options(max_retries=3)
-    names_ref, ids_ref = ray.put(sorted_names), ray.put(ids)
-    counts = np.zeros(int(ids.max(initial=0)) + 1, np.int64)
-    for present, n in ray.get([relabel.remote(plan, t, names_ref, ids_ref) for t in tiles]):
-        counts[present] += n
-    areas = counts[1:]
-    return {"cells": int(areas.size), "joined_across_borders": len(uf.parent),
-            "area_px": {"mean": float(areas.mean()) if areas.size else 0.0,
-                        "median": float(np.median(areas)) if areas.size else 0.0,
-                        "min": int(areas.min()) if areas.size else 0, "max": int(areas.max(initial=0))}}
-
-
-def build_pyramids(plan: SlidePlan) -> int:
-    """Nearest-neighbour pyramids of image and labels until one chunk holds a level."""
-    import ray
-    import zarr
-
-    task = ray.remote(stages.downsample_chunk).options(max_retries=3)
-    h, w = plan.shape
-    level = 0
-    while max(h, w) > plan.tile:
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        level += 1
-        refs = []
-        for prefix, lead in ((plan.layout.root, (plan.channels,)),
-                             (plan.layout.path("labels", "cells"), ())):
-            src = zarr.open_array(f"{prefix}/{level - 1}", mode="r")
-            zarr.open_group(prefix, mode="a", zarr_format=3).create_array(
-                str(level), shape=lead + (h, w), chunks=lead + (plan.tile, plan.tile),
-                dtype=src.dtype, fill_value=0, dimension_names=list(src.metadata.dimension_names),
-                overwrite=True)
-            refs += [task.remote(f"{prefix}/{level - 1}", f"{prefix}/{level}", t)
-                     for t in tile_grid((h, w), plan.tile)]
-        ray.get(refs)
-    return level + 1
-
-
-def segment_slide(url: str, output: str, opts: SlideOptions,
-                  progress: Callable[[str], None] = log.info) -> dict:
-    """Run all stages on one slide; returns its summary. Raises on failure."""
-    times: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        times[name] = round(now - clock, 3)
-        clock = now
-
-    plan = plan_slide(url, output, opts)
-    lap("plan")
-    infer_slide(plan, opts, progress)
-    lap("infer")
-    summary = track_slide(plan, opts, progress)
-    lap("track")
-    levels = build_pyramids(plan)
-    stages.write_ome_metadata(plan, levels)
-    from mediar_ray.pipeline.qc import write_qc_png
-
-    write_qc_png(plan, levels)
-    lap("finish")
-    summary.update({"slide": safe_url(url), "shape": list(plan.shape), "levels": levels,
-                    "seconds": times, "mediar_ray": __version__,
-                    "options": {k: v for k, v in asdict(opts).items() if k != "weights"},
-                    "weights": [safe_url(w) for w in opts.weights]})
-    _write_json(plan.layout.path("summary.json"), summary)
-    fs, scratch = fsspec.core.url_to_fs(plan.layout.scratch)
-    _write_json(plan.layout.marker, {"complete": True, "cells": summary["cells"]})
-    fs.rm(scratch, recursive=True)
-    return summary
 
 
 def check_output_root(output: str) -> None:
@@ -258,33 +50,80 @@ def check_output_root(output: str) -> None:
         ) from None
 
 
-def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict:
+def check_weights(opts: SlideOptions) -> list[str]:
+    """Load every checkpoint once here (strict keys; raises naming the file) and return
+    their SHA-256 hashes, which are part of every slide's fingerprint."""
+    from mediar_ray.segment import load_models, resolve_weights
+
+    opts.weights = resolve_weights(opts.weights)
+    load_models(opts.weights, opts.model_config, "cpu")
+    return [sha256_of(w) for w in opts.weights]
+
+
+def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str]) -> dict:
+    """The fingerprint a run with ``opts`` gives slide ``url`` (see :mod:`.provenance`)."""
+    return fingerprint(input_identity(url), opts.result_options(), weight_hashes)
+
+
+def find_inputs(inputs: list[str]) -> list[str]:
+    """Slide URLs of files, folders and globs (:func:`mediar_ray.sources.discover.find_slides`)."""
+    from mediar_ray.sources.discover import find_slides
+
+    return find_slides(inputs)
+
+
+def own_outputs(urls: list[str], output: str) -> list[str]:
+    """The inputs that are outputs of this job: ``<name>.zarr`` folders right under the
+    output root holding a completion marker, scratch state or labels (an input folder
+    that is also the output folder lists them beside the images)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    own = []
+    for url in urls:
+        path = fsspec.core.url_to_fs(url)[1].rstrip("/")
+        if path.endswith(".zarr") and path.rsplit("/", 1)[0] == root and any(
+                fs.exists(f"{path}/{p}") for p in (".mediar_complete", ".scratch", "labels/cells")):
+            own.append(url)
+    return own
+
+
+def _write_json(url: str, obj: dict) -> None:
+    with fsspec.open(url, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
+def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, Any]:
     """Segment every slide of ``inputs`` into ``output``; returns the run summary, which
-    is also written to ``OUTPUT/run_summary.json``."""
+    is also written to ``OUTPUT/run_summary.json``.
+
+    Raises
+    ------
+    OptionError, ResourceError, PermissionError, FileNotFoundError, CheckpointError
+        Before any slide is touched: bad options, resources the cluster cannot provide,
+        an unwritable output root, no inputs, unreadable weights.
+    """
+    opts.validate()
     ensure_ray()
-    urls = [u for u in expand_inputs(inputs) if u.lower().endswith(SLIDE_EXTENSIONS)]
     check_output_root(output)
-    report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "output": safe_url(output)}
-    for i, url in enumerate(urls, 1):
-        name = stem(url)
-        layout = SlideLayout(output, name)
-        if opts.overwrite and _exists(layout.root):
-            fs, root = fsspec.core.url_to_fs(layout.root)
-            fs.rm(root, recursive=True)
-        elif _exists(layout.marker):
-            log.info("[%d/%d] %s: complete already, skipped (--overwrite to redo)", i, len(urls), name)
-            report["skipped"].append(name)
-            continue
-        log.info("[%d/%d] %s: segmenting", i, len(urls), name)
-        try:
-            summary = segment_slide(url, output, opts,
-                                    lambda m: log.info("[%d/%d] %s: %s", i, len(urls), name, m))
-        except Exception as err:  # one bad slide must not stop the archive
-            reason = f"{type(err).__name__}: {err}"
-            log.error("[%d/%d] %s: failed: %s", i, len(urls), name, reason)
-            report["failed"][name] = reason
-            continue
-        report["done"][name] = {"cells": summary["cells"], "seconds": summary["seconds"]}
-        log.info("[%d/%d] %s: %d cells", i, len(urls), name, summary["cells"])
+    wait = check_resources(opts)
+    hashes = check_weights(opts)
+    urls = find_inputs(inputs)
+    ignored = own_outputs(urls, output)
+    for url in ignored:
+        log.info("%s: an output of this job, not an input: ignored", safe_url(url))
+    urls = [u for u in urls if u not in ignored]
+    names = output_names(urls)
+    slides = [(url, names[url]) for url in urls]
+    run = ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
+    try:
+        report = run.run()
+    except RuntimeError as err:  # the pool itself is lost: report every slide not ended
+        report = run.report
+        for url, name in slides:
+            if not any(name in report[k] for k in ("done", "skipped", "failed")):
+                report["failed"][name] = str(err)
+    report["inputs"] = {name: safe_url(url) for url, name in slides}
+    report["ignored"] = [safe_url(u) for u in ignored]
+    report["output"] = safe_url(output)
     _write_json(f"{output.rstrip('/')}/run_summary.json", report)
     return report

@@ -1,5 +1,9 @@
 """The work of each stage on one tile or chunk. Plain functions: Ray calls them.
 
+Heavy libraries (torch for the model, numba for tracking) are imported inside the
+functions that need them, so that a worker process running only light stages (planning,
+relabelling, pyramids) never loads them.
+
 None of these holds more than one tile (plus its halo) in memory, and each writes only the
 zarr chunks of its own tile, so no two writers ever share a chunk.
 
@@ -15,7 +19,6 @@ overwrite whole chunks, so a retried tile simply redoes its step.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,16 +26,15 @@ import fsspec
 import numpy as np
 import zarr
 
-from mediar_ray.dynamics import flows_to_labels
-from mediar_ray.inference import partial_extent, predict_partial
-from mediar_ray.pipeline.layout import IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales
+from mediar_ray.pipeline.layout import (IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales,
+                                        tile_grid)
 from mediar_ray.pipeline.stitch import anchor_labels
 from mediar_ray.sources import open_slide
 from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
 
 __all__ = [
-    "SlidePlan", "copy_and_measure", "infer_partial", "gather_tile", "partial_sources",
-    "track_chunk", "relabel_chunk",
+    "SlidePlan", "copy_and_measure", "done_tiles", "infer_partial", "gather_tile",
+    "mark_done", "partial_sources", "relabel_chunk", "tiles_to_infer", "track_chunk",
 ]
 
 
@@ -50,6 +52,7 @@ class SlidePlan:
     stats: IntensityStats | None = None
     roi_size: int = 512
     reader: str = "auto"
+    fingerprint: dict | None = None
 
     @property
     def spill(self) -> int:
@@ -109,28 +112,6 @@ def copy_and_measure(plan: SlidePlan, tiles: list[Tile]) -> IntensityAccumulator
     return acc
 
 
-class TileInference:
-    """Ray Data callable class: holds the models (loaded once per actor) and runs the
-    windows each tile owns, writing the tile's partial sum (:func:`infer_partial`)."""
-
-    def __init__(self, weights: list[str], model_config: dict[str, Any], tta: bool,
-                 device: str, sw_batch_size: int = 4) -> None:
-        from mediar_ray.segment import load_models
-
-        self.models = load_models(weights, model_config, device)
-        self.tta, self.device, self.sw_batch_size = tta, device, sw_batch_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seconds = []
-        for plan_json, tile_json in zip(batch["plan"], batch["tile"]):
-            start = time.perf_counter()
-            infer_partial(SlidePlan.from_json(str(plan_json)),
-                          Tile(**json.loads(str(tile_json))), self.models, self.tta,
-                          self.device, self.sw_batch_size)
-            seconds.append(time.perf_counter() - start)
-        return {"tile": batch["tile"], "seconds": np.array(seconds)}
-
-
 def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
                   sw_batch_size: int = 4) -> None:
     """Run the windows ``tile`` owns; write their partial sum as chunk (ty, tx) of
@@ -142,6 +123,8 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
         chw = np.asarray(image[:, y0:y1, x0:x1])
         hwc = chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
         return normalize(hwc, plan.stats)
+
+    from mediar_ray.inference import predict_partial  # torch: only model actors import it
 
     region = (tile.y0, tile.y1, tile.x0, tile.x1)
     part = predict_partial(read, plan.shape, region, models, tta=tta,
@@ -156,6 +139,8 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
 def partial_sources(plan: SlidePlan, tile: Tile) -> list[Tile]:
     """The tiles whose partials reach ``tile``: itself and the tiles above/left of it
     less than ``spill`` pixels away."""
+    from mediar_ray.inference import partial_extent
+
     (h, w), t = plan.shape, plan.tile
     reach = -(-plan.spill // t)  # a partial spans at most this many tile rows/columns
     sources = []
@@ -167,6 +152,17 @@ def partial_sources(plan: SlidePlan, tile: Tile) -> list[Tile]:
             if ey0 <= tile.y0 < ey1 and ex0 <= tile.x0 < ex1:
                 sources.append(src)
     return sources
+
+
+def tiles_to_infer(plan: SlidePlan) -> list[Tile]:
+    """The tiles whose partials must still be computed: those that a tile without
+    flows (no ``infer`` record) needs and that have no ``windows`` record; largest first,
+    so that the last tiles to start are the short ones."""
+    done = done_tiles(plan, "infer")
+    todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name not in done]
+    have = done_tiles(plan, "windows")
+    needed = {s for t in todo for s in partial_sources(plan, t) if s.name not in have}
+    return sorted(needed, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
 
 
 def gather_tile(plan: SlidePlan, tile: Tile) -> None:
@@ -205,6 +201,8 @@ def track_chunk(plan: SlidePlan, tile: Tile, flow_params: dict[str, Any]) -> dic
     h, w = plan.shape
     y0, y1 = max(tile.y0 - plan.halo, 0), min(tile.y1 + plan.halo, h)
     x0, x1 = max(tile.x0 - plan.halo, 0), min(tile.x1 + plan.halo, w)
+    from mediar_ray.dynamics import flows_to_labels
+
     flows = open_array(plan.layout.scratch + "/flows")
     labels = flows_to_labels(np.asarray(flows[:, y0:y1, x0:x1]), **flow_params)
     names = anchor_labels(labels, (y0, x0), w)

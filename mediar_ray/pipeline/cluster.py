@@ -1,0 +1,82 @@
+"""Connecting to Ray and checking, within seconds, that the cluster can run the job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mediar_ray.pipeline.options import SlideOptions
+
+__all__ = ["ResourceError", "autoscaler_present", "check_resources", "ensure_ray"]
+
+log = logging.getLogger("mediar_ray.slides")
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot provide what the job asks for (GPUs, CPUs per actor)."""
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start Ray in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+                 logging_level=logging.WARNING)
+
+
+def autoscaler_present() -> bool:
+    """True when an autoscaler (v1 monitor or v2) watches this cluster, so resources
+    that no node has now may still come."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if _internal_kv_get("__autoscaling_status") is not None:  # the v1 monitor's report
+            return True
+    except Exception:  # noqa: BLE001 - no KV access: ask v2 below
+        pass
+    try:
+        from ray._raylet import GcsClient
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        address = ray.get_runtime_context().gcs_address
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(address=address).get_cluster_status(timeout_s=5))
+        return reply.autoscaling_state.autoscaler_state_version > 0
+    except Exception:  # noqa: BLE001 - an older GCS without the v2 API
+        return False
+
+
+def check_resources(opts: SlideOptions) -> bool:
+    """Check that some node can hold a model actor (its CPUs and GPUs).
+
+    Returns False when one can now, True when none can yet but an autoscaler may add
+    one (the caller then waits at most ``opts.resource_timeout`` for the first actor).
+
+    Raises
+    ------
+    ResourceError
+        No node can hold an actor and no autoscaler can add one (for example GPUs
+        asked for on a machine without any).
+    """
+    import ray
+
+    cpus, gpus = opts.actor_cpus(), opts.num_gpus_per_worker
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return False
+    if autoscaler_present():
+        log.info("no node can hold a model actor yet (%s CPU, %s GPU): waiting up to %.0f s "
+                 "for the autoscaler", cpus, gpus, opts.resource_timeout)
+        return True
+    total_gpus = sum(r.get("GPU", 0) for r in nodes)
+    if gpus > 0 and max((r.get("GPU", 0) for r in nodes), default=0) < gpus:
+        raise ResourceError(
+            f"--num-gpus-per-worker {gpus:g}: no node of this Ray cluster has {gpus:g} GPU(s) "
+            f"(GPUs in the cluster: {total_gpus:g}) and no autoscaler can add one; run "
+            "without --num-gpus-per-worker on CPUs, or on a cluster with GPU nodes")
+    most = max((r.get("CPU", 0) for r in nodes), default=0)
+    raise ResourceError(
+        f"--cpus-per-worker {cpus:g}: no node of this Ray cluster has that many CPUs "
+        f"(largest: {most:g}) and no autoscaler can add one; ask for fewer")

@@ -1,0 +1,167 @@
+"""The plan stage of one slide: arrays, level-0 copy, exact intensity statistics, and
+which tiles still need the model.
+
+A slide's unfinished state (``.scratch``: plan, partials, flows, done records) is reused
+by a rerun only when the run that wrote it had the same fingerprint (input identity,
+result options, weights); otherwise it is discarded, with a log line saying what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import fsspec
+
+from mediar_ray.pipeline.layout import SlideLayout, Tile, tile_grid
+from mediar_ray.pipeline.options import SlideOptions
+from mediar_ray.pipeline.provenance import differences, fingerprint, input_identity
+from mediar_ray.pipeline.stages import SlidePlan, copy_and_measure, create_arrays, tiles_to_infer
+from mediar_ray.pipeline.tasks import fan_out
+from mediar_ray.sources import open_slide
+
+__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan"]
+
+log = logging.getLogger("mediar_ray.slides")
+
+#: Tiles copied and measured per task of the plan stage.
+TILES_PER_COPY_TASK = 16
+
+
+@dataclass
+class PlannedSlide:
+    """A planned slide: its plan (JSON), the tiles the model must still infer (JSON,
+    largest first), and whether earlier state was reused or discarded (and why)."""
+
+    plan_json: str
+    tiles: list[str]
+    reused: bool = False
+    discarded: list[str] | None = None
+
+    @property
+    def plan(self) -> SlidePlan:
+        return SlidePlan.from_json(self.plan_json)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_plan(layout: SlideLayout) -> SlidePlan | None:
+    """The plan in a slide's scratch, or None if there is none or it cannot be read
+    (an interrupted write, or an earlier version's format)."""
+    url = f"{layout.scratch}/plan.json"
+    try:
+        with fsspec.open(url, "r") as f:
+            return SlidePlan.from_json(f.read())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
+               fingerprint: dict | None = None) -> PlannedSlide:
+    """Plan slide ``url`` as ``OUTPUT/<name>.zarr`` (or reuse a matching earlier plan).
+
+    The caller has checked that the slide is not complete. Anything under the slide's
+    output from a run with another fingerprint is removed before planning anew.
+    """
+    layout = SlideLayout(output, name)
+    old = read_plan(layout)
+    discarded = None
+    if old is not None:
+        diff = differences(old.fingerprint, fingerprint) if fingerprint else []
+        if not diff:
+            tiles = tiles_to_infer(old)
+            return PlannedSlide(old.to_json(), [json.dumps(asdict(t)) for t in tiles],
+                                reused=True)
+        discarded = diff
+        log.info("%s: discarding unfinished state from another run (%s differ)", name,
+                 ", ".join(diff))
+    if _exists(layout.root):  # unfinished, from another run or from before its plan
+        _remove(layout.root)
+    plan = _new_plan(url, layout, opts, fingerprint)
+    tiles = tile_grid(plan.shape, plan.tile)
+    return PlannedSlide(plan.to_json(), [json.dumps(asdict(t)) for t in _largest_first(tiles)],
+                        discarded=discarded)
+
+
+def _largest_first(tiles: list[Tile]) -> list[Tile]:
+    return sorted(tiles, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
+
+
+def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions,
+              fingerprint: dict | None) -> SlidePlan:
+    with open_slide(url, opts.reader) as source:
+        plan = SlidePlan(url, layout, source.shape, source.channels, str(source.dtype),
+                         opts.tile, opts.halo, roi_size=opts.roi_size, reader=opts.reader,
+                         fingerprint=fingerprint)
+    create_arrays(plan)
+    tiles = tile_grid(plan.shape, plan.tile)
+    groups = [tiles[i : i + TILES_PER_COPY_TASK] for i in range(0, len(tiles), TILES_PER_COPY_TASK)]
+    accs = fan_out(copy_and_measure, [(plan, g) for g in groups], opts.cpus_per_task,
+                   progress=f"{layout.stem}: plan")
+    merged = accs[0]
+    for acc in accs[1:]:
+        merged.merge(acc)
+    plan.stats = merged.stats()
+    with fsspec.open(f"{layout.scratch}/plan.json", "w") as f:
+        f.write(plan.to_json())  # written last: a plan on disk means the arrays are ready
+    return plan
+
+
+def read_marker(layout: SlideLayout) -> dict | None:
+    """The completion marker of a slide's output, or None if it is not complete."""
+    try:
+        with fsspec.open(layout.marker, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        marker = {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
+                  weight_hashes: list[str]) -> dict:
+    """Decide what to do with one slide of the archive, then plan it if needed.
+
+    Returns ``{"kind": "skip" | "stale" | "planned", ...}``: "skip" when its output is
+    complete from a run with the same fingerprint (``"note"`` when the marker predates
+    fingerprints), "stale" (with ``"reason"``) when it is complete from another input,
+    options or weights and ``--overwrite`` is not given, else "planned" with
+    ``"planned"`` (:class:`PlannedSlide`) and ``"seconds"``.
+    """
+    import time
+
+    start = time.perf_counter()
+    layout = SlideLayout(output, name)
+    fp = fingerprint(input_identity(url), opts.result_options(), weight_hashes)
+    marker = read_marker(layout)
+    if marker is not None and opts.overwrite:
+        log.info("%s: complete, redone (--overwrite)", name)
+        _remove(layout.root)
+    elif marker is not None and "fingerprint" not in marker:
+        return {"kind": "skip", "note": "complete from an earlier version that did not "
+                "record its inputs and options; --overwrite redoes it"}
+    elif marker is not None:
+        diff = differences(marker["fingerprint"], fp)
+        if not diff:
+            return {"kind": "skip"}
+        return {"kind": "stale", "reason": (
+            f"{name}.zarr is complete from another run ({', '.join(diff)} differ); "
+            "--overwrite replaces it, or write to another output root")}
+    planned = plan_slide(url, name, output, opts, fp)
+    return {"kind": "planned", "planned": planned,
+            "seconds": round(time.perf_counter() - start, 3)}
