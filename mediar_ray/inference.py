@@ -18,12 +18,15 @@ For a slide, :func:`predict_partial` computes every window exactly once: the res
 sum over windows of (weight x prediction / the frame's coverage at each pixel), so a
 window may be assigned to one tile only (the tile holding its top-left corner in image
 coordinates) and the tiles' partial sums, added where they overlap, give the
-whole-image prediction up to float rounding.
+whole-image prediction up to float rounding. A ``skip`` test (a tissue mask) leaves
+windows out: they contribute background with their usual weight, so pixels that only
+windows that ran reach keep exactly the sums they had without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,8 +34,8 @@ import torch
 from monai.data.utils import compute_importance_map
 
 __all__ = [
-    "Reader", "predict_raw", "predict_region", "predict_partial", "partial_extent",
-    "window_starts", "resolve_device",
+    "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "predict_raw", "predict_region",
+    "predict_partial", "partial_extent", "window_starts", "resolve_device",
 ]
 
 #: read(y0, y1, x0, x1) -> (3, y1 - y0, x1 - x0) float32, normalised pixels of the image.
@@ -326,6 +329,38 @@ def _owned(starts: list[int], length: int, lo: int, hi: int) -> list[int]:
     return [a for a in starts if lo <= min(max(a, 0), length - 1) < hi]
 
 
+#: skip(y0, y1, x0, x1) -> True to leave out the window covering image pixels
+#: [y0:y1, x0:x1] (half-open, clipped to the image); see :func:`predict_partial`.
+SkipWindow = Callable[[int, int, int, int], bool]
+
+#: What a skipped window predicts: no flow, and a cell logit far below zero
+#: (sigmoid(-10) = 4.5e-5), i.e. certain background.
+BACKGROUND = (0.0, 0.0, -10.0)
+
+
+@dataclass
+class WindowCounts:
+    """Windows of :func:`predict_partial`, each counted once per augmentation frame
+    (model forwards = ``run`` x number of models)."""
+
+    run: int = 0
+    skipped: int = 0
+
+
+def _split_skipped(
+    starts: list[tuple[int, int]], skip: SkipWindow | None, roi: int, shape: tuple[int, int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(windows to run, windows skipped), each in the order of ``starts``."""
+    if skip is None:
+        return starts, []
+    h, w = shape
+    run, skipped = [], []
+    for y, x in starts:
+        leave = skip(max(y, 0), min(y + roi, h), max(x, 0), min(x + roi, w))
+        (skipped if leave else run).append((y, x))
+    return run, skipped
+
+
 def predict_partial(
     read: Reader,
     image_shape: tuple[int, int],
@@ -337,7 +372,9 @@ def predict_partial(
     sw_batch_size: int = 4,
     device: str | torch.device | None = None,
     amp: bool = False,
-) -> np.ndarray:
+    skip: SkipWindow | None = None,
+    return_counts: bool = False,
+) -> np.ndarray | tuple[np.ndarray, WindowCounts]:
     """A region's share of whole-image inference: the windows it owns, each run once.
 
     Whole-image inference at a pixel is, for each augmentation frame f and model m, the
@@ -350,43 +387,59 @@ def predict_partial(
     placed at their :func:`partial_extent` and added give :func:`predict_raw` up to
     float rounding (the sum order differs), with every window computed exactly once.
 
+    With ``skip`` (e.g. :func:`mediar_ray.tissue.tissue_skip`), a window it is True for
+    is not run: its term is :data:`BACKGROUND` with the window's usual weight, so the
+    coverage normalisation is unchanged and pixels reached only by skipped windows read
+    as background. Pixels that only windows that ran reach get the same sums, in the same
+    order, as without ``skip``.
+
     Parameters
     ----------
     read : callable
-        As :func:`predict_region`; called once, with the image part of the owned
-        windows (within :func:`partial_extent` of the region).
+        As :func:`predict_region`; called once, with the image part of the owned windows
+        that run (within :func:`partial_extent` of the region), and not at all when none
+        runs.
     image_shape, region, models, tta, roi_size, overlap, sw_batch_size, device, amp
         As :func:`predict_region`.
+    skip : callable, optional
+        ``skip(y0, y1, x0, x1) -> bool``, asked once per owned window of every frame with
+        the image pixels the window covers (half-open, image coordinates, clipped to the
+        image); True leaves the window out.
+    return_counts : bool
+        Also return the :class:`WindowCounts` of windows run and skipped.
 
     Returns
     -------
-    ndarray, (3, ey1 - ey0, ex1 - ex0) float32
+    partial : ndarray, (3, ey1 - ey0, ex1 - ex0) float32
         Partial (dy, dx, logit) over ``partial_extent(image_shape, region, roi_size)``
         ``= (ey0, ey1, ex0, ex1)``; zero where the region's windows do not reach.
+    counts : WindowCounts
+        Only with ``return_counts``.
     """
     models, dev = _prepare_models(models, device)
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     roi = roi_size
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
-    frames = []  # (fy, fx, all starts y, all starts x, owned y, owned x)
+    frames = []  # (fy, fx, all starts y, all starts x, owned windows to run, skipped)
     for fy, fx in _frames(tta):
         ys_all, xs_all = _image_starts(h, roi, overlap, fy), _image_starts(w, roi, overlap, fx)
-        frames.append((fy, fx, ys_all, xs_all, _owned(ys_all, h, y0, y1), _owned(xs_all, w, x0, x1)))
+        owned = [(y, x) for y in _owned(ys_all, h, y0, y1) for x in _owned(xs_all, w, x0, x1)]
+        frames.append((fy, fx, ys_all, xs_all) + _split_skipped(owned, skip, roi, (h, w)))
+    counts = WindowCounts(sum(len(f[4]) for f in frames), sum(len(f[5]) for f in frames))
     result = torch.zeros((3, ey1 - ey0, ex1 - ex0), dtype=torch.float32)
-    owned_y = [a for f in frames if f[5] for a in f[4]]
-    owned_x = [a for f in frames if f[4] for a in f[5]]
-    if not owned_y:
-        return result.numpy()
-    # One read: the image part of every owned window, zero-padded like MONAI outside it.
-    cy0, cy1, cx0, cx1 = min(owned_y), max(owned_y) + roi, min(owned_x), max(owned_x) + roi
-    iy0, iy1, ix0, ix1 = max(cy0, 0), min(cy1, h), max(cx0, 0), min(cx1, w)
-    canvas = torch.zeros((3, cy1 - cy0, cx1 - cx0), dtype=torch.float32)
-    canvas[:, iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0] = torch.from_numpy(
-        np.ascontiguousarray(read(iy0, iy1, ix0, ix1), dtype=np.float32)
-    )
+    ran = [s for f in frames for s in f[4]]
+    if ran:  # one read: the image part of every window that runs, zero-padded like MONAI
+        cy0, cy1 = min(y for y, _ in ran), max(y for y, _ in ran) + roi
+        cx0, cx1 = min(x for _, x in ran), max(x for _, x in ran) + roi
+        iy0, iy1, ix0, ix1 = max(cy0, 0), min(cy1, h), max(cx0, 0), min(cx1, w)
+        canvas = torch.zeros((3, cy1 - cy0, cx1 - cx0), dtype=torch.float32)
+        canvas[:, iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0] = torch.from_numpy(
+            np.ascontiguousarray(read(iy0, iy1, ix0, ix1), dtype=np.float32)
+        )
     weight = _importance(roi)
-    for fy, fx, ys_all, xs_all, ys, xs in frames:
-        if not ys or not xs:
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
+    for fy, fx, ys_all, xs_all, run, skipped in frames:
+        if not run and not skipped:
             continue
         axes = [a for a, f in ((0, fy), (1, fx)) if f]  # (rows, cols) flipped in the frame
 
@@ -397,15 +450,18 @@ def predict_partial(
         count = _coverage(_overlapping(ys_all, roi, ey0, ey1), _overlapping(xs_all, roi, ex0, ex1),
                           flip(weight), (ey0, ex0), (ey1 - ey0, ex1 - ex0))
         acc = torch.zeros_like(result)
-        starts = [(y, x) for y in ys for x in xs]
+        glass = flip(weight) * background
         for model in models:
-            for batch in _batches(starts, sw_batch_size):
+            for batch in _batches(run, sw_batch_size):
                 pred = _forward(model, flip(_crops(canvas, batch, (cy0, cx0), roi)), dev, amp)
                 for (y, x), p in zip(batch, pred):
                     _add_window(acc, flip(weight * p), y - ey0, x - ex0)
+            for y, x in skipped:  # after the windows that ran: their pixels' sums unchanged
+                _add_window(acc, glass, y - ey0, x - ex0)
         sign = torch.from_numpy(_flow_sign(fy, fx))[:, None, None]
         result += acc / count.clamp_min(torch.finfo(torch.float32).tiny) * sign
-    return (result / np.float32(len(models) * len(frames))).numpy()
+    partial = (result / np.float32(len(models) * len(frames))).numpy()
+    return (partial, counts) if return_counts else partial
 
 
 def predict_raw(

@@ -127,3 +127,74 @@ def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypa
         total[:, y0:y1, x0:x1] += part
     assert seen[0] == whole_windows  # every window of every frame and model exactly once
     assert rel_l2(total, whole) < 1e-5
+
+
+def test_windows_off_tissue_are_skipped_and_tissue_pixels_unchanged(models, data_dir,
+                                                                     monkeypatch):
+    """A real H&E region on white glass, with its tissue mask: every window touching
+    tissue runs and no other; on tissue the prediction equals the unmasked one bit for
+    bit; where only skipped windows reach, it is background (no flow, logit -10)."""
+    from mediar_ray.sources import open_slide
+    from mediar_ray.tissue import tissue_mask, tissue_skip
+
+    with open_slide(str(data_dir / "slides/CMU-1-Small-Region.svs")) as source:
+        he = source.read_region(0, 1000, 1300, 700, 1100)
+    slide = np.full((720, 896, 3), 255, np.uint8)  # white glass, tissue about a fifth
+    slide[60:360, 420:820] = he
+    h, w = slide.shape[:2]
+    thumb = slide.reshape(h // 8, 8, w // 8, 8, 3).mean(axis=(1, 3))
+    mask = tissue_mask(thumb)
+    full = np.repeat(np.repeat(mask, 8, 0), 8, 1)
+    image = normalize(slide)
+    skip = tissue_skip(mask, (h, w))
+    asked = []
+
+    def recording_skip(y0, y1, x0, x1):
+        asked.append(((y0, y1, x0, x1), skip(y0, y1, x0, x1)))
+        return asked[-1][1]
+
+    def read(y0, y1, x0, x1):
+        return image[:, y0:y1, x0:x1]
+
+    seen = _forward_counter(monkeypatch)
+    plain, masked = np.zeros((3, h, w), np.float32), np.zeros((3, h, w), np.float32)
+    runs = skips = 0
+    for t in tile_grid((h, w), 192):
+        region = (t.y0, t.y1, t.x0, t.x1)
+        y0, y1, x0, x1 = partial_extent((h, w), region, 256)
+        plain[:, y0:y1, x0:x1] += predict_partial(read, (h, w), region, models, roi_size=256)
+        unmasked_forwards, seen[0] = seen[0], 0
+        part, counts = predict_partial(read, (h, w), region, models, roi_size=256,
+                                       skip=recording_skip, return_counts=True)
+        masked[:, y0:y1, x0:x1] += part
+        assert counts.run + counts.skipped == unmasked_forwards // len(models)
+        assert seen[0] == counts.run * len(models)  # skipped windows never reach a model
+        runs, skips, seen[0] = runs + counts.run, skips + counts.skipped, 0
+    assert len(asked) == runs + skips and runs > 0 and skips > 0
+    ran_cover = np.zeros((h, w), bool)
+    for (y0, y1, x0, x1), skipped in asked:
+        assert skipped == (not full[y0:y1, x0:x1].any())  # runs exactly when touching tissue
+        ran_cover[y0:y1, x0:x1] |= not skipped
+    assert full.any() and not full.all()
+    np.testing.assert_array_equal(masked[:, full], plain[:, full])
+    glass = ~ran_cover
+    assert glass.any()
+    np.testing.assert_array_equal(masked[:2, glass], 0)
+    np.testing.assert_allclose(masked[2, glass], -10, atol=1e-4)
+
+
+def test_all_windows_skipped_reads_nothing_and_gives_background(models):
+    def read(*_):
+        raise AssertionError("a region whose windows are all skipped must not read")
+
+    h, w = 600, 700
+    total = np.zeros((3, h, w), np.float32)
+    for t in tile_grid((h, w), 250):
+        region = (t.y0, t.y1, t.x0, t.x1)
+        part, counts = predict_partial(read, (h, w), region, models, roi_size=256,
+                                       skip=lambda *_: True, return_counts=True)
+        assert counts.run == 0
+        y0, y1, x0, x1 = partial_extent((h, w), region, 256)
+        total[:, y0:y1, x0:x1] += part
+    np.testing.assert_array_equal(total[:2], 0)
+    np.testing.assert_allclose(total[2], -10, atol=1e-5)
