@@ -126,7 +126,9 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     models = load_models(resolve_weights(None), {}, "cpu")
     whole = predict_raw(normalize(read_image(svs)), models, tta=False)
     out = tmp_path / "out"
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=512, halo=128, workers=2)
+    # tissue off: every window runs, as in whole-image inference; the full image copied
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=512, halo=128, workers=2,
+                        tissue="off", copy_image=True)
     plan = plan_as_job(Path(svs), out, opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 30
     infer_in_process(plan, opts)

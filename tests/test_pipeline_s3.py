@@ -47,7 +47,7 @@ def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog):
     client.put_object(Bucket="lab", Key="slides/nuclei.tif", Body=slide_bytes[0])
     params = json.loads((ref_dir / "index.json").read_text())["model_params"]
     opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], model_config=params,
-                        tta=False, roi_size=256, tile=256, halo=64)
+                        tta=False, roi_size=256, tile=256, halo=64, copy_image=True)
     report = run_slides(["s3://lab/slides/"], "s3://results/mediar", opts)
     assert report["failed"] == {} and report["done"]["nuclei"]["cells"] >= 0
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]}

@@ -38,6 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resource-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="on an autoscaling cluster, how long to wait for a node that can "
                    "hold a model actor")
+    p.add_argument("--target-mpp", type=float, metavar="UM",
+                   help="process every slide at this pixel size (micrometres per pixel): "
+                   "read from the pyramid level closest to it without being coarser, "
+                   "resampled tile by tile (default: each slide's level 0)")
+    p.add_argument("--mpp", type=float, metavar="UM",
+                   help="pixel size of level 0 for all slides, instead of their metadata")
+    p.add_argument("--mpp-csv", metavar="CSV",
+                   help="per-slide pixel sizes: a CSV with columns slide,mpp (slide = file "
+                   "name, name without extension, or URL)")
+    p.add_argument("--tissue", default="auto", metavar="auto|off|MASK_URL",
+                   help="skip windows that touch no tissue: detect it (auto: slides of "
+                   "2048 px or more), off, or a mask image ({name} = the slide's name)")
+    p.add_argument("--copy-image", action="store_true",
+                   help="keep a full copy of the processed image in the output (default: "
+                   "a viewing pyramid from 1/4 of the processing resolution)")
+    p.add_argument("--labels-level0", action="store_true",
+                   help="also write the labels on the slide's level-0 grid "
+                   "(labels/cells_level0) when processing at another resolution")
     p.add_argument("--reader", default="auto",
                    help="slide reader: auto (by content and name) or a reader's name "
                    "(tifffile, openslide, wsidicom, ome-zarr, pillow)")
@@ -69,6 +87,8 @@ def options_from_args(args: argparse.Namespace):
         overwrite=args.overwrite, reader=args.reader,
         max_slides_in_flight=args.max_slides_in_flight, cpus_per_worker=args.cpus_per_worker,
         cpus_per_task=args.cpus_per_task, resource_timeout=args.resource_timeout,
+        target_mpp=args.target_mpp, mpp=args.mpp, mpp_csv=args.mpp_csv, tissue=args.tissue,
+        copy_image=args.copy_image, labels_level0=args.labels_level0,
     ).validate()
 
 

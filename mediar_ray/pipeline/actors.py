@@ -42,12 +42,14 @@ class InferenceActor:
         return ray.get_runtime_context().get_node_id()
 
     def infer(self, plan_json: str, tile_json: str) -> dict[str, Any]:
-        """Infer one tile; returns {"slide", "tile", "start", "end", "node"}."""
+        """Infer one tile; returns {"slide", "tile", "start", "end", "node",
+        "windows_run", "windows_skipped"}."""
         import ray
 
         start = time.time()
         plan = SlidePlan.from_json(plan_json)
         tile = Tile(**json.loads(tile_json))
-        infer_partial(plan, tile, self.models, self.tta, self.device, self.sw_batch_size)
+        counts = infer_partial(plan, tile, self.models, self.tta, self.device,
+                               self.sw_batch_size)
         return {"slide": plan.layout.stem, "tile": tile.name, "start": start,
-                "end": time.time(), "node": ray.get_runtime_context().get_node_id()}
+                "end": time.time(), "node": ray.get_runtime_context().get_node_id(), **counts}

@@ -49,6 +49,7 @@ class _Slide:
     started: float | None = None      # first tile start (actor clock)
     ended: float | None = None        # last tile end
     seconds: dict[str, float] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=lambda: {"run": 0, "skipped": 0})
     failed: bool = False
 
 
@@ -62,13 +63,14 @@ def _reason(err: BaseException) -> str:
 
 
 class ArchiveRun:
-    """One job over ``slides`` ((url, output name) pairs) into ``output``.
+    """One job over ``slides`` ((url, output name, pixel-size override)) into ``output``.
 
     ``run()`` returns the report: done (cells, seconds per stage), skipped, failed
     (reason), and the pool's utilisation.
     """
 
-    def __init__(self, slides: list[tuple[str, str]], output: str, opts: SlideOptions,
+    def __init__(self, slides: list[tuple[str, str, float | None]], output: str,
+                 opts: SlideOptions,
                  weight_hashes: list[str], wait_for_nodes: bool = False) -> None:
         self.waiting = deque(slides)
         self.total = len(slides)
@@ -144,10 +146,10 @@ class ArchiveRun:
         limit, lookahead = self.opts.slides_in_flight(), 4 * len(self.actors)
         preparing = sum(s.state == "preparing" for s in self.active.values())
         while self.waiting and len(self.active) < limit and len(self.queue) + preparing < lookahead:
-            url, name = self.waiting.popleft()
+            url, name, mpp = self.waiting.popleft()
             self.active[name] = _Slide(url, name)
             ref = self.prepare_task.remote(url, name, self.output, self.opts,
-                                           self.weight_hashes)
+                                           self.weight_hashes, mpp)
             self.pending[ref] = ("prepare", name)
             preparing += 1
 
@@ -216,6 +218,8 @@ class ArchiveRun:
         self.tiles_done += 1
         self.intervals[actor].append((result["start"], result["end"]))
         self.nodes.add(result["node"])
+        slide.windows["run"] += result["windows_run"]
+        slide.windows["skipped"] += result["windows_skipped"]
         slide.started = min(slide.started or result["start"], result["start"])
         slide.ended = max(slide.ended or result["end"], result["end"])
         if slide.failed:
@@ -232,13 +236,14 @@ class ArchiveRun:
         slide.state = "finishing"
         if slide.started is not None:
             slide.seconds["infer"] = round(slide.ended - slide.started, 3)
-        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds)
+        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds, slide.windows)
         self.pending[ref] = ("finish", slide.name)
 
     def _on_finish(self, slide: _Slide, summary: dict) -> None:
         self.report["done"][slide.name] = {"cells": summary["cells"],
                                            "seconds": summary["seconds"],
-                                           "tiles_inferred": slide.tiles_total}
+                                           "tiles_inferred": slide.tiles_total,
+                                           "windows": slide.windows}
         log.info("[%d/%d] %s: %d cells", self._count_ended(), self.total, slide.name,
                  summary["cells"])
         del self.active[slide.name]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from mediar_ray.pipeline.stages import SlidePlan
 from mediar_ray.pipeline.stitch import UnionFind, border_pairs, consecutive_ids
 from mediar_ray.pipeline.tasks import fan_out
 
-__all__ = ["finish_slide", "track_and_relabel", "build_pyramids"]
+__all__ = ["finish_slide", "track_and_relabel"]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -79,37 +78,15 @@ def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float)
                         "max": int(areas.max(initial=0))}}
 
 
-def build_pyramids(plan: SlidePlan, cpus: float) -> int:
-    """Nearest-neighbour pyramids of image and labels until one chunk holds a level;
-    returns the number of levels."""
-    import zarr
-
-    h, w = plan.shape
-    level = 0
-    while max(h, w) > plan.tile:
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        level += 1
-        calls = []
-        for prefix, lead in ((plan.layout.root, (plan.channels,)),
-                             (plan.layout.path("labels", "cells"), ())):
-            src = zarr.open_array(f"{prefix}/{level - 1}", mode="r")
-            zarr.open_group(prefix, mode="a", zarr_format=3).create_array(
-                str(level), shape=lead + (h, w), chunks=lead + (plan.tile, plan.tile),
-                dtype=src.dtype, fill_value=0, dimension_names=list(src.metadata.dimension_names),
-                overwrite=True)
-            calls += [(f"{prefix}/{level - 1}", f"{prefix}/{level}", t)
-                      for t in tile_grid((h, w), plan.tile)]
-        fan_out(stages.downsample_chunk, calls, cpus)
-    return level + 1
-
-
-def finish_slide(plan_json: str, opts: SlideOptions, seconds: dict[str, float]) -> dict:
+def finish_slide(plan_json: str, opts: SlideOptions, seconds: dict[str, float],
+                 windows: dict[str, int] | None = None) -> dict:
     """Everything after inference for one slide; returns its summary.
 
-    ``seconds`` holds the times of the stages before (plan, infer); the summary and the
-    completion marker are written last, then the scratch is removed.
+    ``seconds`` holds the times of the stages before (plan, infer), ``windows`` the
+    sliding windows run and skipped; the summary and the completion marker are written
+    last, then the scratch is removed.
     """
-    from mediar_ray.pipeline.qc import write_qc_png
+    from mediar_ray.pipeline.outputs import build_outputs
 
     plan = SlidePlan.from_json(plan_json)
     times = dict(seconds)
@@ -125,11 +102,15 @@ def finish_slide(plan_json: str, opts: SlideOptions, seconds: dict[str, float]) 
     lap("infer")  # gathering the partials completes inference
     summary = track_and_relabel(plan, opts.flow_params, opts.cpus_per_task)
     lap("track")
-    levels = build_pyramids(plan, opts.cpus_per_task)
-    stages.write_ome_metadata(plan, levels)
-    write_qc_png(plan, levels)
+    written = build_outputs(plan, opts.labels_level0, opts.cpus_per_task)
     lap("finish")
-    summary.update({"slide": safe_url(plan.url), "shape": list(plan.shape), "levels": levels,
+    summary.update({"slide": safe_url(plan.url), "shape": list(plan.shape),
+                    "levels": written["label_levels"], "outputs": written,
+                    "resolution": {"source_level": plan.level, "resampling": plan.scale,
+                                   "source_shape": plan.source_shape,
+                                   "um_per_level0_pixel": plan.mpp,
+                                   "um_per_processing_pixel": plan.processing_mpp},
+                    "tissue_mask": plan.tissue, "windows": windows or {},
                     "seconds": times, "mediar_ray": __version__, "options": opts.public(),
                     "weights": [safe_url(w) for w in opts.weights],
                     "fingerprint": plan.fingerprint})

@@ -2,8 +2,12 @@
 
 ``OUTPUT/<stem>.zarr`` (zarr v3)::
 
-    0, 1, ...                 image pyramid, (c, y, x), level 0 = the slide's level 0
-    labels/cells/0, 1, ...    uint32 labels, (y, x), nearest-neighbour pyramid
+    0, 1, ...                 image pyramid for viewing, (c, y, x): from 1/4 of the processing
+                              resolution (the full processing image with --copy-image)
+    labels/cells/0, 1, ...    uint32 labels at the processing resolution, (y, x),
+                              nearest-neighbour pyramid
+    labels/tissue/0           the tissue mask (uint8), when one was used
+    labels/cells_level0/...   with --labels-level0: the labels on the slide's level-0 grid
     summary.json              cell count, areas, time per stage, options, version
     qc.png                    thumbnail with cell outlines
     .scratch/                 flows, provisional labels, per-tile done records (removed
@@ -17,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["SlideLayout", "Tile", "safe_url", "tile_grid"]
+__all__ = ["SlideLayout", "Tile", "axes", "multiscales", "safe_url", "tile_grid"]
 
 COMPLETE_MARKER = ".mediar_complete"
 
@@ -84,20 +88,21 @@ class SlideLayout:
         return self.path(COMPLETE_MARKER)
 
 
-def multiscales(levels: int, axes: list[dict], name: str) -> list[dict]:
-    """NGFF 0.5 ``multiscales`` for arrays "0".."levels-1", each 2x smaller in y and x."""
-    spatial = [a["type"] == "space" for a in axes]
-    datasets = []
-    for k in range(levels):
-        scale = [float(2**k) if s else 1.0 for s in spatial]
-        datasets.append({"path": str(k),
-                         "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    return [{"name": name, "axes": axes, "datasets": datasets}]
+def axes(channel: bool, unit: str | None) -> list[dict]:
+    """NGFF axes (c,) y, x; spatial axes carry ``unit`` ("micrometer") when it is known."""
+    space = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in "yx"]
+    return ([{"name": "c", "type": "channel"}] if channel else []) + space
 
 
-IMAGE_AXES = [
-    {"name": "c", "type": "channel"},
-    {"name": "y", "type": "space", "unit": "micrometer"},
-    {"name": "x", "type": "space", "unit": "micrometer"},
-]
-LABEL_AXES = IMAGE_AXES[1:]
+def multiscales(name: str, transforms: list[tuple[list[float], list[float]]],
+                channel: bool, unit: str | None) -> list[dict]:
+    """NGFF 0.5 ``multiscales`` for arrays "0", "1", ...: ``transforms[k]`` is the
+    (scale, translation) of array k along (y, x), in ``unit`` (or in level-0 pixels of
+    the slide when the pixel size is unknown and ``unit`` is None)."""
+    lead = [1.0] if channel else []
+    lead_t = [0.0] if channel else []
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": lead + [float(v) for v in scale]},
+        {"type": "translation", "translation": lead_t + [float(v) for v in shift]}]}
+        for k, (scale, shift) in enumerate(transforms)]
+    return [{"name": name, "axes": axes(channel, unit), "datasets": datasets}]

@@ -9,7 +9,8 @@ __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
 
 #: Options that change a slide's result: a slide's scratch state or finished output is
 #: reused only when all of them (and the input and the weights) are unchanged.
-RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "flow_params")
+RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "flow_params",
+                  "target_mpp", "mpp", "tissue", "copy_image", "labels_level0")
 
 
 class OptionError(ValueError):
@@ -25,6 +26,13 @@ class SlideOptions:
     storage and memory whatever the archive's size. ``cpus_per_worker`` is the CPU
     request of each model actor (0: 1 with GPUs, else 0.75, so that a node holding an
     actor keeps room for the CPU stages); ``cpus_per_task`` that of each CPU stage task.
+
+    Resolution and glass: ``target_mpp`` (micrometres per pixel; None keeps each slide's
+    level 0) picks the pyramid level and resampling; ``mpp`` (all slides) and ``mpp_csv``
+    (a ``slide,mpp`` table) override the pixel sizes files state; ``tissue`` is "auto"
+    (detect), "off" or the URL of a mask image; ``copy_image`` keeps a full copy of the
+    processing image in the output; ``labels_level0`` also writes the labels on the
+    slide's level-0 grid.
     """
 
     weights: list[str] = field(default_factory=list)
@@ -43,13 +51,20 @@ class SlideOptions:
     cpus_per_worker: float = 0.0
     cpus_per_task: float = 0.25
     resource_timeout: float = 600.0
+    target_mpp: float | None = None
+    mpp: float | None = None
+    mpp_csv: str | None = None
+    tissue: str = "auto"
+    copy_image: bool = False
+    labels_level0: bool = False
 
     def validate(self) -> "SlideOptions":
         """Raise :class:`OptionError` for the first option out of range; else ``self``."""
         from mediar_ray.sources import READERS
 
         rules = [
-            ("--tile-size", self.tile, self.tile >= 64, "an integer >= 64"),
+            ("--tile-size", self.tile, self.tile >= 64 and self.tile % 16 == 0,
+             "a multiple of 16, at least 64"),
             ("--roi-size", self.roi_size, self.roi_size >= 32 and self.roi_size % 32 == 0,
              "a positive multiple of 32 (the network halves the size 5 times)"),
             ("--halo", self.halo, 0 <= self.halo <= self.tile,
@@ -68,6 +83,11 @@ class SlideOptions:
             ("--cpus-per-task", self.cpus_per_task, self.cpus_per_task > 0, "> 0"),
             ("--resource-timeout", self.resource_timeout, self.resource_timeout > 0,
              "> 0 seconds"),
+            ("--target-mpp", self.target_mpp, self.target_mpp is None or self.target_mpp > 0,
+             "a positive pixel size in micrometres"),
+            ("--mpp", self.mpp, self.mpp is None or self.mpp > 0,
+             "a positive pixel size in micrometres"),
+            ("--tissue", self.tissue, bool(self.tissue), "auto, off, or the URL of a mask image"),
         ]
         for name, value, ok, allowed in rules:
             if not ok:

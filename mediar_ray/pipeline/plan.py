@@ -13,11 +13,12 @@ import logging
 from dataclasses import asdict, dataclass
 
 import fsspec
+import numpy as np
 
 from mediar_ray.pipeline.layout import SlideLayout, Tile, tile_grid
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.provenance import differences, fingerprint, input_identity
-from mediar_ray.pipeline.stages import SlidePlan, copy_and_measure, create_arrays, tiles_to_infer
+from mediar_ray.pipeline.stages import SlidePlan, create_arrays, measure_tiles, tiles_to_infer
 from mediar_ray.pipeline.tasks import fan_out
 from mediar_ray.sources import open_slide
 
@@ -25,8 +26,10 @@ __all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_p
 
 log = logging.getLogger("mediar_ray.slides")
 
-#: Tiles copied and measured per task of the plan stage.
+#: Tiles read and measured per task of the plan stage.
 TILES_PER_COPY_TASK = 16
+#: Tissue detection ("auto") runs on slides at least this many processing px on a side.
+TISSUE_MIN_SIDE = 2048
 
 
 @dataclass
@@ -69,11 +72,12 @@ def read_plan(layout: SlideLayout) -> SlidePlan | None:
 
 
 def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
-               fingerprint: dict | None = None) -> PlannedSlide:
+               fingerprint: dict | None = None, mpp: float | None = None) -> PlannedSlide:
     """Plan slide ``url`` as ``OUTPUT/<name>.zarr`` (or reuse a matching earlier plan).
 
     The caller has checked that the slide is not complete. Anything under the slide's
-    output from a run with another fingerprint is removed before planning anew.
+    output from a run with another fingerprint is removed before planning anew. ``mpp``
+    overrides the pixel size the file states (micrometres per level-0 pixel).
     """
     layout = SlideLayout(output, name)
     old = read_plan(layout)
@@ -89,7 +93,7 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
                  ", ".join(diff))
     if _exists(layout.root):  # unfinished, from another run or from before its plan
         _remove(layout.root)
-    plan = _new_plan(url, layout, opts, fingerprint)
+    plan = _new_plan(url, layout, opts, fingerprint, mpp)
     tiles = tile_grid(plan.shape, plan.tile)
     return PlannedSlide(plan.to_json(), [json.dumps(asdict(t)) for t in _largest_first(tiles)],
                         discarded=discarded)
@@ -99,24 +103,75 @@ def _largest_first(tiles: list[Tile]) -> list[Tile]:
     return sorted(tiles, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
 
 
-def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions,
-              fingerprint: dict | None) -> SlidePlan:
+def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,
+              mpp: float | None) -> SlidePlan:
+    from mediar_ray.scale import choose_level, processing_shape, slide_mpp
+
     with open_slide(url, opts.reader) as source:
-        plan = SlidePlan(url, layout, source.shape, source.channels, str(source.dtype),
-                         opts.tile, opts.halo, roi_size=opts.roi_size, reader=opts.reader,
-                         fingerprint=fingerprint)
+        mpp0 = slide_mpp(source, url, mpp)
+        level, scale = choose_level(source.levels, mpp0, opts.target_mpp, slide=url)
+        lv = source.levels[level]
+        plan = SlidePlan(url, layout, processing_shape(lv.shape, scale), source.channels,
+                         str(source.dtype), opts.tile, opts.halo, roi_size=opts.roi_size,
+                         reader=opts.reader, fingerprint=fingerprint, level=level, scale=scale,
+                         mpp=mpp0, level_downsample=lv.downsample, source_shape=source.shape,
+                         copy_image=opts.copy_image)
     create_arrays(plan)
     tiles = tile_grid(plan.shape, plan.tile)
     groups = [tiles[i : i + TILES_PER_COPY_TASK] for i in range(0, len(tiles), TILES_PER_COPY_TASK)]
-    accs = fan_out(copy_and_measure, [(plan, g) for g in groups], opts.cpus_per_task,
-                   progress=f"{layout.stem}: plan")
-    merged = accs[0]
-    for acc in accs[1:]:
+    results = fan_out(measure_tiles, [(plan, g) for g in groups], opts.cpus_per_task,
+                      progress=f"{layout.stem}: plan")
+    merged = results[0][0]
+    for acc, _ in results[1:]:
         merged.merge(acc)
     plan.stats = merged.stats()
+    thumb = _thumbnail(plan, [b for _, blocks in results for b in blocks])
+    plan.tissue = store_tissue(plan, detect_tissue(plan, thumb, opts.tissue))
     with fsspec.open(f"{layout.scratch}/plan.json", "w") as f:
         f.write(plan.to_json())  # written last: a plan on disk means the arrays are ready
     return plan
+
+
+def _thumbnail(plan: SlidePlan, blocks: list[tuple[int, int, np.ndarray]]) -> np.ndarray:
+    """The processing image's block means (``thumb_factor`` px), assembled from tiles."""
+    f = plan.thumb_factor
+    shape = (-(-plan.shape[0] // f), -(-plan.shape[1] // f))
+    thumb = np.zeros(shape + blocks[0][2].shape[2:], np.float32)
+    for row, col, block in blocks:
+        thumb[row : row + block.shape[0], col : col + block.shape[1]] = block
+    return thumb
+
+
+def detect_tissue(plan: SlidePlan, thumb: np.ndarray, mode: str) -> np.ndarray | None:
+    """The slide's tissue mask on the thumbnail grid, or None to run every window.
+
+    ``mode`` "off": None; "auto": detected (:func:`mediar_ray.tissue.tissue_mask`,
+    widened by the halo, the largest cell diameter) on slides of at least
+    :data:`TISSUE_MIN_SIDE` px, None on smaller ones, which hold little glass to skip;
+    otherwise the URL of a mask image (``{name}`` is replaced by the slide's name).
+    """
+    from mediar_ray.tissue import load_mask, tissue_mask
+
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if max(plan.shape) < TISSUE_MIN_SIDE:
+            return None
+        return tissue_mask(thumb, margin=plan.halo / plan.thumb_factor + 1)
+    return load_mask(mode.replace("{name}", plan.layout.stem), thumb.shape[:2])
+
+
+def store_tissue(plan: SlidePlan, mask: np.ndarray | None) -> bool:
+    """Write ``labels/tissue/0`` (uint8, 1 = tissue) if there is a mask; True if so."""
+    import zarr
+
+    if mask is None:
+        return False
+    group = zarr.open_group(plan.layout.path("labels", "tissue"), mode="a", zarr_format=3)
+    array = group.create_array("0", shape=mask.shape, chunks=(1024, 1024), dtype="uint8",
+                               fill_value=0, dimension_names=["y", "x"], overwrite=True)
+    array[:] = mask.astype(np.uint8)
+    return True
 
 
 def read_marker(layout: SlideLayout) -> dict | None:
@@ -134,20 +189,22 @@ def read_marker(layout: SlideLayout) -> dict | None:
 
 
 def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
-                  weight_hashes: list[str]) -> dict:
+                  weight_hashes: list[str], mpp: float | None = None) -> dict:
     """Decide what to do with one slide of the archive, then plan it if needed.
 
     Returns ``{"kind": "skip" | "stale" | "planned", ...}``: "skip" when its output is
     complete from a run with the same fingerprint (``"note"`` when the marker predates
     fingerprints), "stale" (with ``"reason"``) when it is complete from another input,
     options or weights and ``--overwrite`` is not given, else "planned" with
-    ``"planned"`` (:class:`PlannedSlide`) and ``"seconds"``.
+    ``"planned"`` (:class:`PlannedSlide`) and ``"seconds"``. ``mpp``: the pixel size
+    to use instead of the file's (``--mpp`` or the slide's row of ``--mpp-csv``).
     """
     import time
 
     start = time.perf_counter()
     layout = SlideLayout(output, name)
-    fp = fingerprint(input_identity(url), opts.result_options(), weight_hashes)
+    fp = fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp},
+                     weight_hashes)
     marker = read_marker(layout)
     if marker is not None and opts.overwrite:
         log.info("%s: complete, redone (--overwrite)", name)
@@ -162,6 +219,6 @@ def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
         return {"kind": "stale", "reason": (
             f"{name}.zarr is complete from another run ({', '.join(diff)} differ); "
             "--overwrite replaces it, or write to another output root")}
-    planned = plan_slide(url, name, output, opts, fp)
+    planned = plan_slide(url, name, output, opts, fp, mpp)
     return {"kind": "planned", "planned": planned,
             "seconds": round(time.perf_counter() - start, 3)}

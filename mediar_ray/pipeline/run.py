@@ -60,9 +60,22 @@ def check_weights(opts: SlideOptions) -> list[str]:
     return [sha256_of(w) for w in opts.weights]
 
 
-def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str]) -> dict:
-    """The fingerprint a run with ``opts`` gives slide ``url`` (see :mod:`.provenance`)."""
-    return fingerprint(input_identity(url), opts.result_options(), weight_hashes)
+def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str],
+                      mpp: float | None = None) -> dict:
+    """The fingerprint a run with ``opts`` gives slide ``url`` (see :mod:`.provenance`);
+    ``mpp`` is the slide's pixel-size override (--mpp or its --mpp-csv row)."""
+    return fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp},
+                       weight_hashes)
+
+
+def pixel_size_overrides(urls: list[str], opts: SlideOptions) -> dict[str, float | None]:
+    """Each slide's pixel-size override: ``--mpp`` for all, else its ``--mpp-csv`` row."""
+    from mediar_ray.scale import load_mpp_table, lookup_mpp
+
+    if opts.mpp is not None or not opts.mpp_csv:
+        return {url: opts.mpp for url in urls}
+    table = load_mpp_table(opts.mpp_csv)
+    return {url: lookup_mpp(table, url) for url in urls}
 
 
 def find_inputs(inputs: list[str]) -> list[str]:
@@ -113,16 +126,17 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
         log.info("%s: an output of this job, not an input: ignored", safe_url(url))
     urls = [u for u in urls if u not in ignored]
     names = output_names(urls)
-    slides = [(url, names[url]) for url in urls]
+    mpps = pixel_size_overrides(urls, opts)
+    slides = [(url, names[url], mpps[url]) for url in urls]
     run = ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
     try:
         report = run.run()
     except RuntimeError as err:  # the pool itself is lost: report every slide not ended
         report = run.report
-        for url, name in slides:
+        for url, name, _ in slides:
             if not any(name in report[k] for k in ("done", "skipped", "failed")):
                 report["failed"][name] = str(err)
-    report["inputs"] = {name: safe_url(url) for url, name in slides}
+    report["inputs"] = {name: safe_url(url) for url, name, _ in slides}
     report["ignored"] = [safe_url(u) for u in ignored]
     report["output"] = safe_url(output)
     _write_json(f"{output.rstrip('/')}/run_summary.json", report)

@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
 
-from mediar_ray.pipeline.layout import (IMAGE_AXES, LABEL_AXES, SlideLayout, Tile, multiscales,
-                                        tile_grid)
+from mediar_ray.pipeline.layout import SlideLayout, Tile, tile_grid
 from mediar_ray.pipeline.stitch import anchor_labels
-from mediar_ray.sources import open_slide
 from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
 
 __all__ = [
-    "SlidePlan", "copy_and_measure", "done_tiles", "infer_partial", "gather_tile",
-    "mark_done", "partial_sources", "relabel_chunk", "tiles_to_infer", "track_chunk",
+    "SlidePlan", "measure_tiles", "done_tiles", "infer_partial", "gather_tile",
+    "level0_chunk", "mark_done", "partial_sources", "relabel_chunk", "tiles_to_infer",
+    "track_chunk", "view_chunk",
 ]
 
 
@@ -53,6 +53,28 @@ class SlidePlan:
     roi_size: int = 512
     reader: str = "auto"
     fingerprint: dict | None = None
+    level: int = 0
+    scale: float = 1.0
+    mpp: tuple[float, float] | None = None
+    level_downsample: tuple[float, float] = (1.0, 1.0)
+    source_shape: tuple[int, int] | None = None
+    copy_image: bool = False
+    tissue: bool = False
+    thumb_factor: int = 16
+
+    @property
+    def to_level0(self) -> tuple[float, float]:
+        """Level-0 pixels per processing pixel along (y, x)."""
+        dy, dx = self.level_downsample
+        return dy * self.scale, dx * self.scale
+
+    @property
+    def processing_mpp(self) -> tuple[float, float] | None:
+        """Micrometres per processing pixel (y, x), or None when the slide does not say."""
+        if self.mpp is None:
+            return None
+        sy, sx = self.to_level0
+        return self.mpp[0] * sy, self.mpp[1] * sx
 
     @property
     def spill(self) -> int:
@@ -68,7 +90,9 @@ class SlidePlan:
     def from_json(cls, text: str) -> "SlidePlan":
         d = json.loads(text)
         d["layout"] = SlideLayout(**d["layout"])
-        d["shape"] = tuple(d["shape"])
+        for key in ("shape", "mpp", "level_downsample", "source_shape"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         d["stats"] = IntensityStats(**d["stats"]) if d["stats"] else None
         return cls(**d)
 
@@ -78,13 +102,15 @@ def open_array(url: str, mode: str = "r") -> zarr.Array:
 
 
 def create_arrays(plan: SlidePlan) -> None:
-    """Create the image level 0, the scratch flows/labels and the final label level 0."""
+    """Create the scratch flows/partials/anchors, the final label level 0 and, with
+    ``copy_image``, the full copy of the processing image."""
     root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
     h, w = plan.shape
     t = plan.tile
-    root.create_array("0", shape=(plan.channels, h, w), chunks=(plan.channels, t, t),
-                      dtype=plan.dtype, fill_value=0, dimension_names=["c", "y", "x"],
-                      overwrite=True)
+    if plan.copy_image:
+        root.create_array("0", shape=(plan.channels, h, w), chunks=(plan.channels, t, t),
+                          dtype=plan.dtype, fill_value=0, dimension_names=["c", "y", "x"],
+                          overwrite=True)
     scratch = zarr.open_group(plan.layout.scratch, mode="a", zarr_format=3)
     scratch.create_array("flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32",
                          fill_value=0, overwrite=True)
@@ -98,42 +124,59 @@ def create_arrays(plan: SlidePlan) -> None:
                         dimension_names=["y", "x"], overwrite=True)
 
 
-def copy_and_measure(plan: SlidePlan, tiles: list[Tile]) -> IntensityAccumulator:
-    """Copy level 0 of the slide into the output image array, tile by tile, and
-    accumulate its intensity statistics (exact for integer images)."""
+def measure_tiles(plan: SlidePlan, tiles: list[Tile]
+                  ) -> tuple[IntensityAccumulator, list[tuple[int, int, np.ndarray]]]:
+    """Read tiles of the processing image: accumulate their intensity statistics (exact
+    for integer images), copy them into the output image with ``copy_image``, and return
+    their block means (``thumb_factor`` px blocks) as (row, col, block) of the thumbnail."""
+    from mediar_ray.pipeline.view import block_means, read_processing
+
     acc = IntensityAccumulator()
-    image = open_array(plan.layout.path("0"), mode="r+")
-    with open_slide(plan.url, plan.reader) as reader:
-        for tile in tiles:
-            region = reader[tile.y0:tile.y1, tile.x0:tile.x1]
-            acc.update(region)
+    image = open_array(plan.layout.path("0"), mode="r+") if plan.copy_image else None
+    blocks = []
+    f = plan.thumb_factor
+    for tile in tiles:
+        region = read_processing(plan, tile.y0, tile.y1, tile.x0, tile.x1)
+        acc.update(region)
+        if image is not None:
             chw = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
             image[:, tile.y0:tile.y1, tile.x0:tile.x1] = chw
-    return acc
+        blocks.append((tile.y0 // f, tile.x0 // f, block_means(region, f)))
+    return acc, blocks
+
+
+@lru_cache(maxsize=4)
+def _tissue_skip(root: str, shape: tuple[int, int]):
+    """The window-skip test of a slide's stored tissue mask (cached per process)."""
+    from mediar_ray.tissue import tissue_skip
+
+    mask = np.asarray(zarr.open_array(f"{root}/labels/tissue/0", mode="r")[:]) > 0
+    return tissue_skip(mask, shape)
 
 
 def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
-                  sw_batch_size: int = 4) -> None:
-    """Run the windows ``tile`` owns; write their partial sum as chunk (ty, tx) of
-    ``.scratch/partials`` ((3, spill, spill) float32 from the tile's top-left corner,
-    zero-padded), then a ``windows`` done record."""
-    image = open_array(plan.layout.path("0"))
+                  sw_batch_size: int = 4) -> dict[str, int]:
+    """Run the windows ``tile`` owns (those touching tissue, when the slide has a tissue
+    mask); write their partial sum as chunk (ty, tx) of ``.scratch/partials`` ((3,
+    spill, spill) float32 from the tile's top-left corner, zero-padded), then a
+    ``windows`` done record. Returns the windows run and skipped (per TTA frame)."""
+    from mediar_ray.inference import predict_partial  # torch: only model actors import it
+    from mediar_ray.pipeline.view import read_processing
 
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        chw = np.asarray(image[:, y0:y1, x0:x1])
-        hwc = chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
-        return normalize(hwc, plan.stats)
+        return normalize(read_processing(plan, y0, y1, x0, x1), plan.stats)
 
-    from mediar_ray.inference import predict_partial  # torch: only model actors import it
-
+    skip = _tissue_skip(plan.layout.root, tuple(plan.shape)) if plan.tissue else None
     region = (tile.y0, tile.y1, tile.x0, tile.x1)
-    part = predict_partial(read, plan.shape, region, models, tta=tta,
-                           roi_size=plan.roi_size, sw_batch_size=sw_batch_size, device=device)
+    part, counts = predict_partial(read, plan.shape, region, models, tta=tta,
+                                   roi_size=plan.roi_size, sw_batch_size=sw_batch_size,
+                                   device=device, skip=skip, return_counts=True)
     chunk = np.zeros((3, plan.spill, plan.spill), np.float32)
     chunk[:, : part.shape[1], : part.shape[2]] = part
     partials = open_array(plan.layout.scratch + "/partials", mode="r+")
     partials[tile.ty, tile.tx] = chunk  # exactly one whole chunk
     mark_done(plan, "windows", tile)
+    return {"windows_run": counts.run, "windows_skipped": counts.skipped}
 
 
 def partial_sources(plan: SlidePlan, tile: Tile) -> list[Tile]:
@@ -245,13 +288,25 @@ def downsample_chunk(src_url: str, dst_url: str, tile: Tile) -> None:
     dst[lead + (slice(tile.y0, tile.y1), slice(tile.x0, tile.x1))] = region
 
 
-def write_ome_metadata(plan: SlidePlan, levels: int) -> None:
-    """NGFF 0.5 attributes for the image, the labels group and the ``cells`` label."""
-    root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
-    root.attrs["ome"] = {"version": "0.5",
-                         "multiscales": multiscales(levels, IMAGE_AXES, plan.layout.stem)}
-    zarr.open_group(plan.layout.path("labels"), mode="a", zarr_format=3).attrs["ome"] = {
-        "version": "0.5", "labels": ["cells"]}
-    zarr.open_group(plan.layout.path("labels", "cells"), mode="a", zarr_format=3).attrs[
-        "ome"] = {"version": "0.5", "multiscales": multiscales(levels, LABEL_AXES, "cells"),
-                  "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+def view_chunk(plan: SlidePlan, level: int, scale: float, dst_url: str, tile: Tile) -> None:
+    """One chunk of the viewing image (``level`` of the source resampled by ``scale``),
+    read from the slide itself."""
+    from mediar_ray.pipeline.view import open_source
+    from mediar_ray.scale import read_resampled
+
+    source = open_source(plan.url, plan.reader)
+    region = read_resampled(source, level, scale, tile.y0, tile.y1, tile.x0, tile.x1)
+    chw = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
+    open_array(dst_url, mode="r+")[:, tile.y0:tile.y1, tile.x0:tile.x1] = chw
+
+
+def level0_chunk(plan: SlidePlan, src_url: str, dst_url: str, tile: Tile) -> None:
+    """One chunk of the labels on the slide's level-0 grid: each level-0 pixel takes the
+    label of the processing pixel under its centre (nearest neighbour)."""
+    sy, sx = plan.to_level0
+    h, w = plan.shape
+    rows = np.minimum(((np.arange(tile.y0, tile.y1) + 0.5) / sy).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(tile.x0, tile.x1) + 0.5) / sx).astype(np.int64), w - 1)
+    src = np.asarray(open_array(src_url)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    out = src[(rows - rows[0])[:, None], (cols - cols[0])[None, :]]
+    open_array(dst_url, mode="r+")[tile.y0:tile.y1, tile.x0:tile.x1] = out
