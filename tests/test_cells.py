@@ -98,7 +98,7 @@ def test_chunked_measurements_equal_regionprops(mosaic, chunked):
     order = np.argsort(table["id"])
     t = {k: v[order] for k, v in table.items()}
     # Every cell exactly once, the ones crossing chunk borders included.
-    assert len(tiles) == 49 and len(shared) > 1000
+    assert len(tiles) == 49 and len(shared) > 500  # hundreds of cells cross a border
     assert np.array_equal(t["id"], [p.label for p in props])
     assert np.array_equal(t["area"], [p.area for p in props])
     bbox = np.stack([t[k] for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")], axis=1)
@@ -182,30 +182,41 @@ def test_geojson_outlines_in_level0_pixels(mosaic, chunked, tmp_path):
         table["id"], table["bbox_y0"], table["bbox_x0"], table["bbox_y1"], table["bbox_x1"])}
     pieces_of = piece_counts(labels)
     sy, sx = SCALE
-    ious = []
+    ious, joined, holes = [], [], 0
     for f in feats:
         props = f["properties"]
         assert props["objectType"] == "detection" and f["geometry"]["type"] == "Polygon"
         cell = props["measurements"]["id"]
         assert props["measurements"]["area"] == area[cell]
         poly = shapely.geometry.shape(f["geometry"])
-        assert poly.is_valid and len(poly.interiors) == 0 and poly.exterior.is_ccw
+        assert poly.is_valid and poly.exterior.is_ccw
+        assert not any(ring.is_ccw for ring in poly.interiors)
+        holes += len(poly.interiors)
         # Rasterise the polygon on the level-0 grid over the cell's level-0 box, against
         # the cell's pixels repeated sy x sx times.
         y0, x0, y1, x1 = boxes[cell]
         cell_px = np.repeat(np.repeat(labels[y0:y1, x0:x1] == cell, int(sy), axis=0),
                             int(sx), axis=1)
-        ring = np.asarray(poly.exterior.coords)  # (x, y), level-0 pixels
-        drawn = polygon2mask(cell_px.shape, np.stack([ring[:, 1] - y0 * sy - 0.5,
-                                                      ring[:, 0] - x0 * sx - 0.5], axis=1))
+        drawn = rasterise(poly.exterior, cell_px.shape, (y0 * sy, x0 * sx))
+        for hole in poly.interiors:
+            drawn &= ~rasterise(hole, cell_px.shape, (y0 * sy, x0 * sx))
         ious.append((drawn & cell_px).sum() / (drawn | cell_px).sum())
-        if pieces_of[cell] == 1:
-            # One piece: the polygon covers every pixel of the cell (holes filled) and
-            # spans exactly the cell's box scaled to level 0.
-            assert not (cell_px & ~drawn).any()
-            assert poly.bounds == (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        # The polygon covers every pixel of the cell (detached pieces joined) and spans
+        # exactly the cell's box scaled to level 0.
+        assert not (cell_px & ~drawn).any()
+        assert poly.bounds == (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        if pieces_of[cell] > 1:
+            joined.append(ious[-1])
     assert min(ious) >= 0.9, min(ious)
-    assert sum(pieces_of[c] == 1 for c in area) > 0.9 * len(area)
+    assert len(joined) > 10 and holes > 0  # labels in pieces and with holes were met
+
+
+def rasterise(ring, shape: tuple[int, int], origin: tuple[float, float]) -> np.ndarray:
+    """Pixels of a level-0 grid region (top-left corner ``origin`` (y, x)) whose centres
+    lie inside the ring ((x, y) vertices along pixel edges)."""
+    xy = np.asarray(ring.coords)
+    return polygon2mask(shape, np.stack([xy[:, 1] - origin[0] - 0.5,
+                                         xy[:, 0] - origin[1] - 0.5], axis=1))
 
 
 def piece_counts(labels: np.ndarray) -> dict[int, int]:

@@ -74,8 +74,8 @@ def stage_slide(labels: np.ndarray, image: np.ndarray, scratch: str, tile: int,
     return urls, total, pd.concat([t.to_pandas() for t in expected])
 
 
-def write_archive(data_dir: Path, output: str, tile: int = 256, rows_per_file: int = 150,
-                  row_group: int = 64) -> pd.DataFrame:
+def write_archive(data_dir: Path, output: str, tile: int = 256, rows_per_file: int = 40,
+                  row_group: int = 16) -> pd.DataFrame:
     """The three slides' tables under ``output``; returns the rows expected back."""
     expected = []
     for name, (*_, pixel_size) in SLIDES.items():
@@ -206,7 +206,7 @@ def test_interrupted_replacement_is_detected_and_repaired(data_dir, tmp_path, ca
     # a commit killed before removing the old run's files would leave them.
     labels, image = load_slide(data_dir, "phase")
     urls, rows, _ = stage_slide(labels[:400], image[:400], str(tmp_path / "s"), 200, None)
-    commit_slide(str(side), "phase", urls, {"shape": [400, labels.shape[1]]}, rows_per_file=40)
+    commit_slide(str(side), "phase", urls, {"shape": [400, labels.shape[1]]}, rows_per_file=10)
     new = sorted((side / "cells" / "slide=phase").iterdir())
     assert len(new) >= 2
     part = out / "cells" / "slide=phase"

@@ -7,10 +7,11 @@ conventions in ``properties``: ``objectType: "detection"``, the cell's table row
 ``classification``. The Feature's ``id`` is a UUID derived from the slide name and cell
 id, so a re-import replaces rather than duplicates.
 
-The outline of a cell is the boundary, along pixel edges, of its largest 4-connected
-piece with its holes filled: for a connected cell without holes the polygon covers
-exactly the cell's pixels. It is always one simple Polygon (valid for shapely), with
-collinear vertices dropped and the exterior ring counter-clockwise (RFC 7946).
+The outline of a cell (:mod:`mediar_ray.cells.outline`) is one Polygon along pixel
+edges, holes kept as interior rings, covering exactly the cell's pixels; a label in
+several pieces is joined into one by one-pixel bridges first (a MultiPolygon cannot be
+edited in QuPath). Polygons are valid for shapely, with the exterior ring
+counter-clockwise and holes clockwise (RFC 7946).
 
 Writing: a task that holds a chunk turns the chunk's complete cells into features
 (:func:`features`) and stages them (:func:`write_piece`); the cells that span chunks are
@@ -27,102 +28,34 @@ from typing import Any, Iterable, Iterator
 
 import fsspec
 import numpy as np
-from scipy import ndimage
 
-__all__ = [
-    "features", "outline", "outline_regions", "write_feature_collection", "write_piece",
-]
+from mediar_ray.cells.outline import outlines
+
+__all__ = ["features", "outline_regions", "write_feature_collection", "write_piece"]
 
 _NAMESPACE = uuid.UUID("8d7f3c1e-4b1a-5c57-9a0e-6d2f0f6b8a10")  # fixed: stable feature ids
 _SKIP = {"bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"}  # the geometry says it
 
 
-def _largest_piece_filled(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected piece of ``mask`` (the first in raster order on ties),
-    with every hole (background not 4-connected to the outside) filled."""
-    pieces, n = ndimage.label(mask)  # default structure: 4-connectivity
-    if n > 1:
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        mask = pieces == int(np.argmax(sizes))
-    background, _ = ndimage.label(~np.pad(mask, 1))
-    return (background != background[0, 0])[1:-1, 1:-1]
-
-
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Outline of a cell mask along pixel edges.
-
-    Parameters
-    ----------
-    mask : (h, w) bool
-        The cell's pixels (any number of pieces; holes allowed).
-
-    Returns
-    -------
-    (k, 2) int64
-        Corner vertices (row, column) of the boundary of the largest 4-connected piece
-        with holes filled, in edge coordinates (pixel (i, j) spans rows i..i+1, columns
-        j..j+1), in order with the cell on the right when walking with rows pointing down
-        (counter-clockwise for x, y = column, row with y up); the ring is not closed.
-    """
-    m = _largest_piece_filled(np.asarray(mask, bool))
-    if not m.any():
-        return np.zeros((0, 2), np.int64)
-    h, w = m.shape
-    p = np.pad(m, 1)
-    inner = p[1:-1, 1:-1]
-    stride = w + 1
-    starts, ends = [], []
-    # Edges between a cell pixel (i, j) and a non-cell neighbour, directed so that the
-    # cell lies on the right: top edges run east, right south, bottom west, left north.
-    for outside, (sy, sx), (ey, ex) in (
-        (~p[:-2, 1:-1], (0, 0), (0, 1)), (~p[1:-1, 2:], (0, 1), (1, 1)),
-        (~p[2:, 1:-1], (1, 1), (1, 0)), (~p[1:-1, :-2], (1, 0), (0, 0)),
-    ):
-        i, j = np.nonzero(inner & outside)
-        starts.append((i + sy) * stride + j + sx)
-        ends.append((i + ey) * stride + j + ex)
-    start_ids, end_ids = np.concatenate(starts), np.concatenate(ends)
-    # A hole-free 4-connected set has no vertex where two of its pixels meet only at a
-    # corner, so every boundary vertex has exactly one outgoing edge: a single cycle.
-    nxt = dict(zip(start_ids.tolist(), end_ids.tolist()))
-    first = int(starts[0][0])  # top-left corner of the first pixel in raster order
-    ring = [first]
-    v = nxt[first]
-    while v != first:
-        ring.append(v)
-        v = nxt[v]
-    if len(ring) != start_ids.size:
-        raise AssertionError("outline: boundary is not a single cycle")
-    pts = np.stack(np.divmod(np.asarray(ring, np.int64), stride), axis=1)
-    step = np.roll(pts, -1, axis=0) - pts
-    corner = np.any(step != np.roll(step, 1, axis=0), axis=1)
-    return pts[corner]
-
-
-def _number(v: Any) -> int | float | None:
-    if isinstance(v, (np.integer, int)):
-        return int(v)
-    v = float(v)
-    return None if v != v else round(v, 4)
-
-
-def _measurements(columns: dict[str, np.ndarray], i: int) -> dict[str, int | float]:
-    out: dict[str, int | float] = {}
-    for name, values in columns.items():
+def _measurements(columns: dict[str, np.ndarray]) -> list[dict[str, int | float]]:
+    """Per row, measurement name -> value: every column but the box, per-channel columns
+    as ``<name>_<channel>``, floats rounded to 4 decimals, unknown (NaN) values left out
+    (QuPath reads measurements as numbers)."""
+    names, values = [], []
+    for name, col in columns.items():
+        col = np.asarray(col)
         if name in _SKIP:
             continue
-        v = values[i]
-        if np.ndim(v) == 1:  # per-channel columns
-            for c, x in enumerate(v):
-                if (num := _number(x)) is not None:
-                    out[f"{name}_{c}"] = num
-        elif (num := _number(v)) is not None:
-            out[name] = num
-    return out
+        parts = [(name, col)] if col.ndim == 1 else [
+            (f"{name}_{c}", col[:, c]) for c in range(col.shape[1])]
+        for part_name, v in parts:
+            names.append(part_name)
+            values.append(np.round(v, 4).tolist() if v.dtype.kind == "f" else v.tolist())
+    return [{n: v for n, v in zip(names, row) if v == v} for row in zip(*values)]  # NaN != NaN
 
 
 def _coordinate(values: np.ndarray, scale: float) -> list:
+    """Edge coordinates (processing pixels) -> level-0 pixels, as JSON numbers."""
     if float(scale).is_integer():
         return (values * int(scale)).tolist()
     return np.round(values * float(scale), 3).tolist()
@@ -152,25 +85,29 @@ def features(labels: np.ndarray, origin: tuple[int, int], columns: dict[str, np.
     lab = np.asarray(labels)
     oy, ox = int(origin[0]), int(origin[1])
     h, w = lab.shape
-    for i, cell in enumerate(np.asarray(columns["id"]).tolist()):
-        y0, x0 = int(columns["bbox_y0"][i]) - oy, int(columns["bbox_x0"][i]) - ox
-        y1, x1 = int(columns["bbox_y1"][i]) - oy, int(columns["bbox_x1"][i]) - ox
-        if y0 < 0 or x0 < 0 or y1 > h or x1 > w:
-            raise ValueError(f"cell {cell}: its box ({y0 + oy}:{y1 + oy}, {x0 + ox}:{x1 + ox})"
-                             " is not inside the label region given")
-        ring = outline(lab[y0:y1, x0:x1] == cell)
-        ys = _coordinate(ring[:, 0] + y0 + oy, scale[0])
-        xs = _coordinate(ring[:, 1] + x0 + ox, scale[1])
-        coords = [[x, y] for x, y in zip(xs, ys)]
-        coords.append(coords[0])
+    ids = np.asarray(columns["id"])
+    box = np.stack([np.asarray(columns[k]) for k in ("bbox_y0", "bbox_x0", "bbox_y1",
+                                                     "bbox_x1")], axis=1) - (oy, ox, oy, ox)
+    outside = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > h) | (box[:, 3] > w)
+    if outside.any():
+        raise ValueError(f"cells {ids[outside][:5].tolist()}...: their boxes are not inside "
+                         f"the label region given ({h} x {w} px at {origin})")
+    outlined = outlines(lab, ids)
+    for cell, measurements in zip(ids.tolist(), _measurements(columns)):
+        rings = []
+        for ring in outlined[cell]:
+            ys = _coordinate(ring[:, 0] + oy, scale[0])
+            xs = _coordinate(ring[:, 1] + ox, scale[1])
+            coords = [[x, y] for x, y in zip(xs, ys)]
+            rings.append(coords + coords[:1])
         properties: dict[str, Any] = {"objectType": "detection"}
         if classification:
             properties["classification"] = classification
-        properties["measurements"] = _measurements(columns, i)
+        properties["measurements"] = measurements
         feature: dict[str, Any] = {"type": "Feature"}
         if slide is not None:
             feature["id"] = str(uuid.uuid5(_NAMESPACE, f"{slide}/{cell}"))
-        feature["geometry"] = {"type": "Polygon", "coordinates": [coords]}
+        feature["geometry"] = {"type": "Polygon", "coordinates": rings}
         feature["properties"] = properties
         yield json.dumps(feature, separators=(",", ":"))
 
