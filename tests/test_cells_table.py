@@ -98,7 +98,11 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     df["slide"] = df["slide"].astype(str)
     for c in LIST_COLUMNS:
         df[c] = [tuple(float(x) for x in v) for v in df[c]]
-    df["id"] = df["id"].astype(np.int64)
+    for c in df.columns:  # Arrow-backed columns (Ray Data) to numpy, null -> NaN
+        if c not in LIST_COLUMNS and c != "slide":
+            kind = df[c].dtype.kind
+            df[c] = df[c].to_numpy(dtype="float64" if kind == "f" else "int64",
+                                   na_value=np.nan if kind == "f" else None)
     df = df[sorted(df.columns)].sort_values(["slide", "id"]).reset_index(drop=True)
     return df
 
@@ -112,7 +116,7 @@ def archive(data_dir, tmp_path_factory):
 
 def test_readers_see_one_table(archive):
     out, expected = archive
-    assert set(expected["slide"]) == set(SLIDES) and len(expected) > 500
+    assert set(expected["slide"]) == set(SLIDES) and len(expected) > 300
     # Each slide's cells once, sorted by id, and the tiny row groups/files really used.
     assert not expected.duplicated(["slide", "id"]).any()
     assert len(list((out / "cells" / "slide=phase").glob("part-*.parquet"))) > 1
@@ -139,6 +143,7 @@ def test_readers_see_one_table(archive):
     assert {s: i["cells"] for s, i in infos.items()} == expected.groupby("slide").size().to_dict()
 
 
+@pytest.mark.slow  # a Ray session: about 15 s on 2 cores
 def test_ray_data_reads_the_table(archive):
     import ray
 
