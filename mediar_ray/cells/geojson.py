@@ -22,6 +22,9 @@ drawn from a label region that holds them whole (:func:`outline_regions` groups 
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 import uuid
 from typing import Any, Iterable, Iterator
@@ -125,9 +128,13 @@ def write_piece(url: str, texts: Iterable[str]) -> int:
 
 def write_feature_collection(url: str, pieces: Iterable[str]) -> None:
     """Stream the staged pieces (URLs, in order) into one FeatureCollection at ``url``
-    (gzip-compressed when it ends with ``.gz``), reading one piece at a time."""
-    compression = "gzip" if url.endswith(".gz") else None
-    with fsspec.open(url, "wt", compression=compression, encoding="utf-8") as out:
+    (gzip-compressed, level 6, when it ends with ``.gz``), one piece at a time."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "wb") as raw, contextlib.ExitStack() as stack:
+        binary = raw
+        if url.endswith(".gz"):  # level 6: a third of level 9's time, nearly its size
+            binary = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6))
+        out = stack.enter_context(io.TextIOWrapper(binary, encoding="utf-8"))
         out.write('{"type":"FeatureCollection","features":[\n')
         first = True
         for piece in pieces:

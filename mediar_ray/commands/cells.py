@@ -26,7 +26,7 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """The summary as an aligned text table, with a total line."""
-    head = ["slide", "cells", "per mm2", "of", "area px q05/q50/q95", "median um2", "note"]
+    head = ["slide", "cells", "per mm2", "basis", "area px q05/q50/q95", "median um2", "note"]
     lines = [head]
     for r in rows:
         q = r["area_px"]
