@@ -4,6 +4,11 @@ Each sub-command lives in its own module under :mod:`mediar_ray.commands` and ex
 ``add_parser(subparsers)``, which registers the sub-command and sets ``func`` (a callable
 taking the parsed ``argparse.Namespace`` and returning an exit code). Heavy imports
 (torch, ray) happen inside ``func`` so that ``mediar-ray --help`` stays fast.
+
+Exit codes of every command: 0 done; 1 some items failed (each listed with its reason,
+the others done); 2 a usage error found before the work (an option out of range, a
+missing or unreadable input, output, checkpoint or config, missing credentials), told in
+one line naming the file or option and the fix; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ COMMAND_MODULES = (
     "segment",
     "evaluate",
     "segment_slides",
+    "cells",
     "map_dataset",
     "discover_modalities",
     "train",
@@ -57,7 +63,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("mediar_ray").error("interrupted")
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise  # a bug: keep its traceback
+        from mediar_ray.io import describe_error
+
+        text = str(err) if isinstance(err, ValueError) else describe_error(err)
+        logging.getLogger("mediar_ray").error(
+            "%s", text.splitlines()[0] if text else type(err).__name__)
+        logging.getLogger("mediar_ray").debug("traceback:", exc_info=True)
+        return 2
+
+
+#: Exceptions a command may let through that mean "the user must fix an input, an option
+#: or the environment" (matched by class name so that checking costs no imports).
+USER_ERRORS = frozenset({
+    "ImageReadError", "InputError", "CheckpointError", "ConfigError", "FileNotFoundError",
+    "PermissionError", "NotADirectoryError", "IsADirectoryError", "NoCredentialsError",
+    "PartialCredentialsError",
+})
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for the errors that end in one line and exit code 2 instead of a traceback."""
+    return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from collections import Counter
 from pathlib import PurePosixPath
 from typing import Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import numpy as np
@@ -22,10 +24,15 @@ from fsspec.implementations.local import LocalFileSystem
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
+    "InputError",
+    "describe_error",
     "expand_inputs",
+    "find_inputs",
+    "image_name",
     "label_name",
     "output_names",
     "read_image",
+    "safe_name",
     "stem",
     "write_labels_tiff",
 ]
@@ -39,8 +46,31 @@ class ImageReadError(ValueError):
 
 
 def stem(url: str) -> str:
-    """File name up to its first '.', as MEDIAR names its outputs."""
+    """File name up to its first '.', as MEDIAR names its outputs (kept for callers that
+    need MEDIAR's exact name; outputs of mediar_ray are named by :func:`output_names`)."""
     return PurePosixPath(str(url).rstrip("/")).name.split(".")[0]
+
+
+#: Extensions of two parts that count as one in :func:`image_name`.
+COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif")
+
+
+def image_name(url: str) -> str:
+    """The name of an image file: its file name less its extension.
+
+    The extension is the text from the last '.', except that ``.ome.tif`` and
+    ``.ome.tiff`` count as one (``x.ome.tif`` -> ``x``); a file name without a dot is its
+    own name. For the ordinary names of MEDIAR's datasets (one dot, ``cell_00001.png``)
+    this is MEDIAR's name; ``a.1.png`` is ``a.1`` (MEDIAR would cut it to ``a``), so a
+    dataset's ``images/a.1.png`` and ``labels/a.1_label.tiff`` belong together, and
+    ``mediar-ray segment`` writes ``a.1_label.tiff`` for it.
+    """
+    name = PurePosixPath(str(url).rstrip("/")).name
+    lower = name.lower()
+    for ext in COMPOUND_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -52,15 +82,27 @@ def safe_name(text: str) -> str:
     return _UNSAFE.sub("_", text).lstrip(".") or "image"
 
 
+def _identity(url: str) -> str:
+    """What names a file across runs: its absolute path, or its full URL."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def output_names(urls: Sequence[str]) -> dict[str, str]:
     """A unique output name for each input, deterministic for the same list of inputs.
 
-    The name is MEDIAR's :func:`stem` (file name up to its first '.') made safe by
-    :func:`safe_name`. Where two inputs would share a name (compared ignoring case, as
-    on case-insensitive file systems), each of them gets the name of its whole file name
-    less the last extension (``a.1.png`` -> ``a.1``) if that alone tells them apart, else
-    ``<stem>-<8 hex digits of the SHA-1 of its full URL>`` (``f1/slide.png`` and
-    ``f2/slide.png``). Inputs listed twice keep one name.
+    The rule shared by ``segment``, ``segment-slides``, ``map-dataset`` and ``evaluate``:
+
+    1. the name is the input's :func:`image_name` (file name less its extension) made
+       safe by :func:`safe_name` (``my image.png`` -> ``my_image``);
+    2. where two or more inputs of the list would share a name (compared ignoring case,
+       as on case-insensitive file systems: ``f1/slide.png`` and ``f2/slide.png``, or
+       ``a.png`` and ``a.tif``), each of them is named
+       ``<name>-<first 8 hex digits of the SHA-1 of its absolute path or full URL>``
+       (more digits in the astronomically rare case that 8 still collide).
+
+    Inputs listed twice keep one name. A name depends on the other inputs of the run
+    only through rule 2: adding ``f2/slide.png`` to a run renames ``f1/slide.png``'s
+    outputs from ``slide`` to ``slide-<hash>``.
 
     Returns
     -------
@@ -68,29 +110,70 @@ def output_names(urls: Sequence[str]) -> dict[str, str]:
         input URL -> output name (no folder part, never empty, never starting with '.').
     """
     urls = list(dict.fromkeys(map(str, urls)))
-    first = {u: safe_name(stem(u)) for u in urls}
-    clashes = Counter(n.casefold() for n in first.values())
-    names = {}
-    for u in urls:
-        name = first[u]
-        if clashes[name.casefold()] > 1:
-            base = PurePosixPath(u.rstrip("/")).name
-            longer = safe_name(base.rsplit(".", 1)[0] if "." in base else base)
-            rivals = [v for v in urls if first[v].casefold() == name.casefold()]
-            longer_all = [safe_name(PurePosixPath(v.rstrip("/")).name.rsplit(".", 1)[0])
-                          for v in rivals]
-            if Counter(n.casefold() for n in longer_all)[longer.casefold()] == 1 and \
-                    longer.casefold() not in clashes:
-                name = longer
-            else:
-                name = f"{name}-{hashlib.sha1(u.encode()).hexdigest()[:8]}"
-        names[u] = name
+    first = {u: safe_name(image_name(u)) for u in urls}
+    counts = Counter(n.casefold() for n in first.values())
+    digits = {u: hashlib.sha1(_identity(u).encode()).hexdigest() for u in urls}
+    for width in (8, 16, 40):
+        names = {u: n if counts[n.casefold()] == 1 else f"{n}-{digits[u][:width]}"
+                 for u, n in first.items()}
+        if len({n.casefold() for n in names.values()}) == len(names):
+            break
     return names
 
 
 def label_name(url: str) -> str:
-    """``<stem>_label.tiff``: MEDIAR's name for the labels of ``url``."""
-    return f"{stem(url)}_label.tiff"
+    """``<name>_label.tiff`` for the labels of ``url`` (:func:`image_name`, made safe);
+    within a run of several inputs, use :func:`output_names` so names cannot collide."""
+    return f"{safe_name(image_name(url))}_label.tiff"
+
+
+class InputError(ValueError):
+    """An input, output or URL cannot be used (missing, no access, no credentials...)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line saying what went wrong with a file or URL, and what to do about it.
+
+    Recognises missing files, permissions, missing or rejected cloud credentials, URL
+    schemes fsspec does not know, and file-system packages that are not installed.
+    """
+    text = str(err).splitlines()[0] if str(err) else ""
+    kind = type(err).__name__
+    if kind == "NoCredentialsError" or "Unable to locate credentials" in text:
+        return ("no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE) in the environment, or run where an instance role "
+                "provides them")
+    if kind in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or any(
+            code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        return "the cloud credentials were rejected: check AWS_ACCESS_KEY_ID/SECRET"
+    if isinstance(err, FileNotFoundError):
+        return "not found: check the path or URL"
+    if isinstance(err, NotADirectoryError):
+        return f"a part of the path is a file, not a folder ({text})"
+    if isinstance(err, IsADirectoryError):
+        return f"a folder is in the way of a file ({text})"
+    if isinstance(err, PermissionError):
+        return (f"no access ({kind}: {text}): check the file permissions, or the "
+                "credentials in the environment for a cloud URL")
+    if isinstance(err, ValueError) and text.startswith("Protocol not known"):
+        return (f"unknown URL scheme ({text}): use a local path or a URL fsspec knows "
+                "(s3://, gs://, az://, https://, memory://)")
+    if isinstance(err, ImportError):
+        return f"the package for this URL scheme is not installed ({text}): pip install it"
+    return f"{kind}: {text}"
+
+
+def loggable(url: str) -> str:
+    """``url`` as it may appear in logs: without credentials, query or fragment (the rule
+    of ``mediar_ray.pipeline.layout.safe_url``, here because importing the pipeline
+    package costs seconds: it loads torch and zarr)."""
+    parts = urlsplit(str(url))
+    if not parts.scheme or len(parts.scheme) == 1:  # a path (or a Windows drive letter)
+        return str(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _read_bytes(url: str) -> bytes:
@@ -98,11 +181,11 @@ def _read_bytes(url: str) -> bytes:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ImageReadError(f"{url}: file not found") from None
+        raise ImageReadError(f"{loggable(url)}: file not found") from None
     except PermissionError as err:
-        raise ImageReadError(f"{url}: permission denied ({err})") from None
+        raise ImageReadError(f"{loggable(url)}: permission denied ({err})") from None
     except Exception as err:
-        raise ImageReadError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
+        raise ImageReadError(f"{loggable(url)}: cannot open ({describe_error(err)})") from None
 
 
 def _tiff_to_yxc(tif: tifffile.TiffFile, url: str) -> np.ndarray:
@@ -210,34 +293,65 @@ def _has_image_ext(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def expand_inputs(inputs: list[str] | tuple[str, ...]) -> list[str]:
-    """Files, folders and globs (local paths or fsspec URLs) -> image paths/URLs.
+def _expand_one(item: str) -> list[str]:
+    """The image files one input names (a file, a folder's images, a glob's matches)."""
+    fs, path = fsspec.core.url_to_fs(item)
+    if _GLOB_CHARS & set(path):
+        candidates = fs.glob(path)
+    elif fs.isdir(path):
+        candidates = fs.ls(path, detail=False)
+    elif fs.exists(path):
+        candidates = [path]
+    else:
+        raise FileNotFoundError(path)
+    matches = sorted(p for p in candidates if _has_image_ext(p) and not fs.isdir(p))
+    local = isinstance(fs, LocalFileSystem)
+    return [p if local else fs.unstrip_protocol(p) for p in matches]
+
+
+def find_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files, folders and globs (local paths or fsspec URLs) -> image paths/URLs, and the
+    inputs that gave none.
 
     A folder contributes its image files (not recursively), sorted; a glob its matches,
     sorted; a file itself. Local inputs come back as local paths, remote ones as URLs
-    with their protocol.
+    with their protocol; a file named twice is listed once.
+
+    Returns
+    -------
+    images : list of str
+    problems : list of (input, reason)
+        Each input that matches no image file or cannot be listed (missing, no access,
+        no credentials, unknown URL scheme), with a one-line reason and its fix.
+    """
+    found: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for item in map(str, inputs):
+        try:
+            matches = _expand_one(item)
+        except Exception as err:  # any listing failure is this input's problem only
+            problems.append((loggable(item), describe_error(err)))
+            continue
+        if not matches:
+            why = f"no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            problems.append((loggable(item), why))
+        found.extend(matches)
+    return list(dict.fromkeys(found)), problems
+
+
+def expand_inputs(inputs: list[str] | tuple[str, ...]) -> list[str]:
+    """:func:`find_inputs`, raising on the first input that gives no image.
 
     Raises
     ------
     FileNotFoundError
         Naming the first input that matches no image file.
+    InputError
+        An input cannot be listed (no access, no credentials, unknown URL scheme).
     """
-    found: list[str] = []
-    for item in map(str, inputs):
-        fs, path = fsspec.core.url_to_fs(item)
-        if _GLOB_CHARS & set(path):
-            candidates = fs.glob(path)
-        elif fs.isdir(path):
-            candidates = fs.ls(path, detail=False)
-        elif fs.exists(path):
-            candidates = [path]
-        else:
-            candidates = []
-        matches = sorted(p for p in candidates if _has_image_ext(p) and not fs.isdir(p))
-        if not matches:
-            raise FileNotFoundError(
-                f"{item}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        local = isinstance(fs, LocalFileSystem)
-        found.extend(p if local else fs.unstrip_protocol(p) for p in matches)
+    found, problems = find_inputs(inputs)
+    for item, why in problems:
+        if why.startswith(("no image files", "not found")):
+            raise FileNotFoundError(f"{item}: {why}")
+        raise InputError(f"{item}: {why}")
     return found

@@ -145,7 +145,34 @@ def build_model(**params: Any) -> MEDIARFormer:
             f"unknown model parameter(s) {sorted(unknown)}; "
             f"allowed: {sorted(DEFAULT_MODEL_PARAMS)}"
         )
-    return MEDIARFormer(**{**DEFAULT_MODEL_PARAMS, **params})
+    merged = {**DEFAULT_MODEL_PARAMS, **params}
+    _check_params(merged)
+    return MEDIARFormer(**merged)
+
+
+def _check_params(params: Mapping[str, Any]) -> None:
+    """One-line errors for model parameters the network cannot be built from (smp's own
+    messages are a KeyError with every encoder it knows, or a shape error deep inside)."""
+    name = params["encoder_name"]
+    known = smp.encoders.get_encoder_names()
+    if name not in known:
+        mits = ", ".join(n for n in known if n.startswith("mit_"))
+        raise ValueError(
+            f"unknown encoder_name {name!r} in the model parameters (--model-config or the "
+            f"checkpoint's): MEDIAR-Former uses a Mix Transformer ({mits}; the released "
+            "MEDIAR models: mit_b5)"
+        )
+    channels = params["decoder_channels"]
+    if (not isinstance(channels, (list, tuple)) or len(channels) != 5
+            or not all(isinstance(c, int) and c >= 2 for c in channels)):
+        raise ValueError(
+            f"decoder_channels = {channels!r} in the model parameters: expected 5 integers "
+            "of at least 2 (MEDIAR: [1024, 512, 256, 128, 64])"
+        )
+    pab = params["decoder_pab_channels"]
+    if not isinstance(pab, int) or pab < 1:
+        raise ValueError(f"decoder_pab_channels = {pab!r} in the model parameters: expected "
+                         "a positive integer (MEDIAR: 256)")
 
 
 def model_params(model: MEDIARFormer) -> dict[str, Any]:
@@ -163,13 +190,17 @@ def default_weights() -> str | None:
 
 
 def _read_bytes(url: str) -> bytes:
+    from mediar_ray.io import describe_error, loggable
+
     try:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {url}") from None
-    except Exception as err:  # network, permissions, bad URL scheme
-        raise CheckpointError(f"cannot read checkpoint {url}: {err}") from err
+        raise CheckpointError(f"checkpoint not found: {loggable(url)}; check the --weights "
+                              "path or URL") from None
+    except Exception as err:  # network, permissions, bad URL scheme, no credentials
+        raise CheckpointError(f"cannot read checkpoint {loggable(url)}: "
+                              f"{describe_error(err)}") from None
 
 
 def _is_safetensors(url: str, data: bytes) -> bool:

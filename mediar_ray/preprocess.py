@@ -11,6 +11,15 @@ Every step after the statistics is pointwise, so a slide can be normalised tile 
 once its :class:`IntensityStats` are known. For integer images the statistics are exact
 when accumulated over tiles (:class:`IntensityAccumulator` keeps a histogram), so the tiled
 result equals the whole-image one bit for bit.
+
+Non-finite pixels: the original does not handle them (one NaN or one -inf pixel breaks
+the normalisation of the whole image). Here a value of a float image that is NaN, +inf
+or -inf once converted to float32 is *missing*: it is left out of every statistic (the percentiles, the minimum
+and the maximum are those of the finite values only) and its normalised value is 0, the
+value of background. The rule is per value: in a colour image only the non-finite
+channel of a pixel is set to 0. :func:`normalize` and :class:`IntensityAccumulator`
+apply it identically, so the tiled and whole-image results stay equal. Integer images
+have no such values.
 """
 
 from __future__ import annotations
@@ -39,20 +48,25 @@ class IntensityStats:
     Attributes
     ----------
     lo, hi : float
-        0th and 99.5th percentiles of the non-zero values (all channels), or NaN when
-        the image has no non-zero value.
+        0th and 99.5th percentiles of the finite non-zero values (all channels), or NaN
+        when the image has no such value.
     vmin, vmax : float
-        Minimum and maximum of all values.
+        Minimum and maximum of all finite values.
+    non_finite : int
+        How many values (pixels x channels, up to 3 channels) were NaN or infinite, and
+        so left out of the statistics and normalised to 0.
     """
 
     lo: float
     hi: float
     vmin: float
     vmax: float
+    non_finite: int = 0
 
     @property
     def blank(self) -> bool:
-        """True when the image has no non-zero pixel (the original crashes on these)."""
+        """True when the image has no finite non-zero value (the original crashes on
+        images without non-zero pixels)."""
         return bool(np.isnan(self.lo))
 
 
@@ -105,7 +119,8 @@ class IntensityAccumulator:
     Integer images (after :func:`to_rgb` their values are still whole numbers) are
     counted in an exact histogram: the percentiles equal those of the whole image. Float
     images keep every ``float_subsample``-th non-zero value of each tile (a documented
-    approximation: the percentiles of a regular subsample).
+    approximation: the percentiles of a regular subsample). Non-finite values of float
+    images are counted, then left out (the rule of the module docstring).
     """
 
     def __init__(self, float_subsample: int = 1) -> None:
@@ -114,12 +129,21 @@ class IntensityAccumulator:
         self._floats: list[np.ndarray] = []
         self._vmin = np.inf
         self._vmax = -np.inf
+        self._non_finite = 0
 
     def update(self, tile: np.ndarray) -> None:
         """Add a tile: (h, w) or (h, w, C) in the image's native dtype."""
         arr = np.asarray(tile)
         if arr.ndim == 3 and arr.shape[2] > 3:
             arr = arr[:, :, :3]
+        if np.issubdtype(arr.dtype, np.floating):
+            # float32 is the precision normalisation works in: a float64 value too large
+            # for it is as missing as an inf.
+            arr = arr.astype(np.float32, copy=False)
+            finite = np.isfinite(arr)
+            if not finite.all():
+                self._non_finite += int(finite.size - np.count_nonzero(finite))
+                arr = arr[finite]
         if arr.size == 0:
             return
         self._vmin = min(self._vmin, float(arr.min()))
@@ -140,6 +164,7 @@ class IntensityAccumulator:
         self._floats.extend(other._floats)
         self._vmin = min(self._vmin, other._vmin)
         self._vmax = max(self._vmax, other._vmax)
+        self._non_finite += other._non_finite
 
     def stats(self) -> IntensityStats:
         """The statistics of everything added so far."""
@@ -153,14 +178,14 @@ class IntensityAccumulator:
             values.append(uniq.astype(np.float64))
             counts.append(cnt)
         if not values or sum(int(c.sum()) for c in counts) == 0:
-            return IntensityStats(np.nan, np.nan, self._vmin, self._vmax)
+            return IntensityStats(np.nan, np.nan, self._vmin, self._vmax, self._non_finite)
         vals = np.concatenate(values)
         cnts = np.concatenate(counts)
         order = np.argsort(vals, kind="stable")
         lo, hi = _percentiles_from_counts(
             vals[order], cnts[order], (LOWER_PERCENTILE, UPPER_PERCENTILE)
         )
-        return IntensityStats(lo, hi, self._vmin, self._vmax)
+        return IntensityStats(lo, hi, self._vmin, self._vmax, self._non_finite)
 
 
 def intensity_stats(image: np.ndarray) -> IntensityStats:
@@ -190,12 +215,19 @@ def normalize(image: np.ndarray, stats: IntensityStats | None = None) -> np.ndar
     Returns
     -------
     ndarray, (3, H, W) float32 in [0, 1]
-        All zeros for an image without any non-zero pixel.
+        All zeros for an image without any finite non-zero value. NaN and infinite
+        values are 0 (background) and do not count in the statistics (module docstring).
     """
     rgb = to_rgb(image)
     stats = intensity_stats(image) if stats is None else stats
     if stats.blank:
         return np.zeros((3,) + rgb.shape[:2], dtype=np.float32)
+    missing = ~np.isfinite(rgb) if np.issubdtype(np.asarray(image).dtype, np.floating) \
+        else None
+    if missing is not None and missing.any():
+        rgb = np.where(missing, np.float32(stats.vmin), rgb)  # any finite value; zeroed below
+    else:
+        missing = None
     u8 = _to_uint8(rgb, stats)
     # The min and max of the uint8 image follow from the raw min and max, because the
     # mapping above is monotonic; that is what makes tile-by-tile normalisation exact.
@@ -203,4 +235,7 @@ def normalize(image: np.ndarray, stats: IntensityStats | None = None) -> np.ndar
     chw = np.ascontiguousarray(u8.transpose(2, 0, 1)).astype(np.float32)
     if hi8 == lo8:
         return np.zeros_like(chw)
-    return (chw - np.float32(lo8)) / np.float32(hi8 - lo8)
+    out = (chw - np.float32(lo8)) / np.float32(hi8 - lo8)
+    if missing is not None:
+        out[missing.transpose(2, 0, 1)] = 0.0
+    return out

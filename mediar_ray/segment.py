@@ -18,8 +18,8 @@ from mediar_ray.inference import predict_raw, resolve_device
 from mediar_ray.model import MEDIARFormer, default_weights, load_model
 from mediar_ray.preprocess import normalize
 
-__all__ = ["SegmentResult", "load_models", "parse_model_config", "resolve_weights",
-           "segment_image"]
+__all__ = ["SegmentResult", "check_device", "load_models", "parse_model_config",
+           "resolve_weights", "segment_image"]
 
 
 @dataclass
@@ -49,11 +49,16 @@ def parse_model_config(value: str | None) -> dict[str, Any]:
 
 
 def _read_text(url: str) -> str:
+    from mediar_ray.io import describe_error, loggable
+
     try:
         with fsspec.open(url, "r") as f:
             return f.read()
     except FileNotFoundError:
-        raise ValueError(f"--model-config {url}: file not found") from None
+        raise ValueError(f"--model-config {loggable(url)}: file not found") from None
+    except Exception as err:  # bad URL scheme, no access, no credentials, not text
+        raise ValueError(f"--model-config {loggable(url)}: cannot read "
+                         f"({describe_error(err)})") from None
 
 
 def resolve_weights(weights: Sequence[str] | None) -> list[str]:
@@ -68,6 +73,43 @@ def resolve_weights(weights: Sequence[str] | None) -> list[str]:
             "--weights CHECKPOINT (.pth of the original MEDIAR or our .safetensors)"
         )
     return [bundled]
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for ``device`` ("auto"/None, "cpu", "cuda", "cuda:N", "mps"),
+    checked to exist on this machine.
+
+    Raises
+    ------
+    ValueError
+        One line naming the device and the fix: an unknown name, or a device this
+        machine does not have (no CUDA GPU, GPU index out of range, no Apple GPU).
+    """
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return resolve_device(None)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps "
+                         "or auto") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU (torch "
+                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); "
+                             "use --device cpu, or --device auto to take a GPU when there "
+                             "is one")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} GPU(s), numbered "
+                             f"0 to {count - 1}; use --device cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: no Apple GPU (MPS) here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, "
+                         "cuda, cuda:N, mps or auto")
+    return dev
 
 
 def load_models(

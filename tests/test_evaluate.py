@@ -88,3 +88,11 @@ def test_heldout_split_of_a_config_matches_segment_then_evaluate(data_dir, tmp_p
     assert len(train_names) == 2 and not set(train_names) & set(names)
     assert {n.rsplit("/", 1)[-1] for n in train_names + names} == {
         p.name for p in (root / "images").iterdir()}
+
+
+def test_missing_folder_is_one_line_and_exit_2(tmp_path, caplog):
+    """A missing --pred or --gt folder was a traceback."""
+    (tmp_path / "gt").mkdir()
+    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt",
+                 str(tmp_path / "gt")]) == 2
+    assert f"--pred {tmp_path / 'nope'}: not a readable folder" in caplog.text

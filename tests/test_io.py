@@ -20,10 +20,10 @@ def test_every_shared_file_reads_with_documented_shape_and_dtype(data_dir):
     seen = {"png": 0, "tif": 0, "label": 0}
     for path in sorted(data_dir.glob("*/images/*")):
         image = read_image(str(path))
-        if path.suffix == ".png":  # DSB2018: RGBA on disk, alpha dropped
+        if path.suffix == ".png":  # DSB2018: RGBA on disk, alpha dropped; NuInsSeg: RGB
             assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
             raw = np.asarray(Image.open(path))
-            assert raw.shape[2] == 4
+            assert raw.shape[2] == (4 if path.parent.parent.name == "dsb2018" else 3)
             np.testing.assert_array_equal(image, raw[:, :, :3])
             seen["png"] += 1
         else:  # Usiigaci phase contrast and StarDist: grey uint16
@@ -33,7 +33,7 @@ def test_every_shared_file_reads_with_documented_shape_and_dtype(data_dir):
         label = read_image(str(path.parent.parent / "labels" / label_name(path.name)))
         assert label.shape == image.shape[:2] and label.dtype == np.uint16
         seen["label"] += 1
-    assert seen == {"png": 155, "tif": 16, "label": 171}
+    assert seen == {"png": 155 + 167, "tif": 16, "label": 338}
 
 
 def test_svs_reads_level_zero(data_dir):
@@ -128,3 +128,46 @@ def test_expand_inputs_folders_globs_and_urls(data_dir, tmp_path):
     assert read_image(url).shape == (1022, 1024)
     with pytest.raises(FileNotFoundError, match="no image files"):
         expand_inputs([str(tmp_path)])
+
+
+def test_image_name_is_the_file_name_less_its_extension():
+    from mediar_ray.io import image_name
+
+    assert image_name("in/cell_00001.png") == "cell_00001"  # MEDIAR's name
+    assert image_name("s3://b/f/a.1.png") == "a.1"  # MEDIAR would cut to "a"
+    assert image_name("x.ome.tif") == "x" and image_name("x.OME.TIFF") == "x"
+    assert image_name("noext") == "noext" and image_name("f/.hidden.png") == ".hidden"
+
+
+def test_output_names_are_unique_deterministic_and_safe(tmp_path, monkeypatch):
+    from mediar_ray.io import output_names
+
+    urls = ["in/a.1.png", "in/a.2.png", "f1/slide.png", "f2/slide.png", "A.png", "a.tif",
+            "my image.png", "x.ome.tif", "s3://bucket/f1/slide.png", "in/a.1.png"]
+    names = output_names(urls)
+    assert len(names) == 9  # a.1.png listed twice keeps one name
+    assert names["in/a.1.png"] == "a.1" and names["in/a.2.png"] == "a.2"
+    assert names["my image.png"] == "my_image" and names["x.ome.tif"] == "x"
+    # names that would clash (also ignoring case: A.png and a.tif) get a hash suffix
+    for url in ("f1/slide.png", "f2/slide.png", "s3://bucket/f1/slide.png"):
+        assert names[url].startswith("slide-") and len(names[url]) == len("slide-") + 8
+    assert names["A.png"].startswith("A-") and names["a.tif"].startswith("a-")
+    assert len({n.casefold() for n in names.values()}) == 9
+    # a relative path and the absolute path of the same file get the same name
+    monkeypatch.chdir(tmp_path)
+    relative = output_names(urls)
+    absolute = output_names([u if "://" in u else str(tmp_path / u) for u in urls])
+    for u in relative:
+        assert relative[u] == absolute[u if "://" in u else str(tmp_path / u)]
+
+
+def test_inputs_that_fail_are_listed_with_the_others_found(data_dir, tmp_path):
+    from mediar_ray.io import find_inputs
+
+    images = data_dir / "stardist_nuclei" / "images"
+    found, problems = find_inputs([str(tmp_path / "gone.png"), str(images),
+                                   "nosuchscheme://b/x.png", str(images / "img2d.tif")])
+    assert found == [str(images / "img2d.tif")]  # listed once
+    why = dict(problems)
+    assert why[str(tmp_path / "gone.png")].startswith("not found")
+    assert why["nosuchscheme://b/x.png"].startswith("unknown URL scheme")

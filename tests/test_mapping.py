@@ -139,7 +139,53 @@ def test_real_data_maps_and_splits_by_name(data_dir: Path, tmp_path: Path) -> No
     out = tmp_path / "all.json"
     assert main(["map-dataset", str(data_dir), "-o", str(out)]) == 0
     pairs = load_pairs([str(out)])
-    assert len(pairs) == 171
-    train, held = split_holdout(pairs, 5)
-    assert len(held) == 31 + 3 + 0 and len(train) + len(held) == 171
+    assert len(pairs) == 338
+    train, held = split_holdout(pairs, 5)  # every 5th of dsb, nuinsseg, usiigaci, stardist
+    assert len(held) == 31 + 33 + 3 + 0 and len(train) + len(held) == 338
     assert split_holdout(list(reversed(pairs)), 5) == (train, held)
+
+
+def test_map_dataset_names_images_as_segment_names_its_outputs(data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """map-dataset paired by the last dot and segment named by the first, so their pairs
+    disagreed (x.ome.tif went unpaired); two images of one name were paired silently
+    with one label. Now both follow io.output_names, and evaluate pairs segment's
+    outputs with exactly the labels map-dataset paired."""
+    import tifffile
+
+    from mediar_ray.evaluate import pair_files
+    from mediar_ray.io import output_names, read_image
+
+    root = tmp_path / "ds"
+    stems = _copy_pairs(data_dir, "dsb2018", 6, root)
+    images, labels = root / "images", root / "labels"
+
+    def rename(i: int, image: str, label: str) -> None:
+        (images / f"{stems[i]}.png").rename(images / image)
+        (labels / f"{stems[i]}_label.tiff").rename(labels / label)
+
+    rename(0, "a.1.png", "a.1_label.tiff")
+    rename(1, "a.2.png", "a.2_label.tiff")
+    rename(2, "my image.png", "my image_label.tiff")
+    tifffile.imwrite(images / "x.ome.tif", read_image(str(images / f"{stems[3]}.png")),
+                     ome=True, photometric="rgb")
+    (images / f"{stems[3]}.png").unlink()
+    (labels / f"{stems[3]}_label.tiff").rename(labels / "x_label.tiff")
+    shutil.copy(images / f"{stems[4]}.png", images / f"{stems[4]}.tif")  # same name twice
+    mapping = map_dataset(str(root), check=True)
+    paired = {Path(p["image"]).name: Path(p["label"]).name for p in mapping["pairs"]}
+    assert paired == {"a.1.png": "a.1_label.tiff", "a.2.png": "a.2_label.tiff",
+                      "my image.png": "my image_label.tiff", "x.ome.tif": "x_label.tiff",
+                      f"{stems[5]}.png": f"{stems[5]}_label.tiff"}
+    ambiguous = {Path(u["path"]).name: u["reason"] for u in mapping["unreadable"]}
+    assert set(ambiguous) == {f"{stems[4]}.png", f"{stems[4]}.tif"}
+    assert all("ambiguous" in why for why in ambiguous.values())
+    # what `segment images/ -o pred/` writes, scored by evaluate against labels/
+    names = output_names(sorted(str(p) for p in images.iterdir()))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for p in mapping["pairs"]:
+        shutil.copy(p["label"], pred / f"{names[p['image']]}_label.tiff")
+    pairs, missing = pair_files(str(pred), str(labels))
+    assert not missing
+    assert {Path(t).name for _, _, t in pairs} == set(paired.values())

@@ -1,4 +1,10 @@
-"""``mediar-ray evaluate``: CellSeg F1 of predicted labels against ground truth."""
+"""``mediar-ray evaluate``: CellSeg F1 of predicted labels against ground truth.
+
+Exit codes: 0 when every prediction with a ground truth was scored; 1 when some pair
+could not be scored (unreadable file, sizes differ: listed, every other pair still
+scored and reported) or nothing could be paired; 2 for a usage error (missing folder,
+bad option, weights that cannot be loaded).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,11 @@ log = logging.getLogger("mediar_ray.evaluate")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="score <stem>_label.tiff predictions against ground truth",
+        help="score <name>_label.tiff predictions against ground truth",
         description="NeurIPS 2022 CellSeg F1 at IoU 0.5 (cells touching a 2-pixel border "
         "dropped from both sides) for every prediction with a ground truth "
-        "(<stem>_label.tiff or <stem>.tif[f]).",
+        "(<name>_label.tiff or <name>.tif[f]). Exit code 0: all scored; 1: some pairs "
+        "could not be scored (listed; the rest are scored); 2: usage error.",
     )
     p.add_argument("--pred", help="folder of <stem>_label.tiff predictions")
     p.add_argument("--gt", help="folder of ground-truth labels")
@@ -49,10 +56,14 @@ def run_split(args: argparse.Namespace) -> int:
     from mediar_ray.train.loop import split_config_pairs
     from mediar_ray.train.validate import validate
 
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
     try:
         train, held = split_config_pairs(cfg)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         log.error("%s: %s", args.config, err)
         return 1
     pairs = held if args.split == "heldout" else train
@@ -60,7 +71,11 @@ def run_split(args: argparse.Namespace) -> int:
         log.error("%s has no %s pairs (data.holdout_every = %d)", args.config, args.split,
                   cfg.data.holdout_every)
         return 1
-    models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
+    try:
+        models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
     rows: list = []
     report = validate(models, pairs, roi_size=512, tta=args.tta, per_image=rows)
     for image, source, f1, n_true, n_pred in rows:
@@ -69,11 +84,30 @@ def run_split(args: argparse.Namespace) -> int:
     for key, value in report.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
-        with fsspec.open(args.json, "w") as f:
-            json.dump({"config": args.config, "split": args.split, "tta": args.tta, **report,
-                       "images": [dict(zip(("image", "source", "f1", "true", "pred"), r))
-                                  for r in rows]}, f, indent=1)
+        def dump() -> None:
+            with fsspec.open(args.json, "w") as f:
+                json.dump({"config": args.config, "split": args.split, "tta": args.tta,
+                           **report, "images": [dict(zip(("image", "source", "f1", "true",
+                                                          "pred"), r)) for r in rows]},
+                          f, indent=1)
+
+        if not _write(dump, "--json", args.json):
+            return 2
     return 0
+
+
+def _write(write, option: str, url: str) -> bool:
+    """Run ``write``; on failure log one line naming the option and the fix."""
+    from mediar_ray.io import describe_error, loggable
+
+    try:
+        write()
+    except Exception as err:  # the scores are printed already; say why the file is not
+        log.error("%s %s: cannot write (%s); choose a writable path", option, loggable(url),
+                  describe_error(err))
+        return False
+    log.info("wrote %s", loggable(url))
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,13 +119,35 @@ def run(args: argparse.Namespace) -> int:
         log.error("give --pred and --gt, or --config for a training config's held-out split")
         return 2
 
-    pairs, missing = pair_files(args.pred, args.gt)
+    try:
+        pairs, missing = pair_files(args.pred, args.gt)
+    except FileNotFoundError as err:
+        log.error("%s", err)
+        return 2
     for stem in missing:
         log.warning("no ground truth for %s: skipped", stem)
     if not pairs:
         log.error("no prediction in %s has a ground truth in %s", args.pred, args.gt)
         return 1
-    scores = evaluate_dirs(args.pred, args.gt, drop_border=not args.keep_border)
+    failures: list[tuple[str, str]] = []
+    scores = evaluate_dirs(args.pred, args.gt, drop_border=not args.keep_border,
+                           failures=failures)
+    if scores:
+        print_table(scores)
+    if args.csv and scores:
+        if not _write(lambda: write_csv(scores, args.csv), "--csv", args.csv):
+            return 2
+    if failures:
+        log.error("%d of %d pair(s) could not be scored (left out of the mean):",
+                  len(failures), len(pairs))
+        for name, why in failures:
+            log.error("  %s: %s", name, why)
+        return 1
+    return 0
+
+
+def print_table(scores: list) -> None:
+    """Per-image precision, recall, F1 and counts, then the mean row."""
     width = max(len(s.name) for s in scores)
     print(f"{'image':<{width}}  precision  recall      F1   true   pred")
     for s in scores:
@@ -100,7 +156,3 @@ def run(args: argparse.Namespace) -> int:
     n = len(scores)
     print(f"{'mean':<{width}}  {sum(s.precision for s in scores) / n:9.4f} "
           f"{sum(s.recall for s in scores) / n:7.4f} {sum(s.f1 for s in scores) / n:7.4f}")
-    if args.csv:
-        write_csv(scores, args.csv)
-        log.info("wrote %s", args.csv)
-    return 0

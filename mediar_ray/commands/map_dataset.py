@@ -19,9 +19,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "map-dataset",
         help="pair images with labels (MEDIAR layout) and write the mapping JSON",
-        description="Pair ROOT/images/<stem>.<ext> with ROOT/labels/<stem>_label.tiff (ROOT "
+        description="Pair ROOT/images/<name>.<ext> with ROOT/labels/<name>_label.tiff (ROOT "
         "may also be a folder of such datasets, one per source) and write the mapping "
-        "JSON that training configs and discover-modalities read. Every pair is opened "
+        "JSON. <name> is the file name less its extension (.ome.tif counts as one), the "
+        "name `mediar-ray segment` gives its output for the image; two images of one "
+        "folder with the same name are reported as ambiguous. Training configs and "
+        "discover-modalities read the mapping. Every pair is opened "
         "(headers only) to check that image and label are readable and of the same size. "
         "Exit code 0: all paired and readable; 1: some files unpaired or unreadable "
         "(listed; the mapping holds the good pairs); 2: no dataset / cannot write.")

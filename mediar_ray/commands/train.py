@@ -7,6 +7,8 @@ import json
 import logging
 from typing import Any
 
+from mediar_ray.commands.options import positive_int
+
 log = logging.getLogger("mediar_ray.train")
 
 
@@ -17,12 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (default: the config's); same name = resume")
     p.add_argument("--storage-path", metavar="URL",
                    help="where checkpoints go: a folder or s3://... (shared on clusters)")
-    p.add_argument("--num-workers", type=int, help="DDP workers")
+    p.add_argument("--num-workers", type=positive_int, help="DDP workers (at least 1)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per worker")
-    p.add_argument("--epochs", type=int, help="total epochs of the schedule")
-    p.add_argument("--max-epochs-this-run", type=int, metavar="N",
-                   help="stop after N epochs; running again resumes")
+    p.add_argument("--epochs", type=positive_int,
+                   help="total epochs of the schedule (at least 1)")
+    p.add_argument("--max-epochs-this-run", type=positive_int, metavar="N",
+                   help="stop after N epochs (at least 1); running again resumes")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
-    summary = run_training(cfg, args.max_epochs_this_run)
+    try:
+        summary = run_training(cfg, args.max_epochs_this_run)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        # bad data roots, mappings or storage found while preparing the run
+        log.error("%s: %s", args.config, err)
+        log.debug("traceback:", exc_info=True)
+        return 2
     where = f"{safe_url(cfg.run.storage_path.rstrip('/'))}/{cfg.name}"
     print(json.dumps({**summary, "run": where}, indent=1, default=str))
     log.info("checkpoints of run %s are in %s", cfg.name, where)

@@ -1,7 +1,13 @@
 """Datasets in MEDIAR's layout and the path mapping (MEDIAR's ``generate_mapping`` step).
 
-A dataset folder holds ``images/<stem>.<ext>`` (tif, tiff, png, bmp, jpg, jpeg) and
-``labels/<stem>_label.tiff``. A root given to :func:`load_pairs` may be such a folder, or a
+A dataset folder holds ``images/<name>.<ext>`` (tif, tiff, png, bmp, jpg, jpeg) and
+``labels/<name>_label.tiff``. ``<name>`` is the name ``mediar-ray segment`` gives its
+output for that image (:func:`mediar_ray.io.image_name`: the file name less its
+extension, ``.ome.tif`` counting as one; compared in the safe form of
+:func:`mediar_ray.io.safe_name`), so ``segment images/ -o pred/`` writes
+``pred/<name>_label.tiff`` for exactly the pairs mapped here. Two images of one folder
+with the same name (``a.png`` and ``a.tif``) are ambiguous: both are reported, neither
+is paired. A root given to :func:`load_pairs` may be such a folder, or a
 folder of them (each subfolder is a *source*, e.g. ``dsb2018/``). Any fsspec URL works.
 
 :func:`map_dataset` with ``check=True`` (what ``mediar-ray map-dataset`` does) also opens
@@ -112,6 +118,39 @@ def _drop_unreadable(out: dict, decode: bool, threads: int = 8) -> None:
     out["unreadable"] += [{"path": bad[0], "reason": bad[1]} for bad in found if bad]
 
 
+def _image_key(file: str) -> str | None:
+    from mediar_ray.io import image_name, safe_name
+
+    return safe_name(image_name(file)) if file.lower().endswith(IMAGE_EXTENSIONS) else None
+
+
+def _label_key(file: str) -> str | None:
+    from mediar_ray.io import safe_name
+
+    return safe_name(file[: -len(LABEL_SUFFIX)]) if file.endswith(LABEL_SUFFIX) else None
+
+
+def _by_name(fs: fsspec.AbstractFileSystem, folder: str, key, out: dict
+             ) -> tuple[dict[str, dict], set[str]]:
+    """Name -> listing entry of the files of ``folder`` that ``key`` names, and the names
+    that several files share: those are ambiguous, added to ``out["unreadable"]`` and
+    left out."""
+    found: dict[str, list[dict]] = {}
+    for entry in fs.ls(folder, detail=True):
+        name = key(_name(entry["name"]))
+        if name is not None and entry.get("type") != "directory":
+            found.setdefault(name, []).append(entry)
+    for name, entries in found.items():
+        if len(entries) > 1:
+            files = sorted(_name(e["name"]) for e in entries)
+            out["unreadable"] += [
+                {"path": _join(fs, e["name"]),
+                 "reason": f"ambiguous: {' and '.join(files)} all have the name {name!r}; "
+                           "rename all but one"} for e in entries]
+    unique = {name: entries[0] for name, entries in found.items() if len(entries) == 1}
+    return unique, set(found) - set(unique)
+
+
 def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
     """Pair every image of ``root`` with its label image.
 
@@ -130,8 +169,8 @@ def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
     dict
         ``root``, ``pairs`` (list of {image, label, source}), ``unpaired`` (images
         without a label and labels without an image) and ``unreadable`` ({path, reason}:
-        empty files and, with ``check``, files that cannot be parsed or pairs of
-        different sizes). Raises FileNotFoundError when ``root`` holds no dataset.
+        empty files, files of one folder that share a name, and, with ``check``, files
+        that cannot be parsed or pairs of different sizes). Raises FileNotFoundError when ``root`` holds no dataset.
     """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.exists(base):
@@ -139,29 +178,23 @@ def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
     dirs = _dataset_dirs(fs, base)
     if not dirs:
         raise FileNotFoundError(f"{root} has no images/ and labels/ folders (MEDIAR layout: "
-                                "images/<stem>.<ext> and labels/<stem>_label.tiff)")
+                                "images/<name>.<ext> and labels/<name>_label.tiff)")
     out: dict = {"root": root, "pairs": [], "unpaired": [], "unreadable": []}
     for d in dirs:
         source = _name(d)
-        images = {}
-        for p in fs.ls(f"{d}/images", detail=True):
-            name = _name(p["name"])
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                images[name.rsplit(".", 1)[0]] = p
-        labels = {_name(p["name"])[: -len(LABEL_SUFFIX)]: p
-                  for p in fs.ls(f"{d}/labels", detail=True)
-                  if _name(p["name"]).endswith(LABEL_SUFFIX)}
-        for stem in sorted(set(images) | set(labels)):
-            if stem not in images or stem not in labels:
-                out["unpaired"].append(_join(fs, (images.get(stem) or labels[stem])["name"]))
+        images, twice = _by_name(fs, f"{d}/images", _image_key, out)
+        labels, twice_labels = _by_name(fs, f"{d}/labels", _label_key, out)
+        for name in sorted((set(images) | set(labels)) - twice - twice_labels):
+            if name not in images or name not in labels:
+                out["unpaired"].append(_join(fs, (images.get(name) or labels[name])["name"]))
                 continue
-            empty = [x for x in (images[stem], labels[stem]) if not x.get("size")]
+            empty = [x for x in (images[name], labels[name]) if not x.get("size")]
             if empty:
                 out["unreadable"] += [{"path": _join(fs, x["name"]), "reason": "empty file"}
                                       for x in empty]
                 continue
-            out["pairs"].append({"image": _join(fs, images[stem]["name"]),
-                                 "label": _join(fs, labels[stem]["name"]), "source": source})
+            out["pairs"].append({"image": _join(fs, images[name]["name"]),
+                                 "label": _join(fs, labels[name]["name"]), "source": source})
     if check:
         _drop_unreadable(out, decode)
     return out
