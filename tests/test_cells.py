@@ -192,31 +192,33 @@ def test_geojson_outlines_in_level0_pixels(mosaic, chunked, tmp_path):
         assert poly.is_valid and poly.exterior.is_ccw
         assert not any(ring.is_ccw for ring in poly.interiors)
         holes += len(poly.interiors)
-        # Rasterise the polygon on the level-0 grid over the cell's level-0 box, against
-        # the cell's pixels repeated sy x sx times.
+        # Coordinates are level-0 pixels: pixel edges scaled by (sy, sx), the polygon
+        # spanning exactly the cell's box scaled to level 0.
         y0, x0, y1, x1 = boxes[cell]
-        cell_px = np.repeat(np.repeat(labels[y0:y1, x0:x1] == cell, int(sy), axis=0),
-                            int(sx), axis=1)
-        drawn = rasterise(poly.exterior, cell_px.shape, (y0 * sy, x0 * sx))
-        for hole in poly.interiors:
-            drawn &= ~rasterise(hole, cell_px.shape, (y0 * sy, x0 * sx))
-        ious.append((drawn & cell_px).sum() / (drawn | cell_px).sum())
-        # The polygon covers every pixel of the cell (detached pieces joined) and spans
-        # exactly the cell's box scaled to level 0.
-        assert not (cell_px & ~drawn).any()
         assert poly.bounds == (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        level0 = np.asarray(poly.exterior.coords)
+        assert np.all(level0 % (sx, sy) == 0)
+        # Rasterise it on the processing grid (a uniform scaling leaves IoU unchanged)
+        # over the cell's box, holes cut out, against the cell's pixels.
+        cell_px = labels[y0:y1, x0:x1] == cell
+        drawn = rasterise(poly.exterior, cell_px.shape, (y0, x0), SCALE)
+        for hole in poly.interiors:
+            drawn &= ~rasterise(hole, cell_px.shape, (y0, x0), SCALE)
+        ious.append((drawn & cell_px).sum() / (drawn | cell_px).sum())
+        assert not (cell_px & ~drawn).any()  # every pixel covered (pieces joined)
         if pieces_of[cell] > 1:
             joined.append(ious[-1])
     assert min(ious) >= 0.9, min(ious)
     assert len(joined) > 10 and holes > 0  # labels in pieces and with holes were met
 
 
-def rasterise(ring, shape: tuple[int, int], origin: tuple[float, float]) -> np.ndarray:
-    """Pixels of a level-0 grid region (top-left corner ``origin`` (y, x)) whose centres
-    lie inside the ring ((x, y) vertices along pixel edges)."""
+def rasterise(ring, shape: tuple[int, int], origin: tuple[int, int],
+              scale: tuple[float, float]) -> np.ndarray:
+    """Pixels of a processing-grid region (top-left corner ``origin`` (y, x)) whose
+    centres lie inside the ring ((x, y) level-0 vertices)."""
     xy = np.asarray(ring.coords)
-    return polygon2mask(shape, np.stack([xy[:, 1] - origin[0] - 0.5,
-                                         xy[:, 0] - origin[1] - 0.5], axis=1))
+    return polygon2mask(shape, np.stack([xy[:, 1] / scale[0] - origin[0] - 0.5,
+                                         xy[:, 0] / scale[1] - origin[1] - 0.5], axis=1))
 
 
 def piece_counts(labels: np.ndarray) -> dict[int, int]:
