@@ -239,3 +239,8 @@ def test_slide_without_cells_keeps_its_metadata(tmp_path):
     assert len(pd.read_parquet(tmp_path / "out" / "cells")) == 0
     (row,) = summarize_archive(out)
     assert row["cells"] == 0 and row["density_per_mm2"] == 0.0 and row["clean"]
+
+
+def test_cells_command_without_a_table_is_a_usage_error(tmp_path, caplog):
+    assert main(["cells", str(tmp_path / "nowhere")]) == 2
+    assert "no cell table under" in caplog.text and "nowhere" in caplog.text

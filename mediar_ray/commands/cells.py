@@ -44,18 +44,15 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the summary; exit code 1 when a slide's partition was left half-rewritten."""
     from mediar_ray.cells.summary import summarize_archive
+    from mediar_ray.io import InputError
     from mediar_ray.pipeline.layout import safe_url
 
-    try:
-        rows = summarize_archive(args.output)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"mediar-ray cells: cannot read the cell table under "
-                         f"{safe_url(args.output)} ({type(err).__name__}: {err}); check the "
-                         "path and that the credentials in the environment allow reading it")
+    rows = summarize_archive(args.output)  # unreadable roots and credentials: cli's errors
     if not rows:
-        print(f"no cell table under {safe_url(args.output)}/cells/ (run segment-slides first)")
-        return 1
+        raise InputError(f"no cell table under {safe_url(args.output)}/cells/: give the "
+                                "output root of a segment-slides run that has finished slides")
     if args.json:
         for r in rows:
             print(json.dumps(r))
