@@ -19,8 +19,9 @@ import pytest
 from mediar_ray.cells import (cells_in_several_chunks, finalize, measure_chunk,
                               merge_partials, split_partials)
 from mediar_ray.cells.summary import QUANTILES, summarize_archive
-from mediar_ray.cells.table import (cells_table, commit_slide, partition_state,
-                                    repair_partition, slide_infos, write_part)
+from mediar_ray.cells.table import (cells_dataset, cells_table, commit_slide,
+                                    partition_state, repair_partition, slide_infos,
+                                    write_part)
 from mediar_ray.cli import main
 from mediar_ray.io import read_image
 from mediar_ray.pipeline.layout import tile_grid
@@ -126,6 +127,7 @@ def test_readers_see_one_table(archive):
         "duckdb": duckdb.sql(
             f"SELECT * FROM read_parquet('{out}/cells/*/*.parquet', hive_partitioning = true, "
             "hive_types = {'slide': VARCHAR})").df(),
+        "cells_dataset": cells_dataset(str(out)).to_table().to_pandas(),
     }
     for reader, df in frames.items():
         got = normalise(df)

@@ -43,7 +43,8 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "COLUMNS", "CELLS_DIR", "METADATA_KEY", "arrow_filesystem", "cells_dataset",
-    "cells_schema", "cells_table", "commit_slide", "partition_state", "partition_url",
+    "cells_schema", "cells_table", "cells_url", "commit_slide", "partition_state",
+    "partition_url",
     "repair_partition", "slide_infos", "write_part",
 ]
 
@@ -123,6 +124,7 @@ def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
 
 
 def cells_url(output: str) -> str:
+    """``OUTPUT/cells``: the root of the archive's cell table."""
     return f"{output.rstrip('/')}/{CELLS_DIR}"
 
 
