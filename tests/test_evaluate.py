@@ -96,3 +96,42 @@ def test_missing_folder_is_one_line_and_exit_2(tmp_path, caplog):
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt",
                  str(tmp_path / "gt")]) == 2
     assert f"--pred {tmp_path / 'nope'}: not a readable folder" in caplog.text
+
+
+def test_compare_prints_both_models_per_source_and_group(data_dir, tmp_path, capsys):
+    """``--compare`` scores a second model on the same pairs; ``--groups`` adds a row
+    per group; the table's numbers are the per-image scores averaged."""
+    import json
+
+    import pytest
+    import yaml
+
+    from mediar_ray.model import default_weights
+
+    root = tmp_path / "ds" / "nuinsseg"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    stems = ("human_bladder_01", "human_bladder_05", "mouse_heart_19", "mouse_heart_23")
+    for stem in stems:
+        shutil.copy(data_dir / f"nuinsseg/images/{stem}.png", root / "images")
+        shutil.copy(data_dir / f"nuinsseg/labels/{stem}_label.tiff", root / "labels")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
+                                                            "holdout_every": 2}}))
+    groups = tmp_path / "groups.csv"
+    groups.write_text("stem,organ\n" + "".join(f"{s},{s.rsplit('_', 1)[0]}\n" for s in stems))
+    out = tmp_path / "cmp.json"
+    argv = ["evaluate", "--config", str(config), "--no-tta", "--json", str(out)]
+    assert main(argv + ["--compare", str(tmp_path / "missing.safetensors")]) == 2
+    assert main(argv + ["--groups", str(groups), "--compare", default_weights()]) == 0
+    report = json.loads(out.read_text())
+    table = {row["row"]: row for row in report["table"]}
+    f1 = {i["image"].rsplit("/", 1)[-1][: -len(".png")]: i["f1"] for i in report["images"]}
+    assert table["all images"]["images"] == 2 == len(f1)
+    assert table["all images"]["f1"] == pytest.approx(sum(f1.values()) / 2)
+    for stem, score in f1.items():
+        assert table[f"  nuinsseg: {stem.rsplit('_', 1)[0]}"]["f1"] == pytest.approx(score)
+    # the bundled model compared with itself gives the same column twice
+    for row in report["table"]:
+        assert row["f1_compare"] == pytest.approx(row["f1"])
+    assert "| all images | 2 |" in capsys.readouterr().out

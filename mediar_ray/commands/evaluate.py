@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     held.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                       help="test-time augmentation (default: on, as `segment`)")
     held.add_argument("--json", metavar="URL", help="also write the report as JSON")
+    held.add_argument("--compare", action="append", metavar="CKPT",
+                      help="also score these checkpoint(s) (e.g. the previous model) on "
+                      "the same pairs and print both in one table")
+    held.add_argument("--groups", action="append", metavar="CSV",
+                      help="CSV of image name -> group (columns: stem, group; e.g. "
+                      "dsb2018/categories.csv, nuinsseg/organs.csv): adds a row per group")
     p.set_defaults(func=run)
 
 
@@ -83,17 +89,90 @@ def run_split(args: argparse.Namespace) -> int:
               f"true {n_true:5d} pred {n_pred:5d}")
     for key, value in report.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    compared: list = []
+    if args.compare:
+        try:
+            other = load_models(args.compare, parse_model_config(args.model_config), "cpu")
+        except (ValueError, FileNotFoundError) as err:
+            log.error("--compare: %s", err)
+            return 2
+        validate(other, pairs, roi_size=512, tta=args.tta, per_image=compared)
+    try:
+        groups = _read_groups(args.groups or [])
+    except (ValueError, OSError) as err:
+        log.error("--groups: %s", err)
+        return 2
+    table = comparison_rows(rows, compared, groups)
+    print_comparison(table, ["this model"] + (["--compare"] if compared else []))
     if args.json:
         def dump() -> None:
             with fsspec.open(args.json, "w") as f:
                 json.dump({"config": args.config, "split": args.split, "tta": args.tta,
                            **report, "images": [dict(zip(("image", "source", "f1", "true",
-                                                          "pred"), r)) for r in rows]},
-                          f, indent=1)
+                                                          "pred"), r)) for r in rows],
+                           "table": table}, f, indent=1)
 
         if not _write(dump, "--json", args.json):
             return 2
     return 0
+
+
+def _read_groups(urls: list[str]) -> dict[str, str]:
+    """Image name (file name less extension) -> group, from CSVs of two columns."""
+    import csv
+
+    import fsspec
+
+    groups: dict[str, str] = {}
+    for url in urls:
+        with fsspec.open(url, "r") as f:
+            for row in csv.reader(f):
+                if len(row) == 2 and row[0] != "stem":
+                    groups[row[0]] = row[1]
+    return groups
+
+
+def comparison_rows(rows: list, compared: list, groups: dict[str, str]) -> list[dict]:
+    """Mean F1 of all images, of each source and of each group (with their image
+    counts), for this model's ``rows`` and the compared model's (same images)."""
+    from mediar_ray.io import image_name
+
+    def key_sets(image: str, source: str) -> list[str]:
+        keys = ["all images", f"source {source}"]
+        group = groups.get(image_name(image))
+        return keys + ([f"  {source}: {group}"] if group else [])
+
+    table: dict[str, dict] = {}
+    for i, (image, source, f1, *_) in enumerate(rows):
+        for key in key_sets(image, source):
+            entry = table.setdefault(key, {"row": key, "images": 0, "f1": [], "compare": []})
+            entry["images"] += 1
+            entry["f1"].append(f1)
+            if compared:
+                entry["compare"].append(compared[i][2])
+    def order(entry: dict) -> tuple:
+        name = entry["row"]
+        return (0 if name == "all images" else 1 if name.startswith("source") else 2, name)
+
+    out = []
+    for entry in sorted(table.values(), key=order):
+        row = {"row": entry["row"], "images": entry["images"],
+               "f1": sum(entry["f1"]) / entry["images"]}
+        if entry["compare"]:
+            row["f1_compare"] = sum(entry["compare"]) / entry["images"]
+        out.append(row)
+    return out
+
+
+def print_comparison(table: list[dict], names: list[str]) -> None:
+    """One line per row of :func:`comparison_rows`."""
+    print("\n| " + " | ".join(["", "images"] + names) + " |")
+    print("|" + "---|" * (2 + len(names)))
+    for row in table:
+        cells = [row["row"], str(row["images"]), f"{row['f1']:.3f}"]
+        if "f1_compare" in row:
+            cells.append(f"{row['f1_compare']:.3f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 def _write(write, option: str, url: str) -> bool:

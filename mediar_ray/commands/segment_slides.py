@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-level0", action="store_true",
                    help="also write the labels on the slide's level-0 grid "
                    "(labels/cells_level0) when processing at another resolution")
+    p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the per-cell table OUTPUT/cells (Parquet, partitioned by "
+                   "slide; default: on)")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write OUTPUT/<name>.geojson.gz: cell outlines for QuPath")
     p.add_argument("--reader", default="auto",
                    help="slide reader: auto (by content and name) or a reader's name "
                    "(tifffile, openslide, wsidicom, ome-zarr, pillow)")
@@ -88,7 +93,8 @@ def options_from_args(args: argparse.Namespace):
         max_slides_in_flight=args.max_slides_in_flight, cpus_per_worker=args.cpus_per_worker,
         cpus_per_task=args.cpus_per_task, resource_timeout=args.resource_timeout,
         target_mpp=args.target_mpp, mpp=args.mpp, mpp_csv=args.mpp_csv, tissue=args.tissue,
-        copy_image=args.copy_image, labels_level0=args.labels_level0,
+        copy_image=args.copy_image, labels_level0=args.labels_level0, cells=args.cells,
+        geojson=args.geojson,
     ).validate()
 
 

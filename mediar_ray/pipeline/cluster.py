@@ -26,16 +26,26 @@ def ensure_ray() -> None:
 
 
 def autoscaler_present() -> bool:
-    """True when an autoscaler (v1 monitor or v2) watches this cluster, so resources
-    that no node has now may still come."""
+    """True when an autoscaler that can add nodes watches this cluster (a v1 monitor with
+    a cluster config, or autoscaler v2), so resources that no node has now may come.
+
+    Every Ray head runs a monitor; without a cluster config it reports through a
+    read-only provider whose node types are the nodes' own ids ("node_<id>"): that one
+    adds nothing.
+    """
+    import json
+
     import ray
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        if _internal_kv_get("__autoscaling_status") is not None:  # the v1 monitor's report
-            return True
+        raw = _internal_kv_get("__autoscaling_status")  # the v1 monitor's report
     except Exception:  # noqa: BLE001 - no KV access: ask v2 below
-        pass
+        raw = None
+    if raw:
+        report = json.loads(raw).get("autoscaler_report") or {}
+        types = report.get("node_type_mapping") or {}
+        return bool(types) and any(t != f"node_{node}" for node, t in types.items())
     try:
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply

@@ -10,7 +10,8 @@ __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
 #: Options that change a slide's result: a slide's scratch state or finished output is
 #: reused only when all of them (and the input and the weights) are unchanged.
 RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "flow_params",
-                  "target_mpp", "mpp", "tissue", "copy_image", "labels_level0")
+                  "target_mpp", "mpp", "tissue", "copy_image", "labels_level0", "cells",
+                  "geojson")
 
 
 class OptionError(ValueError):
@@ -33,6 +34,9 @@ class SlideOptions:
     (detect), "off" or the URL of a mask image; ``copy_image`` keeps a full copy of the
     processing image in the output; ``labels_level0`` also writes the labels on the
     slide's level-0 grid.
+
+    Cells: ``cells`` writes the slide's partition of the per-cell Parquet table
+    (``OUTPUT/cells``), ``geojson`` also ``OUTPUT/<name>.geojson.gz`` for QuPath.
     """
 
     weights: list[str] = field(default_factory=list)
@@ -57,6 +61,8 @@ class SlideOptions:
     tissue: str = "auto"
     copy_image: bool = False
     labels_level0: bool = False
+    cells: bool = True
+    geojson: bool = False
 
     def validate(self) -> "SlideOptions":
         """Raise :class:`OptionError` for the first option out of range; else ``self``."""
@@ -88,6 +94,8 @@ class SlideOptions:
             ("--mpp", self.mpp, self.mpp is None or self.mpp > 0,
              "a positive pixel size in micrometres"),
             ("--tissue", self.tissue, bool(self.tissue), "auto, off, or the URL of a mask image"),
+            ("--geojson", self.geojson, self.cells or not self.geojson,
+             "only with the cell table (not with --no-cells)"),
         ]
         for name, value, ok, allowed in rules:
             if not ok:

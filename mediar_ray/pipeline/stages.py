@@ -33,7 +33,8 @@ from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normaliz
 
 __all__ = [
     "SlidePlan", "measure_tiles", "done_tiles", "infer_partial", "gather_tile",
-    "level0_chunk", "mark_done", "partial_sources", "relabel_chunk", "tiles_to_infer",
+    "level0_chunk", "mark_done", "measure_cells", "outline_piece", "partial_sources",
+    "relabel_chunk", "tiles_to_infer",
     "track_chunk", "view_chunk",
 ]
 
@@ -265,9 +266,15 @@ def track_chunk(plan: SlidePlan, tile: Tile, flow_params: dict[str, Any]) -> dic
     return {"tile": tile, "names": np.unique(core[core > 0]), "strips": strips}
 
 
-def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray,
-                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Anchor names -> final uint32 ids for one chunk; returns (ids, pixel counts)."""
+def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray, ids: np.ndarray,
+                  shared: np.ndarray | None = None, geojson: bool = False) -> dict[str, Any]:
+    """Anchor names -> final uint32 ids for one chunk, written to the labels; then, with
+    ``shared`` (the ids present in several chunks), the chunk's cells are measured.
+
+    Returns ``present`` ids and their pixel ``counts``; with ``shared`` also ``rows``
+    (cells complete in the chunk, staged as a table part) and ``border`` (partial
+    measurements of the shared cells, merged by the caller).
+    """
     core = np.asarray(open_array(plan.layout.scratch + "/anchors")[tile.y0:tile.y1,
                                                                    tile.x0:tile.x1])
     out = np.zeros(core.shape, np.uint32)
@@ -276,7 +283,47 @@ def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray,
     labels = open_array(plan.layout.path("labels", "cells", "0"), mode="r+")
     labels[tile.y0:tile.y1, tile.x0:tile.x1] = out
     present, counts = np.unique(out[fg], return_counts=True)
-    return present, counts
+    result: dict[str, Any] = {"present": present, "counts": counts}
+    if shared is not None:
+        result.update(measure_cells(plan, tile, out, shared, geojson))
+    return result
+
+
+def measure_cells(plan: SlidePlan, tile: Tile, labels: np.ndarray, shared: np.ndarray,
+                  geojson: bool) -> dict[str, Any]:
+    """Measure the cells of one chunk (:mod:`mediar_ray.cells`): rows of the cells
+    complete in it are staged as ``.scratch/cells/<tile>.parquet`` (and their outlines
+    as a GeoJSON piece); the partials of shared cells are returned as ``border``."""
+    from mediar_ray.cells import finalize, measure_chunk, split_partials
+    from mediar_ray.cells.table import cells_table, write_part
+    from mediar_ray.pipeline.view import read_processing
+
+    logit = np.asarray(open_array(plan.layout.scratch + "/flows")[2, tile.y0:tile.y1,
+                                                                  tile.x0:tile.x1])
+    image = read_processing(plan, tile.y0, tile.y1, tile.x0, tile.x1)
+    partials = measure_chunk(labels, (tile.y0, tile.x0), logit, image)
+    complete, border = split_partials(partials, shared)
+    rows = finalize(complete, scale=plan.to_level0, pixel_size_um=plan.mpp)
+    n = write_part(cells_table(rows), f"{plan.layout.scratch}/cells/{tile.name}.parquet")
+    if geojson:
+        from mediar_ray.cells.geojson import features, write_piece
+
+        write_piece(f"{plan.layout.scratch}/geojson/{tile.name}.json",
+                    features(labels, (tile.y0, tile.x0), rows, scale=plan.to_level0,
+                             slide=plan.layout.stem))
+    return {"rows": n, "border": border}
+
+
+def outline_piece(plan: SlidePlan, region: tuple[int, int, int, int],
+                  rows: dict[str, np.ndarray], url: str) -> int:
+    """Stage the GeoJSON outlines of cells that span chunks, from the final labels of a
+    region holding them all; returns how many."""
+    from mediar_ray.cells.geojson import features, write_piece
+
+    y0, y1, x0, x1 = region
+    labels = np.asarray(open_array(plan.layout.path("labels", "cells", "0"))[y0:y1, x0:x1])
+    return write_piece(url, features(labels, (y0, x0), rows, scale=plan.to_level0,
+                                     slide=plan.layout.stem))
 
 
 def downsample_chunk(src_url: str, dst_url: str, tile: Tile) -> None:
