@@ -341,24 +341,41 @@ BACKGROUND = (0.0, 0.0, -10.0)
 @dataclass
 class WindowCounts:
     """Windows of :func:`predict_partial`, each counted once per augmentation frame
-    (model forwards = ``run`` x number of models)."""
+    (model forwards = ``run`` x number of models).
+
+    ``kept`` windows were wanted by the skip test; ``run`` windows were computed (the
+    kept ones and the others of their batches); ``skipped`` windows were not.
+    """
 
     run: int = 0
     skipped: int = 0
+    kept: int = 0
 
 
-def _split_skipped(
-    starts: list[tuple[int, int]], skip: SkipWindow | None, roi: int, shape: tuple[int, int]
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(windows to run, windows skipped), each in the order of ``starts``."""
+def _batches_to_run(
+    starts: list[tuple[int, int]], skip: SkipWindow | None, roi: int, shape: tuple[int, int],
+    size: int,
+) -> tuple[list[list[tuple[int, int]]], list[tuple[int, int]], int]:
+    """(batches to run, windows skipped, windows kept) of one frame's owned windows.
+
+    Batches are cut from ``starts`` exactly as without a skip test, and a batch runs
+    whole when ``skip`` keeps any of its windows. Why whole: a network's output for a
+    window can change in the last bits with the batch size (convolution kernels are
+    chosen by shape), never with the other windows' contents; same batches, same bits.
+    """
+    batches = list(_batches(starts, size))
     if skip is None:
-        return starts, []
+        return batches, [], len(starts)
     h, w = shape
-    run, skipped = [], []
-    for y, x in starts:
-        leave = skip(max(y, 0), min(y + roi, h), max(x, 0), min(x + roi, w))
-        (skipped if leave else run).append((y, x))
-    return run, skipped
+    run, skipped, kept = [], [], 0
+    for batch in batches:
+        keep = [not skip(max(y, 0), min(y + roi, h), max(x, 0), min(x + roi, w)) for y, x in batch]
+        kept += sum(keep)
+        if any(keep):
+            run.append(batch)
+        else:
+            skipped.extend(batch)
+    return run, skipped, kept
 
 
 def predict_partial(
@@ -387,10 +404,13 @@ def predict_partial(
     placed at their :func:`partial_extent` and added give :func:`predict_raw` up to
     float rounding (the sum order differs), with every window computed exactly once.
 
-    With ``skip`` (e.g. :func:`mediar_ray.tissue.tissue_skip`), a window it is True for
-    is not run: its term is :data:`BACKGROUND` with the window's usual weight, so the
-    coverage normalisation is unchanged and pixels reached only by skipped windows read
-    as background. Pixels that only windows that ran reach get the same sums, in the same
+    With ``skip`` (e.g. :func:`mediar_ray.tissue.tissue_skip`), windows it is True for
+    are left out, a batch of ``sw_batch_size`` windows at a time: the batches are those
+    of the run without ``skip``, and a batch runs whole when any of its windows is kept
+    (so every window computed is computed bit for bit as without ``skip``). A window
+    left out contributes :data:`BACKGROUND` with its usual weight, so the coverage
+    normalisation is unchanged and pixels reached only by left-out windows read as
+    background; pixels reached only by windows that ran get the same sums, in the same
     order, as without ``skip``.
 
     Parameters
@@ -404,9 +424,9 @@ def predict_partial(
     skip : callable, optional
         ``skip(y0, y1, x0, x1) -> bool``, asked once per owned window of every frame with
         the image pixels the window covers (half-open, image coordinates, clipped to the
-        image); True leaves the window out.
+        image); True leaves the window out, unless another window of its batch is kept.
     return_counts : bool
-        Also return the :class:`WindowCounts` of windows run and skipped.
+        Also return the :class:`WindowCounts` of windows run, skipped and kept.
 
     Returns
     -------
@@ -420,14 +440,17 @@ def predict_partial(
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     roi = roi_size
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
-    frames = []  # (fy, fx, all starts y, all starts x, owned windows to run, skipped)
+    frames = []  # (fy, fx, all starts y, all starts x, batches to run, windows skipped)
+    kept = 0
     for fy, fx in _frames(tta):
         ys_all, xs_all = _image_starts(h, roi, overlap, fy), _image_starts(w, roi, overlap, fx)
         owned = [(y, x) for y in _owned(ys_all, h, y0, y1) for x in _owned(xs_all, w, x0, x1)]
-        frames.append((fy, fx, ys_all, xs_all) + _split_skipped(owned, skip, roi, (h, w)))
-    counts = WindowCounts(sum(len(f[4]) for f in frames), sum(len(f[5]) for f in frames))
+        run, skipped, k = _batches_to_run(owned, skip, roi, (h, w), sw_batch_size)
+        frames.append((fy, fx, ys_all, xs_all, run, skipped))
+        kept += k
+    ran = [s for f in frames for batch in f[4] for s in batch]
+    counts = WindowCounts(len(ran), sum(len(f[5]) for f in frames), kept)
     result = torch.zeros((3, ey1 - ey0, ex1 - ex0), dtype=torch.float32)
-    ran = [s for f in frames for s in f[4]]
     if ran:  # one read: the image part of every window that runs, zero-padded like MONAI
         cy0, cy1 = min(y for y, _ in ran), max(y for y, _ in ran) + roi
         cx0, cx1 = min(x for _, x in ran), max(x for _, x in ran) + roi
@@ -452,7 +475,7 @@ def predict_partial(
         acc = torch.zeros_like(result)
         glass = flip(weight) * background
         for model in models:
-            for batch in _batches(run, sw_batch_size):
+            for batch in run:
                 pred = _forward(model, flip(_crops(canvas, batch, (cy0, cx0), roi)), dev, amp)
                 for (y, x), p in zip(batch, pred):
                     _add_window(acc, flip(weight * p), y - ey0, x - ex0)

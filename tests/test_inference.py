@@ -129,58 +129,70 @@ def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypa
     assert rel_l2(total, whole) < 1e-5
 
 
+def _tiled_partials(image, models, roi, tile, sw_batch_size, skip=None):
+    """Sum of the partials of a tile grid; with ``skip``, also the summed WindowCounts."""
+    h, w = image.shape[1:]
+    total, counts = np.zeros((3, h, w), np.float32), inference.WindowCounts()
+    for t in tile_grid((h, w), tile):
+        region = (t.y0, t.y1, t.x0, t.x1)
+        part, c = predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w),
+                                  region, models, roi_size=roi, sw_batch_size=sw_batch_size,
+                                  skip=skip, return_counts=True)
+        y0, y1, x0, x1 = partial_extent((h, w), region, roi)
+        total[:, y0:y1, x0:x1] += part
+        counts = inference.WindowCounts(counts.run + c.run, counts.skipped + c.skipped,
+                                        counts.kept + c.kept)
+    return total, counts
+
+
+@pytest.mark.usefixtures("single_threaded")  # tiny forwards: 2 threads only contend
 def test_windows_off_tissue_are_skipped_and_tissue_pixels_unchanged(models, data_dir,
                                                                      monkeypatch):
-    """A real H&E region on white glass, with its tissue mask: every window touching
-    tissue runs and no other; on tissue the prediction equals the unmasked one bit for
-    bit; where only skipped windows reach, it is background (no flow, logit -10)."""
+    """A real H&E region on white glass, with its tissue mask: exactly the windows
+    touching tissue are kept; on tissue the prediction equals the unmasked one bit for
+    bit (one window per batch, and four: batches that run are the unmasked run's);
+    where only skipped windows reach, it is background (no flow, logit -10)."""
     from mediar_ray.sources import open_slide
     from mediar_ray.tissue import tissue_mask, tissue_skip
 
     with open_slide(str(data_dir / "slides/CMU-1-Small-Region.svs")) as source:
-        he = source.read_region(0, 1000, 1300, 700, 1100)
-    slide = np.full((720, 896, 3), 255, np.uint8)  # white glass, tissue about a fifth
-    slide[60:360, 420:820] = he
+        he = source.read_region(0, 1000, 1048, 700, 764)
+    slide = np.full((128, 160, 3), 255, np.uint8)  # white glass, tissue about a seventh
+    slide[8:56, 88:152] = he
     h, w = slide.shape[:2]
-    thumb = slide.reshape(h // 8, 8, w // 8, 8, 3).mean(axis=(1, 3))
-    mask = tissue_mask(thumb)
-    full = np.repeat(np.repeat(mask, 8, 0), 8, 1)
-    image = normalize(slide)
-    skip = tissue_skip(mask, (h, w))
-    asked = []
+    # Small windows keep the test quick; the mask is 4 px per mask pixel, margin 1.
+    mask = tissue_mask(slide.reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3)), margin=1)
+    full = np.repeat(np.repeat(mask, 4, 0), 4, 1)
+    assert full.any() and full.mean() < 0.5
+    image, model, roi, tile = normalize(slide), models[:1], 64, 48
+    skip, asked = tissue_skip(mask, (h, w)), []
 
     def recording_skip(y0, y1, x0, x1):
         asked.append(((y0, y1, x0, x1), skip(y0, y1, x0, x1)))
         return asked[-1][1]
 
-    def read(y0, y1, x0, x1):
-        return image[:, y0:y1, x0:x1]
-
     seen = _forward_counter(monkeypatch)
-    plain, masked = np.zeros((3, h, w), np.float32), np.zeros((3, h, w), np.float32)
-    runs = skips = 0
-    for t in tile_grid((h, w), 192):
-        region = (t.y0, t.y1, t.x0, t.x1)
-        y0, y1, x0, x1 = partial_extent((h, w), region, 256)
-        plain[:, y0:y1, x0:x1] += predict_partial(read, (h, w), region, models, roi_size=256)
-        unmasked_forwards, seen[0] = seen[0], 0
-        part, counts = predict_partial(read, (h, w), region, models, roi_size=256,
-                                       skip=recording_skip, return_counts=True)
-        masked[:, y0:y1, x0:x1] += part
-        assert counts.run + counts.skipped == unmasked_forwards // len(models)
-        assert seen[0] == counts.run * len(models)  # skipped windows never reach a model
-        runs, skips, seen[0] = runs + counts.run, skips + counts.skipped, 0
-    assert len(asked) == runs + skips and runs > 0 and skips > 0
-    ran_cover = np.zeros((h, w), bool)
-    for (y0, y1, x0, x1), skipped in asked:
-        assert skipped == (not full[y0:y1, x0:x1].any())  # runs exactly when touching tissue
-        ran_cover[y0:y1, x0:x1] |= not skipped
-    assert full.any() and not full.all()
-    np.testing.assert_array_equal(masked[:, full], plain[:, full])
-    glass = ~ran_cover
-    assert glass.any()
-    np.testing.assert_array_equal(masked[:2, glass], 0)
-    np.testing.assert_allclose(masked[2, glass], -10, atol=1e-4)
+    for batch in (1, 4):
+        plain, all_windows = _tiled_partials(image, model, roi, tile, batch)
+        seen[0], asked[:] = 0, []
+        masked, counts = _tiled_partials(image, model, roi, tile, batch, recording_skip)
+        assert seen[0] == counts.run * len(model)  # skipped windows never reach a model
+        assert counts.run + counts.skipped == all_windows.run == len(asked)
+        keep = [not skipped for _, skipped in asked]
+        for ((y0, y1, x0, x1), _), kept in zip(asked, keep):
+            assert kept == full[y0:y1, x0:x1].any()  # kept exactly when touching tissue
+        assert counts.kept == sum(keep) and 0 < counts.kept <= counts.run < all_windows.run
+        np.testing.assert_array_equal(masked[:, full], plain[:, full])
+        if batch == 4:  # batches mixing kept and skipped windows ran whole
+            assert counts.run > counts.kept
+        if batch == 1:  # each window its own batch: exactly the kept windows run
+            assert counts.run == counts.kept
+            reached = np.zeros((h, w), bool)
+            for ((y0, y1, x0, x1), _), kept in zip(asked, keep):
+                reached[y0:y1, x0:x1] |= kept
+            assert (~reached).any()
+            np.testing.assert_array_equal(masked[:2, ~reached], 0)
+            np.testing.assert_allclose(masked[2, ~reached], -10, atol=1e-4)
 
 
 def test_all_windows_skipped_reads_nothing_and_gives_background(models):
