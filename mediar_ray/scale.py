@@ -108,7 +108,8 @@ def choose_level(
         return 0, 1.0
     target = float(target_mpp)
     if not (math.isfinite(target) and target > 0):
-        raise ValueError(f"the target pixel size must be a positive number of um, got {target_mpp!r}")
+        raise ValueError("the target pixel size must be a positive number of um, got "
+                         f"{target_mpp!r}")
     if mpp0 is None:
         raise ValueError(f"{_safe(slide) or 'slide'}: its pixel size is unknown (no pixel size "
                          f"in the file's metadata), so --target-mpp {target:g} cannot be "
@@ -143,7 +144,8 @@ def processing_shape(level_shape: tuple[int, int], scale: float) -> tuple[int, i
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     # 1e-9: a ratio that is an integer but for float noise must not gain an empty row.
-    return tuple(max(int(math.ceil(n / scale - 1e-9)), 1) for n in level_shape)  # type: ignore[return-value]
+    h, w = (max(math.ceil(n / scale - 1e-9), 1) for n in level_shape)
+    return h, w
 
 
 def processing_transform(
@@ -174,7 +176,7 @@ def _axis_weights(o0: int, o1: int, n_src: int, scale: float) -> tuple[np.ndarra
     i = np.arange(o0, o1, dtype=np.float64)[:, None]
     if scale > 1:  # box filter: overlap of [a, a + 1) with [i * s, (i + 1) * s)
         lo, hi = i * scale, np.minimum((i + 1) * scale, n_src)
-        taps = int(math.ceil(scale)) + 1
+        taps = math.ceil(scale) + 1
         a = np.floor(lo) + np.arange(taps)
         weights = np.clip(np.minimum(a + 1, hi) - np.maximum(a, lo), 0, None) / (hi - lo)
     else:  # bilinear at the footprint centre

@@ -325,7 +325,8 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
                          "(non-zero = tissue)") from None
     except Exception as err:
         raise ValueError(f"{safe_url(url)}: cannot read the tissue mask ({type(err).__name__}: "
-                         f"{err}); give a PNG/TIFF image or a zarr array (non-zero = tissue)") from None
+                         f"{err}); give a PNG/TIFF image or a zarr array (non-zero = tissue)"
+                         ) from None
     if mask.ndim != 2:
         raise ValueError(f"{safe_url(url)}: the tissue mask has shape {mask.shape}; expected a "
                          "2-D image (y, x)")

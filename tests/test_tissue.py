@@ -79,7 +79,7 @@ def test_glass_slide_mask_covers_the_tissue_not_the_glass(glass_slide):
     assert blocks.mean() > 0.2
     he_mask = full[cy:cy + h16 * THUMB, cx:cx + w16 * THUMB]
     he_mask = he_mask.reshape(h16, THUMB, w16, THUMB).all(axis=(1, 3))
-    assert he_mask[blocks].mean() < 0.5
+    assert he_mask[blocks].mean() < 0.1  # only within the margin of tissue
 
 
 @pytest.mark.parametrize("source, factor, fill", [
@@ -103,13 +103,14 @@ def test_every_annotated_cell_is_inside_the_mask(data_dir, tmp_path, source, fac
 
 
 def test_window_test_is_exact_and_conservative(glass_slide):
-    *_, slide, _, thumb, mask = glass_slide
+    _, slide, _, _, mask = glass_slide
     h, w = slide.shape[:2]
     full = full_resolution(mask, THUMB, (h, w))
     rng = np.random.default_rng(0)
     # Windows of 1-600 px, some reaching over the image's edges (as padded windows do).
     windows = [(int(y), int(y) + s, int(x), int(x) + s) for y, x, s in
-               zip(rng.integers(-200, h, 400), rng.integers(-200, w, 400), rng.integers(1, 600, 400))
+               zip(rng.integers(-200, h, 400), rng.integers(-200, w, 400),
+                   rng.integers(1, 600, 400))
                if y + s > 0 and x + s > 0]
     answers = []
     for y0, y1, x0, x1 in windows:
