@@ -4,9 +4,12 @@ real downsamples, tiles missing from a file, alpha channels, pixel size from met
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 
 from mediar_ray.io import read_image
@@ -228,6 +231,44 @@ def test_pixel_size_is_none_when_the_file_does_not_say(tmp_path, data_dir):
     Image.fromarray(nuclei.astype(np.uint8)).save(tmp_path / "dense.png", dpi=(25400, 25400))
     with open_slide(str(tmp_path / "dense.png")) as src:
         assert src.mpp == pytest.approx((1.0, 1.0), rel=1e-3)
+
+
+def bad_files(folder: Path, data_dir: Path) -> dict[str, Path]:
+    """A corrupt or unsupported input of every format; returns file name -> path."""
+    folder.mkdir()
+    svs = (data_dir / SVS).read_bytes()
+    made = {}
+    made["._CMU-1.svs"] = folder / "._CMU-1.svs"  # macOS AppleDouble metadata
+    made["._CMU-1.svs"].write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"\x00" * 500)
+    made["cut.svs"] = folder / "cut.svs"  # truncated: tiles beyond the end
+    made["cut.svs"].write_bytes(svs[: len(svs) // 3])
+    made["fake.ndpi"] = folder / "fake.ndpi"  # TIFF header, nothing behind it
+    made["fake.ndpi"].write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 100)
+    made["fake.mrxs"] = folder / "fake.mrxs"
+    made["fake.mrxs"].write_text("[GENERAL]\nno slide here\n")
+    made["broken.png"] = folder / "broken.png"
+    png = sorted((data_dir / "nuinsseg/images").glob("*.png"))[0].read_bytes()
+    made["broken.png"].write_bytes(png[: len(png) // 2])
+    made["bad_dicom"] = folder / "bad_dicom"
+    made["bad_dicom"].mkdir()
+    (made["bad_dicom"] / "x.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 200)
+    made["bad.zarr"] = folder / "bad.zarr"
+    zarr.open_group(str(made["bad.zarr"]), mode="w", zarr_format=3).attrs["note"] = "no image"
+    made["zstack.zarr"] = folder / "zstack.zarr"
+    group = zarr.open_group(str(made["zstack.zarr"]), mode="w", zarr_format=3)
+    group.create_array("0", shape=(4, 32, 32), dtype="uint8")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
+        {"name": "z", "type": "space"}, {"name": "y", "type": "space"},
+        {"name": "x", "type": "space"}], "datasets": [{"path": "0"}]}]}
+    return made
+
+
+def test_corrupt_or_unsupported_files_of_every_format_name_themselves(data_dir, tmp_path):
+    for name, path in bad_files(tmp_path / "bad", data_dir).items():
+        with pytest.raises(SlideReadError) as err:
+            with open_slide(str(path)) as src:  # some fail when opened, some when read
+                src.read_region(0, 0, src.shape[0], 0, src.shape[1])
+        assert name in str(err.value) and str(err.value).count("\n") == 0
 
 
 def test_a_file_that_is_no_image_names_itself(tmp_path):

@@ -65,9 +65,9 @@ class OmeZarrSource(SlideSource):
         try:
             group = zarr.open_group(store if store is not None else url, mode="r")
             attrs = dict(group.attrs)
-            if "bioformats2raw.layout" in attrs.get("ome", attrs) and not \
-                    "multiscales" in attrs.get("ome", attrs):
-                group = group["0"]
+            top = attrs.get("ome", attrs)
+            if "bioformats2raw.layout" in top and "multiscales" not in top:
+                group = group["0"]  # a bioformats2raw collection: its first image
                 attrs = dict(group.attrs)
             multiscale, ome = ngff_multiscale(attrs)
             datasets = multiscale["datasets"]

@@ -16,7 +16,15 @@ from mediar_ray.io import ImageReadError, read_image
 from mediar_ray.sources import pixelsize
 from mediar_ray.sources.base import Level, SlideReadError, SlideSource, composite_alpha, shown
 
-__all__ = ["DecodedSource", "decode_image"]
+__all__ = ["DecodedSource", "decode_image", "unknown_content"]
+
+
+def unknown_content(data: bytes) -> str:
+    """Why bytes that no reader recognised are no image, for the error message."""
+    if data[:4] == b"\x00\x05\x16\x07":
+        return "a macOS AppleDouble metadata file (._name), not an image"
+    return (f"content of no supported format (first bytes {data[:8].hex(' ')}): not TIFF, "
+            "DICOM, OME-Zarr, a vendor format OpenSlide reads, PNG, JPEG or BMP")
 
 
 def decode_image(data: bytes, url: str) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -48,7 +56,10 @@ def decode_image(data: bytes, url: str) -> tuple[np.ndarray, tuple[float, float]
             arr = np.asarray(im)
     except SlideReadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except UnidentifiedImageError:
+        raise SlideReadError(f"not a slide/image: {shown(url)} ({unknown_content(data)})") \
+            from None
+    except (OSError, ValueError) as err:
         raise SlideReadError(f"not a slide/image: {shown(url)} ({err})") from None
     mpp = pixelsize.tiff_resolution_mpp(dpi[0], dpi[1], 2) if dpi else None
     return (composite_alpha(arr) if alpha else np.ascontiguousarray(arr)), mpp

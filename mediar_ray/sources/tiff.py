@@ -77,7 +77,8 @@ class TiffSource(SlideSource):
         except Exception as err:
             self.close()
             raise SlideReadError(f"not a slide/image: {shown(url)} (tifffile cannot read it: "
-                                 f"{type(err).__name__}: {err})") from None
+                                 f"{type(err).__name__}: {err}; the file may be truncated or "
+                                 "corrupt)") from None
         axes = levels[0].axes.replace("S", "C")
         shape0 = self._arrays[0].shape
         kept = "".join(a for a, n in zip(axes, shape0) if n > 1 or a in "YX")
@@ -110,12 +111,11 @@ class TiffSource(SlideSource):
                 _EXTRASAMPLE_UNASSALPHA: "straight"}.get(int(extra[0]))
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        arr = self._arrays[level]
-        index = []
-        for a, n in zip(self._full_axes, arr.shape):
-            index.append(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else
-                         slice(None) if a == "C" and n > 1 else 0)
         with self._reading(level, y0, y1, x0, x1):
+            arr = self._arrays[level]
+            index = [slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else
+                     slice(None) if a == "C" and n > 1 else 0
+                     for a, n in zip(self._full_axes, arr.shape)]
             region = np.asarray(arr[tuple(index)])
         if self.axes == "CYX":
             region = np.moveaxis(region, 0, -1)
