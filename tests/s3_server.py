@@ -7,6 +7,7 @@ profile: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL.
 from __future__ import annotations
 
 import os
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,6 +26,10 @@ def s3_server() -> Iterator[dict[str, str]]:
     server.start()
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
            "AWS_DEFAULT_REGION": "us-east-1"}
+    # Every moto server in a process shares one in-memory backend: start each test's
+    # server empty, or buckets of an earlier test show through.
+    urllib.request.urlopen(urllib.request.Request(
+        f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"), timeout=30).close()
     try:
         yield env
     finally:
