@@ -67,20 +67,27 @@ def _create(prefix: str, key: str, shape: tuple, chunks: tuple, dtype: str, name
     return f"{prefix}/{key}"
 
 
-def _halve_until_one_chunk(plan: SlidePlan, prefix: str, lead: tuple, cpus: float) -> int:
-    """Levels 1, 2, ... of ``prefix`` (every second pixel of the level before) until one
-    chunk holds a level; returns the number of levels."""
+def _levels_to_one_chunk(shape: tuple[int, ...], tile: int) -> int:
+    """Levels of a pyramid halving ``shape``'s last two axes until one chunk holds it."""
+    h, w = shape[-2:]
+    levels = 1
+    while max(h, w) > tile:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        levels += 1
+    return levels
+
+
+def _halve(plan: SlidePlan, prefix: str, lead: tuple, levels: int, cpus: float) -> None:
+    """Levels 1 .. ``levels`` - 1 of ``prefix``, each every second pixel of the one before
+    (down to 1 px a side: NGFF wants as many label levels as image levels)."""
     src = zarr.open_array(f"{prefix}/0", mode="r")
     h, w = src.shape[-2:]
-    level = 0
-    while max(h, w) > plan.tile:
+    for level in range(1, levels):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
-        level += 1
         dst = _create(prefix, str(level), lead + (h, w), lead + (plan.tile, plan.tile),
                       str(src.dtype), list(src.metadata.dimension_names))
         fan_out(stages.downsample_chunk,
                 [(f"{prefix}/{level - 1}", dst, t) for t in tile_grid((h, w), plan.tile)], cpus)
-    return level + 1
 
 
 def _viewing_image(plan: SlidePlan, cpus: float) -> tuple[int, float]:
@@ -98,28 +105,42 @@ def _viewing_image(plan: SlidePlan, cpus: float) -> tuple[int, float]:
     return VIEW_DOWNSAMPLE
 
 
-def _labels_level0(plan: SlidePlan, cpus: float) -> int:
+def _labels_level0(plan: SlidePlan, cpus: float) -> str:
     prefix = plan.layout.path("labels", "cells_level0")
     h, w = plan.source_shape
     dst = _create(prefix, "0", (h, w), (plan.tile, plan.tile), "uint32", ["y", "x"])
     src = plan.layout.path("labels", "cells", "0")
     fan_out(stages.level0_chunk, [(plan, src, dst, t) for t in tile_grid((h, w), plan.tile)],
             cpus)
-    return _halve_until_one_chunk(plan, prefix, (), cpus)
+    return prefix
 
 
 def _label_attrs(plan: SlidePlan, name: str, transforms: list, unit: str | None) -> dict:
+    # colors: background (0) transparent; viewers pick the cells' colours themselves.
     return {"version": "0.5", "multiscales": multiscales(name, transforms, False, unit),
-            "image-label": {"version": "0.5", "source": {"image": "../../"}}}
+            "image-label": {"version": "0.5", "source": {"image": "../../"},
+                            "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}}
 
 
 def build_outputs(plan: SlidePlan, labels_level0: bool, cpus: float) -> dict:
     """Pyramids, tissue mask metadata, level-0 labels, NGFF metadata and the QC image;
     returns what was written (levels per image, the grids' pixel sizes)."""
     unit = "micrometer" if plan.mpp is not None else None
-    n_labels = _halve_until_one_chunk(plan, plan.layout.path("labels", "cells"), (), cpus)
     view = 1 if plan.copy_image else _viewing_image(plan, cpus)
-    n_image = _halve_until_one_chunk(plan, plan.layout.root, (plan.channels,), cpus)
+    level0 = labels_level0 and plan.to_level0 != (1.0, 1.0)
+    # (prefix, leading axes) of every multiscale image; NGFF 0.5 requires every label
+    # image to have as many levels as the image: all get the count the largest needs.
+    pyramids = [(plan.layout.root, (plan.channels,)),
+                (plan.layout.path("labels", "cells"), ())]
+    if plan.tissue:
+        pyramids.append((plan.layout.path("labels", "tissue"), ()))
+    if level0:
+        pyramids.append((_labels_level0(plan, cpus), ()))
+    n = max(_levels_to_one_chunk(zarr.open_array(f"{p}/0", mode="r").shape, plan.tile)
+            for p, _ in pyramids)
+    for prefix, lead in pyramids:
+        _halve(plan, prefix, lead, n, cpus)
+    n_labels = n_image = n
     root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
     root.attrs["ome"] = {"version": "0.5", "multiscales": multiscales(
         plan.layout.stem, _pyramid(grid_transform(plan, view, block=view > 1), n_image),
@@ -136,13 +157,13 @@ def build_outputs(plan: SlidePlan, labels_level0: bool, cpus: float) -> dict:
     if plan.tissue:
         names.append("tissue")
         groups["tissue"] = _label_attrs(
-            plan, "tissue", [grid_transform(plan, plan.thumb_factor, block=True)], unit)
-    if labels_level0 and plan.to_level0 != (1.0, 1.0):
-        n0 = _labels_level0(plan, cpus)
+            plan, "tissue", _pyramid(grid_transform(plan, plan.thumb_factor, block=True), n),
+            unit)
+    if level0:
         names.append("cells_level0")
         m = plan.mpp if plan.mpp is not None else (1.0, 1.0)
         groups["cells_level0"] = _label_attrs(
-            plan, "cells_level0", _pyramid(([m[0], m[1]], [0.0, 0.0]), n0), unit)
+            plan, "cells_level0", _pyramid(([m[0], m[1]], [0.0, 0.0]), n), unit)
     zarr.open_group(plan.layout.path("labels"), mode="a", zarr_format=3).attrs["ome"] = {
         "version": "0.5", "labels": names}
     for name, attrs in groups.items():
