@@ -54,10 +54,17 @@ def check_outputs(out: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_slide_job_scales_out_from_zero_worker_nodes(tmp_path):
-    names = sorted(p.name.split(".")[0] for p in DEMO.iterdir())
+    """A 4-slide archive on a cluster that starts with no worker node: the autoscaler
+    adds nodes, the model actors run on more than one of them, every slide completes."""
+    slides = tmp_path / "slides"
+    shutil.copytree(DEMO, slides)
+    tifffile.imwrite(slides / "phase.tif", read_image(
+        str(REPO.parent / "shared/data/usiigaci_phase/images/train_set1.tif"))[:512, :512])
+    names = sorted(p.name.split(".")[0] for p in slides.iterdir())
+    assert len(names) == 4
     out = tmp_path / "out"
     workers = {"cpu": {"resources": {"CPU": 1, "object_store_memory": 150 << 20},
-                       "node_config": {}, "min_workers": 0, "max_workers": 2}}
+                       "node_config": {}, "min_workers": 0, "max_workers": 3}}
     with autoscaling_cluster(workers) as head:
         ray.init(address=head.gcs_address, logging_level="WARNING")
         try:
@@ -68,7 +75,7 @@ def test_slide_job_scales_out_from_zero_worker_nodes(tmp_path):
             # of a --working-dir package, and in a trial run slides failed with
             # FileNotFoundError as nodes came and went (test_job_submit.py covers the API).
             result = subprocess.run(
-                [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(DEMO),
+                [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(slides),
                  "--output", str(out), "--workers", "2", *FLAGS],
                 env={**os.environ, "RAY_ADDRESS": head.gcs_address}, capture_output=True,
                 text=True, timeout=1200)
@@ -81,6 +88,8 @@ def test_slide_job_scales_out_from_zero_worker_nodes(tmp_path):
     assert all(n["Resources"].get("CPU", 1) == 1 for n in added)
     assert f"outputs: {out}" in result.stdout
     check_outputs(out, names)
+    # the two model actors were spread over two worker nodes
+    assert json.loads((out / "run_summary.json").read_text())["model_nodes"] == 2
 
 
 def _slide_job(slide_dir: Path, out: Path) -> list[str]:
