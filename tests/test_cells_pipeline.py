@@ -325,6 +325,7 @@ def read_three_ways(out: str) -> dict[str, pd.DataFrame]:
     }
 
 
+@pytest.mark.slow  # 1 min on 2 cores
 def test_archive_tables_on_s3_read_alike_and_rerun_replaces_one(cluster, data_dir, tmp_path):
     """Must show 3: a 3-slide archive segmented by the job from s3:// to s3://; its
     table read with pandas, dask and DuckDB gives the same rows, one per cell of each

@@ -120,6 +120,7 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tiny, tmp_path
     assert not (out / "mosaic.zarr/.scratch").exists()
 
 
+@pytest.mark.slow  # about 2 min on 2 cores
 def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, tmp_path):
     # The bundled trained model, so the slide has many cells (nuclei) to cut at seams.
     svs = str(data_dir / "slides/CMU-1-Small-Region.svs")
@@ -152,6 +153,7 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     assert (out / "CMU-1-Small-Region.zarr/qc.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 1-2 min on 2 cores
 def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir, tmp_path):
     """Partials are per tile and whole chunks: a rerun after a lost partial and a lost
     flows chunk recomputes just the partial that chunk needs, and the labels equal those
@@ -215,6 +217,7 @@ def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
     assert block.any()
 
 
+@pytest.mark.slow  # 1-2 min on 2 cores
 def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, data_dir, tmp_path):
     weights, params = tiny
     src = tmp_path / "in"

@@ -91,6 +91,7 @@ def test_missing_credentials_are_a_clear_failure(s3, ref_dir, caplog, tmp_path):
     assert not any(k.startswith("other/") for k in keys)
 
 
+@pytest.mark.slow  # 45 s on 2 cores
 def test_awkward_names_on_s3(s3, slide_bytes, ref_dir):
     """Spaces and brackets in keys, and a macOS '._' file, in a bucket: the good slides
     are done under safe, distinct names; the junk file fails alone with its reason."""

@@ -180,6 +180,19 @@ def test_gpu_request_without_gpus_is_an_error_at_once(job, local_ray, crops, tmp
     assert code == 2 and "--num-gpus-per-worker 1" in caplog.text and summary == {}
 
 
+
+@pytest.mark.timeout(300)  # before: the actors held both CPUs and no slide was ever planned
+def test_actors_that_leave_no_cpu_for_the_stages_are_an_error_at_once(
+        job, local_ray, crops, tmp_path, caplog):
+    """2 workers x 1 CPU on a 2-CPU cluster without an autoscaler: the actors live for the
+    job, so the CPU stage tasks could never run."""
+    src = save(tmp_path / "in/cells.png", crops[0])
+    with caplog.at_level(logging.ERROR):
+        code, summary = run(job, [src], tmp_path / "out", "--workers", "2",
+                            "--cpus-per-worker", "1")
+    assert code == 2 and "--cpus-per-worker 1" in caplog.text and summary == {}
+    assert run(job, [src], tmp_path / "out", "--workers", "2")[0] == 0  # 0.75 each fits
+
 def test_outputs_in_the_input_folder_are_not_inputs(job, local_ray, crops, tmp_path):
     """Class 6: `segment-slides in/ --output in/` twice: the second run finds its own
     <name>.zarr outputs beside the images and must not take them as slides."""

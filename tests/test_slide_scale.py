@@ -41,7 +41,9 @@ from slide_scale import MPP, area_mean, build_slides  # noqa: E402
 
 HEIGHT = 704   # glass slide 704 x 2112 px: the smallest that auto detection accepts
 ROI, TILE, HALO, THUMB = 512, 512, 128, 16
-pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
+# slow: three slide runs, about 1.5 min on 2 cores
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:Object at .* is not recognized")]
 
 
 @pytest.fixture(scope="module")

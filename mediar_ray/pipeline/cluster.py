@@ -75,6 +75,8 @@ def check_resources(opts: SlideOptions) -> bool:
     cpus, gpus = opts.actor_cpus(), opts.num_gpus_per_worker
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        if not autoscaler_present():
+            _check_room_for_stages(opts, nodes)
         return False
     if autoscaler_present():
         log.info("no node can hold a model actor yet (%s CPU, %s GPU): waiting up to %.0f s "
@@ -90,3 +92,23 @@ def check_resources(opts: SlideOptions) -> bool:
     raise ResourceError(
         f"--cpus-per-worker {cpus:g}: no node of this Ray cluster has that many CPUs "
         f"(largest: {most:g}) and no autoscaler can add one; ask for fewer")
+
+
+def _check_room_for_stages(opts: SlideOptions, nodes: list[dict]) -> None:
+    """The actors live for the whole job: if those that fit leave less than one CPU
+    stage task's CPUs on a fixed cluster, no slide could ever be planned or finished."""
+    cpus, gpus = opts.actor_cpus(), opts.num_gpus_per_worker
+    fits = 0
+    for r in nodes:
+        per_node = int(r.get("CPU", 0) // cpus) if cpus else opts.workers
+        if gpus:
+            per_node = min(per_node, int(r.get("GPU", 0) // gpus))
+        fits += per_node
+    total = sum(r.get("CPU", 0) for r in nodes)
+    held = min(fits, opts.workers) * cpus
+    if total - held < opts.cpus_per_task - 1e-9:
+        raise ResourceError(
+            f"--workers {opts.workers} x --cpus-per-worker {cpus:g} hold {held:g} of this "
+            f"cluster's {total:g} CPUs, leaving less than --cpus-per-task "
+            f"{opts.cpus_per_task:g} for planning and finishing slides; ask for fewer "
+            "workers or CPUs per worker")
