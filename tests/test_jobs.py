@@ -107,7 +107,7 @@ def test_slide_job_summary_output_location_and_exit_code(slides_job, local_ray, 
     done = summary["done"]["tissue"]
     labels = np.asarray(zarr.open_array(str(out / "tissue.zarr/labels/cells/0"), mode="r"))
     assert done["cells"] == int(labels.max()) == len(np.unique(labels)) - 1 > 0
-    assert set(done["seconds"]) == {"plan", "infer", "track", "finish"}
+    assert set(done["seconds"]) == {"plan", "infer", "track", "cells", "finish"}
     assert all(s >= 0 for s in done["seconds"].values())
 
     assert slides_job.main(argv) == 1  # the broken slide still fails

@@ -34,6 +34,9 @@ log = logging.getLogger("mediar_ray.slides")
 
 #: Seconds between progress lines of the archive while tiles are inferred.
 PROGRESS_EVERY = 10.0
+#: Times one actor slot is re-created after Ray reports its actor dead for good (for
+#: example an actor cancelled before it started when its node went away).
+MAX_REPLACEMENTS = 3
 
 
 @dataclass
@@ -98,8 +101,10 @@ class ArchiveRun:
             num_cpus=cpus, num_gpus=opts.num_gpus_per_worker, max_restarts=-1,
             max_task_retries=-1, scheduling_strategy="SPREAD")
         device = "cuda" if opts.gpu else opts.device
-        self.actors = [actor.remote(opts.weights, opts.model_config, opts.tta, device,
-                                    max(1, round(cpus))) for _ in range(opts.workers)]
+        self._new_actor = lambda: actor.remote(opts.weights, opts.model_config, opts.tta,
+                                               device, max(1, round(cpus)))
+        self.actors = [self._new_actor() for _ in range(opts.workers)]
+        self.generation = [0] * len(self.actors)
         self.load = [0] * len(self.actors)
         self.intervals = [[] for _ in self.actors]
         if self.wait_for_nodes:  # resources may come from the autoscaler: wait, bounded
@@ -162,7 +167,7 @@ class ArchiveRun:
                 if slide is None or slide.failed:
                     continue
                 ref = actor.infer.remote(slide.plan_ref, tile_json)
-                self.pending[ref] = ("tile", name, i)
+                self.pending[ref] = ("tile", name, i, tile_json, self.generation[i])
                 self.load[i] += 1
                 slide.running += 1
 
@@ -174,11 +179,14 @@ class ArchiveRun:
         try:
             result = ray.get(ref)
         except ray.exceptions.ActorDiedError as err:  # restarts exhausted or init failed
-            raise RuntimeError(f"the model actors could not be restarted: {_reason(err)}") from None
+            if kind == "tile":
+                self._actor_died(slide, *what[2:], err)
+            else:
+                self._fail(slide, _reason(err))
+            return
         except Exception as err:  # noqa: BLE001 - one slide's failure, reported per slide
             if kind == "tile":
-                self.load[what[2]] -= 1
-                slide.running -= 1
+                self._tile_ended(slide, what[2], what[4])
             if slide.failed:
                 self._forget_if_idle(slide)
             else:
@@ -212,9 +220,32 @@ class ArchiveRun:
         if not planned.tiles:
             self._finish(slide)
 
-    def _on_tile(self, slide: _Slide, result: dict, actor: int) -> None:
-        self.load[actor] -= 1
+    def _tile_ended(self, slide: _Slide, actor: int, generation: int) -> None:
+        if generation == self.generation[actor]:
+            self.load[actor] -= 1
         slide.running -= 1
+
+    def _actor_died(self, slide: _Slide, actor: int, tile_json: str, generation: int,
+                    err: BaseException) -> None:
+        """Ray gave up on an actor: put its tile back in the queue and, the first time
+        one of its tiles reports it, start a new actor in its slot (bounded)."""
+        self._tile_ended(slide, actor, generation)
+        if generation == self.generation[actor]:
+            if self.generation[actor] >= MAX_REPLACEMENTS:
+                raise RuntimeError(
+                    f"the model actors could not be restarted: {_reason(err)}") from None
+            log.warning("model actor %d died (%s): starting a new one", actor, _reason(err))
+            self.actors[actor] = self._new_actor()
+            self.generation[actor] += 1
+            self.load[actor] = 0
+        if slide.failed:
+            self._forget_if_idle(slide)
+        else:
+            self.queue.appendleft((slide.name, tile_json))
+
+    def _on_tile(self, slide: _Slide, result: dict, actor: int, tile_json: str,
+                 generation: int) -> None:
+        self._tile_ended(slide, actor, generation)
         self.tiles_done += 1
         self.intervals[actor].append((result["start"], result["end"]))
         self.nodes.add(result["node"])
