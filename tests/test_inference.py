@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 

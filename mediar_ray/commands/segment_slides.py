@@ -70,9 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "segment-slides",
         help="segment whole slides on Ray into OME-Zarr labels",
-        description="Segment slides (SVS, OME-TIFF, TIFF, PNG; files, folders, globs or "
-        "fsspec URLs) on Ray. Each slide becomes OUTPUT/<stem>.zarr with labels at "
-        "labels/cells/0. Complete slides are skipped on a rerun.",
+        description="Segment an archive of slides on Ray: TIFF pyramids (SVS, OME-TIFF), "
+        "OpenSlide formats (MRXS, NDPI, SCN, BIF, VMS), DICOM WSI folders, OME-Zarr and "
+        "PNG/JPEG, given as files, folders, globs or fsspec URLs. Each slide becomes "
+        "OUTPUT/<name>.zarr with labels at labels/cells/0, and its cells a partition of "
+        "OUTPUT/cells. Complete slides are skipped on a rerun with the same inputs and "
+        "options.",
     )
     p.add_argument("input", metavar="INPUT", nargs="+")
     p.add_argument("output", metavar="OUTPUT")

@@ -9,7 +9,6 @@ learning rate, metrics, the run's config), written last.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
