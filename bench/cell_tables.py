@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 
 from slide_memory import WorkerMemory, write_slide
 

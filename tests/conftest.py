@@ -39,3 +39,33 @@ def single_threaded():
     yield
     torch.set_num_threads(before[0])
     numba.set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for a module's tests (the machine's size)."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_ray():
+    """An S3 server on loopback (moto) with buckets ``lab`` and ``results``, and a local
+    Ray of 2 CPUs whose workers get its credentials through the runtime environment, as
+    on a cluster; yields (boto3 client, environment)."""
+    import logging
+
+    import ray
+    from s3_server import environment, s3_client, s3_server
+
+    with s3_server() as env, environment(env):
+        client = s3_client(env, "lab", "results")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+        yield client, env
+        ray.shutdown()

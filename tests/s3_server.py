@@ -36,6 +36,19 @@ def s3_server() -> Iterator[dict[str, str]]:
         server.stop()
 
 
+def s3_client(env: dict[str, str], *buckets: str):
+    """A boto3 client of the server that ``env`` points at, with ``buckets`` created."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          region_name="us-east-1")
+    for bucket in buckets:
+        client.create_bucket(Bucket=bucket)
+    return client
+
+
 @contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the block (and clear fsspec's cached filesystems)."""

@@ -7,13 +7,11 @@ among good ones fails alone (exit code 1); the run summary says what happened to
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import tifffile
 import zarr
 
@@ -23,13 +21,6 @@ from mediar_ray.pipeline.utilization import all_busy_fraction, busy_fraction
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mediar_ray" / "assets" / "demo" / "images"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def small_opts(**kw) -> SlideOptions:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
-import boto3
 import dask.array as da
 import dask.dataframe as dd
 import duckdb
@@ -18,7 +16,6 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import shapely.geometry
 import tifffile
 import zarr
@@ -34,7 +31,6 @@ from mediar_ray.pipeline.plan import plan_slide
 from mediar_ray.pipeline.run import check_weights, slide_fingerprint
 from mediar_ray.pipeline.stages import mark_done, open_array
 from mediar_ray.segment import resolve_weights
-from s3_server import environment, s3_server
 from test_cells import paired_mosaic
 from test_cells_table import normalise
 
@@ -43,20 +39,8 @@ SIZE, TILE = 3072, 448
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One Ray session for the module, its workers given the credentials of an S3
-    server on loopback (moto) through the runtime environment, as on a cluster."""
-    with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
-        client.create_bucket(Bucket="results")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
-        yield client, env
-        ray.shutdown()
+def cluster(s3_ray):
+    return s3_ray
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import dask.dataframe as dd
 import duckdb
 import fsspec
@@ -24,7 +23,7 @@ from mediar_ray.cells.summary import summarize_archive
 from mediar_ray.cells.table import commit_slide, partition_state
 from mediar_ray.cli import main
 from mediar_ray.pipeline.layout import tile_grid
-from s3_server import environment, s3_server
+from s3_server import environment, s3_client, s3_server
 from test_cells_table import SLIDES, load_slide, normalise, stage_slide, write_archive
 
 OUT = "s3://results/archive"
@@ -33,11 +32,7 @@ OUT = "s3://results/archive"
 @pytest.fixture(scope="module")
 def s3_archive(data_dir):
     with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="results")
+        client = s3_client(env, "results")
         expected = normalise(write_archive(data_dir, OUT))
         yield client, env, expected
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pytest
-import ray
 import tifffile
 import zarr
 
@@ -36,13 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mosaic import mosaic, real_labels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

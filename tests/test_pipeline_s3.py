@@ -4,34 +4,21 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
-import boto3
 import dask.array as da
 import numpy as np
 import pytest
-import ray
 import tifffile
 
 from mediar_ray.io import read_image
 from mediar_ray.pipeline import SlideOptions, run_slides
-from s3_server import environment, s3_server
+from s3_server import environment
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
-        client.create_bucket(Bucket="results")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
-        yield client, env
-        ray.shutdown()
+def s3(s3_ray):
+    return s3_ray
 
 
 @pytest.fixture(scope="module")

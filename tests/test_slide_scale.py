@@ -21,13 +21,11 @@ objects on or off, the engine's grids agree.)
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import tifffile
 import zarr
 
@@ -44,13 +42,6 @@ ROI, TILE, HALO, THUMB = 512, 512, 128, 16
 # slow: three slide runs, about 1.5 min on 2 cores
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:Object at .* is not recognized")]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import zarr
@@ -18,7 +17,7 @@ from mediar_ray.io import read_image
 from mediar_ray.sources import SlideReadError, open_slide
 from mediar_ray.sources.discover import find_slides
 from mediar_ray.sources.staging import StagedSlides, staged
-from s3_server import environment, s3_server
+from s3_server import environment, s3_client, s3_server
 
 SVS = "slides/CMU-1-Small-Region.svs"
 APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 4000
@@ -27,11 +26,7 @@ APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 40
 @pytest.fixture(scope="module")
 def s3():
     with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
+        client = s3_client(env, "lab")
         yield client, env
 
 

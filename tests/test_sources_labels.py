@@ -15,7 +15,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import ray
@@ -26,7 +25,7 @@ from mediar_ray.io import read_image
 from mediar_ray.metrics import cellseg_f1
 from mediar_ray.pipeline import SlideOptions, run_slides
 from mediar_ray.sources import open_slide
-from s3_server import environment, s3_server
+from s3_server import environment, s3_client, s3_server
 from test_sources import bad_files
 from test_sources_dicom import to_dicom
 from test_sources_zarr import write_ngff
@@ -103,11 +102,7 @@ def runs(data_dir, tmp_path_factory):
     to_dicom(str(svs), archive / "svs_dicom", JpegLosslessSettings(channels=Channels.RGB))
 
     with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
+        client = s3_client(env, "lab")
         upload(client, zarrs, "in")
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": env})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import zarr
@@ -16,7 +15,7 @@ from zarr.storage import LocalStore, WrapperStore
 from mediar_ray.io import read_image
 from mediar_ray.sources import SlideReadError, open_slide
 from mediar_ray.sources.omezarr import OmeZarrSource
-from s3_server import environment, s3_server
+from s3_server import environment, s3_client, s3_server
 
 SVS = "slides/CMU-1-Small-Region.svs"
 CHUNK = 256
@@ -186,11 +185,7 @@ def test_unsupported_zarr_layouts_fail_naming_the_image(tmp_path, svs_pixels):
 
 def test_ngff_images_on_s3(ngff, svs_pixels):
     with s3_server() as env, environment(env):
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
+        client = s3_client(env, "lab")
         for version, (path, _) in ngff.items():
             for f in sorted(path.rglob("*")):
                 if f.is_file():

@@ -204,17 +204,12 @@ def test_corrupt_and_missing_checkpoints_are_one_line_and_exit_2(data_dir, tmp_p
 def s3_without_credentials(monkeypatch, tmp_path, data_dir):
     """A real S3 server on loopback holding one image; the environment then loses its
     credentials (and any other place botocore could find some)."""
-    import boto3
     import fsspec
 
-    from s3_server import s3_server
+    from s3_server import s3_client, s3_server
 
     with s3_server() as env:
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="lab")
+        client = s3_client(env, "lab")
         client.put_object(Bucket="lab", Key="in/cells.png",
                           Body=dsb_image(data_dir, DSB[0]).read_bytes())
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
