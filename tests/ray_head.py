@@ -79,6 +79,16 @@ def new_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short path: unix socket limits
 
 
+def driver_env(address: str) -> dict[str, str]:
+    """The environment of a driver subprocess of the test cluster at ``address``.
+
+    Without RAY_AUTH_MODE: after a local ``ray.init()`` this process holds
+    RAY_AUTH_MODE=token, and a driver given it against a test head started with
+    authentication disabled had every actor it created cancelled."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    return {**env, "RAY_ADDRESS": address}
+
+
 def kill_leftovers(temp_dir: str) -> list[int]:
     """SIGKILL the processes whose command line names this test cluster's temp dir (its
     raylets and workers all do); returns their pids. Other Ray instances are untouched."""

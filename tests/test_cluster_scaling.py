@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,12 +20,11 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pytest
-import ray
 import tifffile
 
 from autoscaling_cluster import autoscaling_cluster
 from mediar_ray.io import read_image
-from ray_head import free_port, kill_leftovers, new_temp_dir
+from ray_head import driver_env, free_port, kill_leftovers, new_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mediar_ray" / "assets" / "demo" / "images"
@@ -66,22 +64,20 @@ def test_slide_job_scales_out_from_zero_worker_nodes(tmp_path):
     workers = {"cpu": {"resources": {"CPU": 1, "object_store_memory": 150 << 20},
                        "node_config": {}, "min_workers": 0, "max_workers": 3}}
     with autoscaling_cluster(workers) as head:
-        ray.init(address=head.gcs_address, logging_level="WARNING")
-        try:
-            before = {n["NodeID"] for n in ray.nodes()}
-            assert len(before) == 1 and "CPU" not in ray.cluster_resources()  # head only
-            # The job's driver as `ray job submit` runs it, with RAY_ADDRESS. Not through
-            # the job API here: the fake nodes share the head's temp dir and so one copy
-            # of a --working-dir package, and in a trial run slides failed with
-            # FileNotFoundError as nodes came and went (test_job_submit.py covers the API).
-            result = subprocess.run(
-                [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(slides),
-                 "--output", str(out), "--workers", "2", *FLAGS],
-                env={**os.environ, "RAY_ADDRESS": head.gcs_address}, capture_output=True,
-                text=True, timeout=1200)
-            added = [n for n in ray.nodes() if n["NodeID"] not in before]
-        finally:
-            ray.shutdown()
+        # The cluster's nodes are read by a driver in another process, as the job's.
+        before = cluster_nodes(head.gcs_address)
+        assert len(before) == 1 and "CPU" not in before[0]["Resources"]  # head only
+        # The job's driver as `ray job submit` runs it, with RAY_ADDRESS. Not through
+        # the job API here: the fake nodes share the head's temp dir and so one copy
+        # of a --working-dir package, and in a trial run slides failed with
+        # FileNotFoundError as nodes came and went (test_job_submit.py covers the API).
+        result = subprocess.run(
+            [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(slides),
+             "--output", str(out), "--workers", "2", *FLAGS],
+            env=driver_env(head.gcs_address), capture_output=True,
+            text=True, timeout=1200)
+        ids = {n["NodeID"] for n in before}
+        added = [n for n in cluster_nodes(head.gcs_address) if n["NodeID"] not in ids]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # the autoscaler added worker nodes of the "cpu" type: every task and actor ran there
     assert len(added) >= 1
@@ -90,6 +86,17 @@ def test_slide_job_scales_out_from_zero_worker_nodes(tmp_path):
     check_outputs(out, names)
     # the two model actors were spread over two worker nodes
     assert json.loads((out / "run_summary.json").read_text())["model_nodes"] == 2
+
+
+def cluster_nodes(address: str) -> list[dict]:
+    """``ray.nodes()`` of the cluster at ``address``, from a driver in a subprocess."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print('NODES', json.dumps([{'NodeID': n['NodeID'], 'Resources': n['Resources']} "
+            "for n in ray.nodes() if n['Alive']]))" % address)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120, env=driver_env(address))
+    line = next(x for x in result.stdout.splitlines() if x.startswith("NODES "))
+    return json.loads(line[len("NODES "):])
 
 
 def _slide_job(slide_dir: Path, out: Path) -> list[str]:
@@ -115,7 +122,7 @@ def test_losing_the_inference_node_mid_job_gives_identical_labels(tmp_path):
     proc = None
     try:
         first = cluster.add_node(num_cpus=1, object_store_memory=100 << 20)
-        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        env = driver_env(cluster.address)
         ref, out = tmp_path / "ref", tmp_path / "out"
         subprocess.run(_slide_job(slides, ref), env=env, check=True, capture_output=True)
         log = tmp_path / "job.log"  # a file, not a pipe: a full pipe would stall the job

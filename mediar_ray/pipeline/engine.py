@@ -34,9 +34,11 @@ log = logging.getLogger("mediar_ray.slides")
 
 #: Seconds between progress lines of the archive while tiles are inferred.
 PROGRESS_EVERY = 10.0
-#: Times one actor slot is re-created after Ray reports its actor dead for good (for
-#: example an actor cancelled before it started when its node went away).
-MAX_REPLACEMENTS = 3
+#: Times one actor slot is re-created after Ray reports its actor dead for good (its
+#: restarts exhausted, or its creation cancelled before it started), after a pause of
+#: 1, 2, 4, ... 30 s (about 1.5 min in all); then the job stops with the slides not ended
+#: listed as failed.
+MAX_REPLACEMENTS = 7
 
 
 @dataclass
@@ -234,7 +236,10 @@ class ArchiveRun:
             if self.generation[actor] >= MAX_REPLACEMENTS:
                 raise RuntimeError(
                     f"the model actors could not be restarted: {_reason(err)}") from None
-            log.warning("model actor %d died (%s): starting a new one", actor, _reason(err))
+            pause = min(30.0, 2.0 ** self.generation[actor])
+            log.warning("model actor %d died (%s): a new one in %.0f s", actor,
+                        " | ".join(str(err).split("\n")), pause)
+            time.sleep(pause)  # the driver only; tasks and the other actors go on
             self.actors[actor] = self._new_actor()
             self.generation[actor] += 1
             self.load[actor] = 0
