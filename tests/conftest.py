@@ -69,3 +69,12 @@ def s3_ray():
                  runtime_env={"env_vars": env})
         yield client, env
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(ref_dir: Path) -> tuple[str, dict]:
+    """The small reference checkpoint of the fixtures and its model parameters."""
+    import json
+
+    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
+    return str(ref_dir / "model_a.pth"), params

@@ -27,11 +27,10 @@ from mediar_ray.dynamics import labels_to_flows
 from mediar_ray.io import read_image
 from mediar_ray.pipeline import SlideOptions, run_slides
 from mediar_ray.pipeline.layout import tile_grid
-from mediar_ray.pipeline.plan import plan_slide
-from mediar_ray.pipeline.run import check_weights, slide_fingerprint
 from mediar_ray.pipeline.stages import mark_done, open_array
 from mediar_ray.segment import resolve_weights
 from test_cells import paired_mosaic
+from test_pipeline import plan_as_job
 from test_cells_table import normalise
 
 # 7 x 7 chunks of 448 px, the last row and column 384 px: many seams, ragged edges.
@@ -41,19 +40,6 @@ SIZE, TILE = 3072, 448
 @pytest.fixture(scope="module")
 def cluster(s3_ray):
     return s3_ray
-
-
-@pytest.fixture(scope="module")
-def tiny(ref_dir):
-    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
-    return str(ref_dir / "model_a.pth"), params
-
-
-def plan_as_job(image: Path, out: Path, opts: SlideOptions):
-    """Plan a slide exactly as the job would (same fingerprint), so that the following
-    run_slides reuses what the test puts into its scratch."""
-    fp = slide_fingerprint(str(image), opts, check_weights(opts), opts.mpp)
-    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp, opts.mpp).plan
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

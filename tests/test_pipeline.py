@@ -36,17 +36,11 @@ from mosaic import mosaic, real_labels  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(ref_dir):
-    params = json.loads((ref_dir / "index.json").read_text())["model_params"]
-    return str(ref_dir / "model_a.pth"), params
-
-
 def plan_as_job(image: Path, out: Path, opts: SlideOptions):
     """Plan a slide exactly as the job would (same fingerprint), so that a following
     run_slides reuses what the test puts into its scratch."""
-    fp = slide_fingerprint(str(image), opts, check_weights(opts))
-    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp).plan
+    fp = slide_fingerprint(str(image), opts, check_weights(opts), opts.mpp)
+    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp, opts.mpp).plan
 
 
 def infer_in_process(plan, opts: SlideOptions) -> None:
