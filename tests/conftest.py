@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Every Ray cluster a test starts listens on loopback only, with token authentication
+# off. Set for the whole session because a local ``ray.init()`` with the mode unset turns
+# it on in this process's environment, and heads or drivers started after it (by
+# ray.cluster_utils or subprocesses) would then disagree with earlier ones.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -82,11 +82,9 @@ def new_temp_dir() -> str:
 def driver_env(address: str) -> dict[str, str]:
     """The environment of a driver subprocess of the test cluster at ``address``.
 
-    Without RAY_AUTH_MODE: after a local ``ray.init()`` this process holds
-    RAY_AUTH_MODE=token, and a driver given it against a test head started with
-    authentication disabled had every actor it created cancelled."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    return {**env, "RAY_ADDRESS": address}
+    Authentication disabled like the test heads: a driver whose mode disagrees with its
+    head's either has every actor it creates cancelled or cannot connect at all."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": address}
 
 
 def kill_leftovers(temp_dir: str) -> list[int]:
