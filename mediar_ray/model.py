@@ -23,13 +23,14 @@ from __future__ import annotations
 import io
 import json
 import struct
-from importlib import resources
 from typing import Any, Mapping
 
 import fsspec
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+
+from mediar_ray.weights import CheckpointError, default_weights, read_checkpoint_bytes
 
 __all__ = [
     "DEFAULT_MODEL_PARAMS",
@@ -53,10 +54,6 @@ DEFAULT_MODEL_PARAMS: dict[str, Any] = {
 }
 
 _METADATA_KEY = "mediar_ray_model_params"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model."""
 
 
 class _FlowHead(nn.Sequential):
@@ -180,27 +177,7 @@ def model_params(model: MEDIARFormer) -> dict[str, Any]:
     return dict(model.mediar_params)
 
 
-def default_weights() -> str | None:
-    """Path of the small model bundled with the package, or None if it is absent."""
-    asset = resources.files("mediar_ray") / "assets" / "cpu_small.safetensors"
-    return str(asset) if asset.is_file() else None
-
-
 # --------------------------------------------------------------------------- reading
-
-
-def _read_bytes(url: str) -> bytes:
-    from mediar_ray.io import describe_error, loggable
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {loggable(url)}; check the --weights "
-                              "path or URL") from None
-    except Exception as err:  # network, permissions, bad URL scheme, no credentials
-        raise CheckpointError(f"cannot read checkpoint {loggable(url)}: "
-                              f"{describe_error(err)}") from None
 
 
 def _is_safetensors(url: str, data: bytes) -> bool:
@@ -222,7 +199,7 @@ def _safetensors_metadata(data: bytes, url: str) -> dict[str, str]:
 
 def _read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors of a checkpoint and the model parameters stored with it (may be empty)."""
-    data = _read_bytes(url)
+    data = read_checkpoint_bytes(url)
     if not data:
         raise CheckpointError(f"checkpoint {url} is empty")
     if _is_safetensors(url, data):

@@ -6,17 +6,16 @@ pipeline must reproduce tile by tile.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 import torch
 
 from mediar_ray.inference import predict_raw, resolve_device
-from mediar_ray.model import MEDIARFormer, default_weights, load_model
+from mediar_ray.model import MEDIARFormer, load_model
 from mediar_ray.preprocess import normalize
+from mediar_ray.weights import parse_model_config, resolve_weights
 
 __all__ = ["SegmentResult", "check_device", "load_models", "parse_model_config",
            "resolve_weights", "segment_image"]
@@ -28,51 +27,6 @@ class SegmentResult:
 
     labels: np.ndarray | None
     raw: np.ndarray
-
-
-def parse_model_config(value: str | None) -> dict[str, Any]:
-    """Model parameters from a JSON file/URL, or an inline JSON object, or None -> {}.
-
-    Accepts either the parameters themselves or an object with a ``model_params`` key
-    (the layout of MEDIAR's config files and of the reference fixtures' index.json).
-    """
-    if not value:
-        return {}
-    text = value if value.lstrip().startswith("{") else _read_text(value)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-config {value}: not valid JSON ({err})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"--model-config {value}: expected a JSON object")
-    return dict(obj.get("model_params", obj))
-
-
-def _read_text(url: str) -> str:
-    from mediar_ray.io import describe_error, loggable
-
-    try:
-        with fsspec.open(url, "r") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ValueError(f"--model-config {loggable(url)}: file not found") from None
-    except Exception as err:  # bad URL scheme, no access, no credentials, not text
-        raise ValueError(f"--model-config {loggable(url)}: cannot read "
-                         f"({describe_error(err)})") from None
-
-
-def resolve_weights(weights: Sequence[str] | None) -> list[str]:
-    """The checkpoints to use: ``weights``, or the bundled model when none are given."""
-    paths = list(weights or [])
-    if paths:
-        return paths
-    bundled = default_weights()
-    if bundled is None:
-        raise ValueError(
-            "no weights given and no bundled model in this installation: pass "
-            "--weights CHECKPOINT (.pth of the original MEDIAR or our .safetensors)"
-        )
-    return [bundled]
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

@@ -83,6 +83,21 @@ def test_resume_state_from_another_input_is_not_reused(job, local_ray, crops, tm
     np.testing.assert_array_equal(labels_of(out, "S300"), references(job, [b], tmp_path)[0])
 
 
+def test_a_checkpoint_that_does_not_fit_stops_the_job_before_any_slide(
+        job, local_ray, crops, tiny, tmp_path, caplog):
+    """The model actors load the weights strictly before any slide is planned: the
+    fixtures' small checkpoint without its --model-config exits 2 with a message naming
+    the file and the fix, and writes no slide output."""
+    src = save(tmp_path / "in/cells.png", crops[0])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code, _ = run(job, [src.parent], out, "--weights", tiny[0])
+    assert code == 2
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "model_a.pth" in message and "--model-config" in message
+    assert not list(out.glob("*.zarr"))
+
+
 def test_changed_options_do_not_reuse_a_finished_slide(job, local_ray, crops, tmp_path):
     """Class 1 for finished outputs: a rerun with another tile size does not skip the
     slide silently; --overwrite redoes it with the new options."""

@@ -85,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def options_from_args(args: argparse.Namespace):
     from mediar_ray.pipeline import SlideOptions
-    from mediar_ray.segment import parse_model_config, resolve_weights
+    from mediar_ray.weights import parse_model_config, resolve_weights
 
     weights = resolve_weights(args.weights)
     return SlideOptions(

@@ -67,6 +67,26 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}".strip()
 
 
+def _warm_up() -> None:
+    """Import what the CPU stages need (run once, as a task, to start a worker)."""
+    import mediar_ray.pipeline.finish  # noqa: F401
+    import mediar_ray.pipeline.plan  # noqa: F401
+
+
+def _load_error(err: BaseException) -> Exception:
+    """The error of a model actor that died loading the models: a
+    :class:`~mediar_ray.weights.CheckpointError` (its message names the file and the
+    fix) when a checkpoint was at fault, else a RuntimeError."""
+    from mediar_ray.weights import CheckpointError
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, _, message = line.partition(": ")
+        if name.rsplit(".", 1)[-1] == "CheckpointError":
+            return CheckpointError(message)
+    return RuntimeError(f"the model actors could not start: {lines[-1] if lines else err}")
+
+
 class ArchiveRun:
     """One job over ``slides`` ((url, output name, pixel-size override)) into ``output``.
 
@@ -109,14 +129,29 @@ class ArchiveRun:
         self.generation = [0] * len(self.actors)
         self.load = [0] * len(self.actors)
         self.intervals = [[] for _ in self.actors]
-        if self.wait_for_nodes:  # resources may come from the autoscaler: wait, bounded
-            ready, _ = ray.wait([a.node.remote() for a in self.actors], num_returns=1,
-                                timeout=opts.resource_timeout)
-            if not ready:
-                raise ResourceError(
-                    f"no node able to hold a model actor ({cpus:g} CPU, "
-                    f"{opts.num_gpus_per_worker:g} GPU) joined within "
-                    f"{opts.resource_timeout:.0f} s (--resource-timeout)")
+        # A CPU-stage worker starts (imports) while the models load, not after.
+        ray.remote(_warm_up).options(num_cpus=opts.cpus_per_task).remote()
+        self._await_models(cpus)
+
+    def _await_models(self, cpus: float) -> None:
+        """Return when one model actor has loaded the models. They load strictly, so a
+        checkpoint that does not fit the model raises here, before any slide is planned;
+        with ``wait_for_nodes`` (an autoscaler may add the nodes) the wait is bounded."""
+        import ray
+
+        opts = self.opts
+        timeout = opts.resource_timeout if self.wait_for_nodes else None
+        ready, _ = ray.wait([a.node.remote() for a in self.actors], num_returns=1,
+                            timeout=timeout)
+        if not ready:
+            raise ResourceError(
+                f"no node able to hold a model actor ({cpus:g} CPU, "
+                f"{opts.num_gpus_per_worker:g} GPU) joined within "
+                f"{opts.resource_timeout:.0f} s (--resource-timeout)")
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.ActorDiedError as err:
+            raise _load_error(err) from None
 
     def _tasks(self) -> None:
         import ray

@@ -14,20 +14,11 @@ import fsspec
 
 from mediar_ray.pipeline.layout import safe_url
 
-__all__ = ["HEAD_BYTES", "differences", "fingerprint", "input_identity", "sha256_of"]
+__all__ = ["HEAD_BYTES", "differences", "fingerprint", "input_identity"]
 
 #: Bytes of a file's start hashed into its identity (headers, first tiles).
 HEAD_BYTES = 1 << 20
 _FOLDER_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zarray", "DICOMDIR")
-
-
-def sha256_of(url: str) -> str:
-    """SHA-256 (hex) of a whole file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _modified(info: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from mediar_ray.pipeline.engine import ArchiveRun
 from mediar_ray.pipeline.layout import safe_url
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.plan import plan_slide
-from mediar_ray.pipeline.provenance import fingerprint, input_identity, sha256_of
+from mediar_ray.pipeline.provenance import fingerprint, input_identity
 
 __all__ = ["SlideOptions", "check_weights", "plan_slide", "run_slides", "slide_fingerprint"]
 
@@ -51,13 +51,17 @@ def check_output_root(output: str) -> None:
 
 
 def check_weights(opts: SlideOptions) -> list[str]:
-    """Load every checkpoint once here (strict keys; raises naming the file) and return
-    their SHA-256 hashes, which are part of every slide's fingerprint."""
-    from mediar_ray.segment import load_models, resolve_weights
+    """The SHA-256 hashes of the checkpoints (part of every slide's fingerprint); raises
+    a :class:`~mediar_ray.weights.CheckpointError` naming a file that cannot be read.
+
+    Whether they fit the model (strict keys and shapes) is checked by the model actors
+    as they load them, before any slide is planned (:class:`.engine.ArchiveRun`): the
+    driver never imports the model code.
+    """
+    from mediar_ray.weights import checkpoint_sha256, resolve_weights
 
     opts.weights = resolve_weights(opts.weights)
-    load_models(opts.weights, opts.model_config, "cpu")
-    return [sha256_of(w) for w in opts.weights]
+    return [checkpoint_sha256(w) for w in opts.weights]
 
 
 def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str],
@@ -116,7 +120,7 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
         an unwritable output root, no inputs, unreadable weights.
     """
     opts.validate()
-    ensure_ray()
+    ensure_ray(dashboard=False)
     check_output_root(output)
     wait = check_resources(opts)
     hashes = check_weights(opts)
