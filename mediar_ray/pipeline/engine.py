@@ -5,7 +5,9 @@ loaded once each) lives for the whole job and is fed the tiles of all slides. Ea
 is prepared (fingerprint, skip/plan: :func:`~mediar_ray.pipeline.plan.prepare_slide`) by
 a CPU task; its tiles join the queue; when its last tile is inferred, a CPU task
 finishes it (:func:`~mediar_ray.pipeline.finish.finish_slide`) while the actors infer
-other slides. The driver only orders and throttles:
+other slides. No slide is planned before one actor has loaded the models (strictly:
+a checkpoint that does not fit stops the job there). The driver only orders and
+throttles:
 
 - slides are admitted in input order while fewer than ``slides_in_flight`` are being
   prepared, inferred or finished and while the tile queue is short (fewer than four
