@@ -54,8 +54,6 @@ def _open_checkpoint(url: str) -> Iterator[IO[bytes]]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {loggable(url)}; check the --weights "
                               "path or URL") from None
-    except CheckpointError:
-        raise
     except Exception as err:  # network, permissions, bad URL scheme, no credentials
         raise CheckpointError(f"cannot read checkpoint {loggable(url)}: "
                               f"{describe_error(err)}") from None
