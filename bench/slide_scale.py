@@ -7,10 +7,10 @@ Two slides are built from the real H&E slide ../shared/data/slides/CMU-1-Small-R
 - the *glass slide*: the SVS's densest tissue (a 1024^2 crop, mirrored to fill larger
   blocks) as a band over the full height and the left third of the width, on glass of
   the SVS's own background colour and noise, so tissue is about a third of the area;
-  ``HEIGHT x 3 HEIGHT`` px at 0.499 um/px;
-- the *2x slide*: the same slide upsampled 2x (bicubic, each 2 x 2 block keeping the
-  original pixel's mean, :func:`upsample2`), i.e. 0.2495 um/px, ``2 HEIGHT x 6 HEIGHT``
-  px.
+  ``H x 3 H`` px at 0.499 um/px (``--glass-height``, default 3072);
+- the *2x slide*: a glass slide of ``--height`` (default 2048) upsampled 2x (bicubic,
+  each 2 x 2 block keeping the original pixel's mean, :func:`upsample2`), i.e. 0.2495
+  um/px, ``2 HEIGHT x 6 HEIGHT`` px (its level-0 run is the longest of the bench).
 
 Both are tiled pyramidal TIFFs (JPEG tiles like an SVS, levels 1, 4 and 16, area
 averaged) with the pixel size in the TIFF resolution tags. Every run is a subprocess of
@@ -25,13 +25,17 @@ included). Printed:
 3. both slides: output bytes (the slide's ``.zarr``) / input bytes (the TIFF), with the
    default viewing pyramid and with ``--copy-image``.
 
-Reproduce (idle 2-core machine; about 15 min at the default size)::
+Every run pays fixed costs (Ray start-up, model loading, planning, outputs: about 25 s
+here) that skipping glass cannot remove, so the tissue ratio of 1 approaches the windows
+ratio only as the slide grows; at 2048 px high those costs were a quarter of a run.
+
+Reproduce (idle 2-core machine; about 20 min at the default sizes)::
 
     pip install -e ".[bench]" && python bench/slide_scale.py
 
 A check of the whole bench at a small size (about 5 min on 2 busy cores)::
 
-    python bench/slide_scale.py --height 768
+    python bench/slide_scale.py --height 768 --glass-height 768
 """
 
 from __future__ import annotations
@@ -147,17 +151,21 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float, compression: str = 
             tif.write(area_mean(image, f), subfiletype=1, resolution=(px, px), **options)
 
 
-def build_slides(folder: Path, height: int, compression: str = "jpeg") -> dict:
-    """Write ``glass.tif`` (0.499 um/px) and ``glass2x.tif`` (0.2495) under their own
-    folders of ``folder`` (:func:`write_pyramid` with ``compression``); returns their
-    paths, the tissue band, the glass slide's shape and pixels."""
+def build_slides(folder: Path, height: int, compression: str = "jpeg",
+                 upsampled: bool = True) -> dict:
+    """Write ``glass.tif`` (0.499 um/px) and, with ``upsampled``, ``glass2x.tif`` (0.2495)
+    under their own folders of ``folder`` (:func:`write_pyramid` with ``compression``);
+    returns their paths, the tissue band, the glass slide's shape and pixels."""
     svs = read_svs()
     slide, band = glass_slide(svs, height)
-    paths = {"glass": folder / "glass" / "glass.tif", "glass2x": folder / "glass2x" / "glass2x.tif"}
+    paths = {"glass": folder / "glass" / "glass.tif"}
+    if upsampled:
+        paths["glass2x"] = folder / "glass2x" / "glass2x.tif"
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     write_pyramid(paths["glass"], slide, MPP, compression)
-    write_pyramid(paths["glass2x"], upsample2(slide), MPP / 2, compression)
+    if upsampled:
+        write_pyramid(paths["glass2x"], upsample2(slide), MPP / 2, compression)
     return {"paths": paths, "band": band, "shape": slide.shape[:2], "slide": slide}
 
 
@@ -197,18 +205,22 @@ def mask_fraction(output: Path, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--glass-height", type=int, default=3072,
+                        help="height in px of the glass slide of 1 and 3 (0.499 um; width "
+                             "3x); >= 704 so that tissue detection runs")
     parser.add_argument("--height", type=int, default=2048,
-                        help="glass slide height in px at 0.499 um (width 3x; the 2x slide "
-                             "is twice both); >= 704 so that tissue detection runs")
+                        help="height in px at 0.499 um of the slide whose 2x scan is "
+                             "segmented in 2 and 3 (the 2x slide is twice both sides)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="keep the slides and outputs here")
     args = parser.parse_args()
-    if 3 * args.height < 2048:
-        raise SystemExit("--height must be at least 704 (tissue detection needs 2048 px a side)")
+    if 3 * min(args.height, args.glass_height) < 2048:
+        raise SystemExit("heights must be at least 704 (tissue detection needs 2048 px a side)")
     work = args.work or Path(tempfile.mkdtemp(prefix="slide_scale_"))
     work.mkdir(parents=True, exist_ok=True)
-    built = build_slides(work, args.height)
-    glass, glass2x = built["paths"]["glass"], built["paths"]["glass2x"]
+    built = build_slides(work / "for_1", args.glass_height, upsampled=False)
+    glass = built["paths"]["glass"]
+    glass2x = build_slides(work / "for_2", args.height)["paths"]["glass2x"]
     h, w = built["shape"]
     y0, y1, x0, x1 = built["band"]
     band_fraction = (y1 - y0) * (x1 - x0) / (h * w)
@@ -232,13 +244,13 @@ def main() -> None:
         run, total = windows_of(r["summary"])
         print(f"{name:22s} {r['seconds']:7.1f} s  windows {run}/{total}  cells "
               f"{r['summary']['cells']}  zarr {r['bytes'] / 1e6:.1f} MB", flush=True)
-    report(results, glass, glass2x, band_fraction, (h, w))
+    report(results, glass, glass2x, band_fraction, (h, w), (args.height, 3 * args.height))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def report(results: dict, glass: Path, glass2x: Path, band_fraction: float,
-           shape: tuple[int, int]) -> None:
+           shape: tuple[int, int], base: tuple[int, int]) -> None:
     """Print the three tables of the module docstring."""
     r = results
     mask = mask_fraction(r["glass auto"]["output"], "glass")
@@ -260,7 +272,7 @@ def report(results: dict, glass: Path, glass2x: Path, band_fraction: float,
     t, z = r["2x target off"], r["2x level0 off"]
     ratio = t["seconds"] / z["seconds"]
     tp, zp = (np.prod(s["summary"]["shape"]) for s in (t, z))
-    print(f"\n2. Processing resolution, 2x slide ({2 * shape[0]}x{2 * shape[1]} px at "
+    print(f"\n2. Processing resolution, 2x slide ({2 * base[0]}x{2 * base[1]} px at "
           f"{MPP / 2} um/px), --tissue off")
     print("| run | wall s | processing shape | pixels | windows |")
     print("|---|---|---|---|---|")

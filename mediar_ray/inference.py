@@ -33,6 +33,10 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
+from mediar_ray.windows import frames as tta_frames
+from mediar_ray.windows import (BACKGROUND, image_starts, owned, pad_before, partial_extent,
+                                window_starts)
+
 __all__ = [
     "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "predict_raw", "predict_region",
     "predict_partial", "partial_extent", "window_starts", "resolve_device",
@@ -40,10 +44,6 @@ __all__ = [
 
 #: read(y0, y1, x0, x1) -> (3, y1 - y0, x1 - x0) float32, normalised pixels of the image.
 Reader = Callable[[int, int, int, int], np.ndarray]
-
-# (flip rows?, flip columns?) for identity, horizontal flip, vertical flip; the order in
-# which the original averages them.
-_TTA = ((False, False), (False, True), (True, False))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -53,49 +53,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def window_starts(length: int, roi: int, overlap: float) -> list[int]:
-    """Start offsets of sliding windows along one axis, as MONAI places them.
-
-    ``length`` is the (padded) axis length, at least ``roi``. Windows step by
-    ``int(roi * (1 - overlap))`` (at least 1; one window if ``length == roi``) and the
-    last one is shifted back to end at ``length``.
-    """
-    if length < roi:
-        raise ValueError(f"axis length {length} is smaller than the window {roi}")
-    if length == roi:
-        return [0]
-    step = max(int(roi * (1 - overlap)), 1)
-    starts = []
-    for k in range(length):
-        start = k * step
-        starts.append(min(start, length - roi))
-        if start + roi >= length:
-            break
-    return starts
-
-
-def _pad_before(length: int, roi: int) -> int:
-    """Constant padding MONAI puts before an axis shorter than the window."""
-    return max(roi - length, 0) // 2
-
-
 def _overlapping(starts: list[int], roi: int, lo: int, hi: int) -> list[int]:
     return [s for s in starts if s < hi and s + roi > lo]
-
-
-def _image_starts(length: int, roi: int, overlap: float, flipped: bool) -> list[int]:
-    """Window starts along one axis in *image* coordinates, in the frame's scan order.
-
-    The frame is the image (``flipped=False``) or the image flipped along this axis,
-    padded as MONAI pads it (:func:`_pad_before`) and scanned by :func:`window_starts`.
-    A start ``a`` means the window covers image pixels ``a .. a + roi - 1`` (negative or
-    beyond ``length`` where the window lies in the padding).
-    """
-    pad = _pad_before(length, roi)
-    starts = window_starts(max(length, roi), roi, overlap)
-    if flipped:  # frame pixel u is image pixel length - 1 - (u - pad)
-        return [length - s - roi + pad for s in starts]
-    return [s - pad for s in starts]
 
 
 def _importance(roi: int) -> torch.Tensor:
@@ -180,7 +139,7 @@ def _windowed(
     """
     h, w = shape
     ry0, ry1, rx0, rx1 = region
-    py, px = _pad_before(h, roi), _pad_before(w, roi)
+    py, px = pad_before(h, roi), pad_before(w, roi)
     ph, pw = max(h, roi), max(w, roi)
     ys = _overlapping(window_starts(ph, roi, overlap), roi, ry0 + py, ry1 + py)
     xs = _overlapping(window_starts(pw, roi, overlap), roi, rx0 + px, rx1 + px)
@@ -243,10 +202,6 @@ def _check_region(
     return (h, w), (y0, y1, x0, x1)
 
 
-def _frames(tta: bool) -> tuple[tuple[bool, bool], ...]:
-    return _TTA if tta else _TTA[:1]
-
-
 def _flow_sign(fy: bool, fx: bool) -> np.ndarray:
     """(3,) float32: a flip along an axis negates the flow component along it."""
     return np.array([-1.0 if fy else 1.0, -1.0 if fx else 1.0, 1.0], np.float32)
@@ -296,7 +251,7 @@ def predict_region(
     models, dev = _prepare_models(models, device)
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     result = np.zeros((3, y1 - y0, x1 - x0), dtype=np.float32)
-    for fy, fx in _frames(tta):
+    for fy, fx in tta_frames(tta):
         # The region and the reader in the flipped frame; predict there, flip back.
         fregion = (h - y1, h - y0, x0, x1) if fy else (y0, y1, x0, x1)
         fregion = fregion[:2] + ((w - x1, w - x0) if fx else fregion[2:])
@@ -307,35 +262,12 @@ def predict_region(
         axes = [a for a, f in ((1, fy), (2, fx)) if f]
         pred = np.flip(pred, axis=axes) if axes else pred
         result += pred * _flow_sign(fy, fx)[:, None, None]
-    return result / np.float32(len(models) * len(_frames(tta)))
-
-
-def partial_extent(
-    image_shape: tuple[int, int], region: tuple[int, int, int, int], roi_size: int = 512
-) -> tuple[int, int, int, int]:
-    """Pixels (y0, y1, x0, x1), half-open, that the windows owned by ``region`` cover.
-
-    A window is owned by the region holding its top-left corner (clipped into the image),
-    so it reaches at most ``roi_size - 1`` pixels beyond the region's bottom and right
-    edges, and never above or left of it.
-    """
-    h, w = (int(v) for v in image_shape)
-    y0, y1, x0, x1 = (int(v) for v in region)
-    return y0, min(y1 + roi_size - 1, h), x0, min(x1 + roi_size - 1, w)
-
-
-def _owned(starts: list[int], length: int, lo: int, hi: int) -> list[int]:
-    """Window starts whose corner, clipped into ``[0, length)``, lies in ``[lo, hi)``."""
-    return [a for a in starts if lo <= min(max(a, 0), length - 1) < hi]
+    return result / np.float32(len(models) * len(tta_frames(tta)))
 
 
 #: skip(y0, y1, x0, x1) -> True to leave out the window covering image pixels
 #: [y0:y1, x0:x1] (half-open, clipped to the image); see :func:`predict_partial`.
 SkipWindow = Callable[[int, int, int, int], bool]
-
-#: What a skipped window predicts: no flow, and a cell logit far below zero
-#: (sigmoid(-10) = 4.5e-5), i.e. certain background.
-BACKGROUND = (0.0, 0.0, -10.0)
 
 
 @dataclass
@@ -442,10 +374,10 @@ def predict_partial(
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
     frames = []  # (fy, fx, all starts y, all starts x, batches to run, windows skipped)
     kept = 0
-    for fy, fx in _frames(tta):
-        ys_all, xs_all = _image_starts(h, roi, overlap, fy), _image_starts(w, roi, overlap, fx)
-        owned = [(y, x) for y in _owned(ys_all, h, y0, y1) for x in _owned(xs_all, w, x0, x1)]
-        run, skipped, k = _batches_to_run(owned, skip, roi, (h, w), sw_batch_size)
+    for fy, fx in tta_frames(tta):
+        ys_all, xs_all = image_starts(h, roi, overlap, fy), image_starts(w, roi, overlap, fx)
+        mine = [(y, x) for y in owned(ys_all, h, y0, y1) for x in owned(xs_all, w, x0, x1)]
+        run, skipped, k = _batches_to_run(mine, skip, roi, (h, w), sw_batch_size)
         frames.append((fy, fx, ys_all, xs_all, run, skipped))
         kept += k
     ran = [s for f in frames for batch in f[4] for s in batch]

@@ -124,8 +124,12 @@ def test_tissue_mask_covers_the_tissue_and_only_windows_touching_it_run(
     assert run + skipped == len(grid)
     assert touching <= run < len(grid)
     assert masked["report"]["windows"] == summary["windows"]
+    # Tiles: those that only glass windows reach never go to the model actors.
+    n_tiles = -(-h // TILE) * -(-w // TILE)
+    seen = masked["report"]["tiles_inferred"]
+    assert seen < n_tiles == unmasked["report"]["tiles_inferred"]
     print(f"\nwindows run with the tissue mask: {run} of {len(grid)} ({touching} touch "
-          f"the mask); without it: {len(grid)}")
+          f"the mask); without it: {len(grid)}; tiles sent to the model {seen} of {n_tiles}")
 
 
 def test_labels_with_the_mask_equal_labels_without(masked, unmasked):

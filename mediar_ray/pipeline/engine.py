@@ -252,6 +252,7 @@ class ArchiveRun:
         slide.plan_json = planned.plan_json
         slide.plan_ref = ray.put(planned.plan_json)  # once, not once per tile
         slide.tiles_total = slide.tiles_left = len(planned.tiles)
+        slide.windows["skipped"] += planned.windows_skipped
         slide.state = "inferring"
         log.info("%s: planned, %d tile(s) to infer%s", slide.name, len(planned.tiles),
                  " (earlier state reused)" if planned.reused else "")

@@ -36,16 +36,20 @@ def _write_json(url: str, obj: dict) -> None:
 
 
 def gather(plan: SlidePlan, cpus: float) -> None:
-    """Flows of every tile without an ``infer`` record, from the partials."""
+    """Flows of every live or rim tile (:func:`.stages.tissue_tiles`) without an
+    ``infer`` record, from the partials."""
     done = stages.done_tiles(plan, "infer")
-    todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name not in done]
+    which = stages.tissue_tiles(plan)
+    todo = [t for t in tile_grid(plan.shape, plan.tile)
+            if t.name not in done and (t.name in which.live or t.name in which.rim)]
     fan_out(stages.gather_tile, [(plan, t) for t in todo], cpus,
             progress=f"{plan.layout.stem}: gather")
 
 
 def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float,
                       measure: bool = False, geojson: bool = False) -> dict:
-    """Tracking per chunk + halo, union-find over borders, global relabel to 1..N; with
+    """Tracking per live chunk + halo (:func:`.stages.tissue_tiles`: the other chunks
+    hold no cell), union-find over borders, global relabel to 1..N; with
     ``measure``, every cell measured once by the relabel tasks (complete cells) or here
     (cells spanning chunks, merged exactly) and staged as table parts.
 
@@ -53,14 +57,15 @@ def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float,
     ``measure`` the merged measurements of the shared cells (``border_rows``).
     """
     name = plan.layout.stem
-    tiles = tile_grid(plan.shape, plan.tile)
+    live = stages.tissue_tiles(plan).live  # the others hold no cell: labels stay 0
+    tiles = [t for t in tile_grid(plan.shape, plan.tile) if t.name in live]
     results = {(r["tile"].ty, r["tile"].tx): r for r in fan_out(
         stages.track_chunk, [(plan, t, flow_params) for t in tiles], cpus,
         progress=f"{name}: track")}
     uf = UnionFind()
     for (ty, tx), r in results.items():
         for side, (dy, dx), other in (("right", (0, 1), "left"), ("bottom", (1, 0), "top")):
-            if side in r["strips"]:
+            if side in r["strips"] and (ty + dy, tx + dx) in results:
                 theirs = results[(ty + dy, tx + dx)]["strips"][other]
                 for a, b in border_pairs(r["strips"][side], theirs):
                     uf.union(int(a), int(b))
@@ -138,8 +143,9 @@ def write_cell_outputs(plan: SlidePlan, geojson: bool) -> dict[str, Any]:
     out = {"cells_table_rows": committed["rows"]}
     if geojson:
         target = f"{plan.layout.output_root.rstrip('/')}/{plan.layout.stem}.geojson.gz"
+        live = stages.tissue_tiles(plan).live
         tiles = [f"{plan.layout.scratch}/geojson/{t.name}.json"
-                 for t in tile_grid(plan.shape, plan.tile)]
+                 for t in tile_grid(plan.shape, plan.tile) if t.name in live]
         border = sorted(fs.glob(f"{scratch}/geojson/border_*.json"))
         write_feature_collection(target, tiles + [url(b) for b in border])
         out["geojson"] = safe_url(target)

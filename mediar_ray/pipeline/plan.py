@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 
-from mediar_ray.pipeline.layout import SlideLayout, Tile, tile_grid
+from mediar_ray.pipeline.layout import SlideLayout, tile_grid
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.provenance import differences, fingerprint, input_identity
-from mediar_ray.pipeline.stages import SlidePlan, create_arrays, measure_tiles, tiles_to_infer
+from mediar_ray.pipeline.stages import (SlidePlan, create_arrays, measure_tiles, tiles_to_infer,
+                                       windows_never_run)
 from mediar_ray.pipeline.tasks import fan_out
 from mediar_ray.sources import open_slide
 
@@ -35,10 +36,12 @@ TISSUE_MIN_SIDE = 2048
 @dataclass
 class PlannedSlide:
     """A planned slide: its plan (JSON), the tiles the model must still infer (JSON,
-    largest first), and whether earlier state was reused or discarded (and why)."""
+    largest first), the windows no tile the model sees owns (skipped on glass), and
+    whether earlier state was reused or discarded (and why)."""
 
     plan_json: str
     tiles: list[str]
+    windows_skipped: int = 0
     reused: bool = False
     discarded: list[str] | None = None
 
@@ -85,22 +88,21 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
     if old is not None:
         diff = differences(old.fingerprint, fingerprint) if fingerprint else []
         if not diff:
-            tiles = tiles_to_infer(old)
-            return PlannedSlide(old.to_json(), [json.dumps(asdict(t)) for t in tiles],
-                                reused=True)
+            return _planned(old, opts, reused=True)
         discarded = diff
         log.info("%s: discarding unfinished state from another run (%s differ)", name,
                  ", ".join(diff))
     if _exists(layout.root):  # unfinished, from another run or from before its plan
         _remove(layout.root)
     plan = _new_plan(url, layout, opts, fingerprint, mpp)
-    tiles = tile_grid(plan.shape, plan.tile)
-    return PlannedSlide(plan.to_json(), [json.dumps(asdict(t)) for t in _largest_first(tiles)],
-                        discarded=discarded)
+    return _planned(plan, opts, discarded=discarded)
 
 
-def _largest_first(tiles: list[Tile]) -> list[Tile]:
-    return sorted(tiles, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
+def _planned(plan: SlidePlan, opts: SlideOptions, reused: bool = False,
+             discarded: list[str] | None = None) -> PlannedSlide:
+    tiles = [json.dumps(asdict(t)) for t in tiles_to_infer(plan)]
+    return PlannedSlide(plan.to_json(), tiles, windows_never_run(plan, opts.tta), reused,
+                        discarded)
 
 
 def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,

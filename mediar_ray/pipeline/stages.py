@@ -34,7 +34,7 @@ from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normaliz
 __all__ = [
     "SlidePlan", "measure_tiles", "done_tiles", "infer_partial", "gather_tile",
     "level0_chunk", "mark_done", "measure_cells", "outline_piece", "partial_sources",
-    "relabel_chunk", "tiles_to_infer",
+    "relabel_chunk", "TissueTiles", "tiles_to_infer", "tissue_tiles", "windows_never_run",
     "track_chunk", "view_chunk",
 ]
 
@@ -146,13 +146,74 @@ def measure_tiles(plan: SlidePlan, tiles: list[Tile]
     return acc, blocks
 
 
+def _run_key(plan: SlidePlan) -> str:
+    """What identifies a slide's run (its output and fingerprint): the key of the caches
+    below, which a worker process keeps across the slides and runs it serves."""
+    return json.dumps([plan.layout.root, plan.fingerprint], sort_keys=True, default=str)
+
+
 @lru_cache(maxsize=4)
-def _tissue_skip(root: str, shape: tuple[int, int]):
-    """The window-skip test of a slide's stored tissue mask (cached per process)."""
+def _tissue_mask(root: str, key: str) -> np.ndarray:
+    """A slide's stored tissue mask, (h, w) bool on the thumbnail grid."""
+    return np.asarray(zarr.open_array(f"{root}/labels/tissue/0", mode="r")[:]) > 0
+
+
+def _tissue_skip(plan: SlidePlan):
+    """The window-skip test of a slide's stored tissue mask."""
     from mediar_ray.tissue import tissue_skip
 
-    mask = np.asarray(zarr.open_array(f"{root}/labels/tissue/0", mode="r")[:]) > 0
-    return tissue_skip(mask, shape)
+    return tissue_skip(_tissue_mask(plan.layout.root, _run_key(plan)), tuple(plan.shape))
+
+
+@dataclass(frozen=True)
+class TissueTiles:
+    """Which tiles of a slide the stages touch, by tile name.
+
+    ``live``: tiles some window that runs reaches, i.e. that may hold cells: gathered,
+    tracked and relabelled. ``rim``: the other tiles (glass: every window reaching them
+    is skipped, so their flows are :data:`~mediar_ray.inference.BACKGROUND` and their
+    labels 0) within a halo of a live tile: only their flows are written, for the live
+    tiles' tracking. ``needed``: the tiles whose partials the live tiles sum, the only
+    ones the model actors see. Without a tissue mask every tile is live and needed.
+    """
+
+    live: frozenset[str]
+    rim: frozenset[str]
+    needed: frozenset[str]
+
+
+def tissue_tiles(plan: SlidePlan) -> TissueTiles:
+    """The :class:`TissueTiles` of ``plan`` (from its stored tissue mask, if any)."""
+    return _tissue_tiles(plan.layout.root, _run_key(plan), tuple(plan.shape), plan.tile,
+                         plan.halo, plan.roi_size, plan.tissue)
+
+
+@lru_cache(maxsize=4)
+def _tissue_tiles(root: str, key: str, shape: tuple[int, int], tile: int, halo: int,
+                  roi: int, tissue: bool) -> TissueTiles:
+    from mediar_ray.tissue import window_touches_tissue
+    from mediar_ray.windows import partial_extent
+
+    tiles = tile_grid(shape, tile)
+    everything = frozenset(t.name for t in tiles)
+    if not tissue:
+        return TissueTiles(everything, frozenset(), everything)
+    mask = _tissue_mask(root, key)
+    ds = (shape[0] / mask.shape[0], shape[1] / mask.shape[1])
+    # A tile whose windows all lie where the mask has no tissue runs none of them (a
+    # window lies within its owner's partial extent, and a batch runs only when one of
+    # its windows touches tissue).
+    idle = {t.name for t in tiles if not window_touches_tissue(
+        mask, ds, *partial_extent(shape, (t.y0, t.y1, t.x0, t.x1), roi))}
+    sources = {t.name: [s.name for s in _sources(shape, tile, roi, t)] for t in tiles}
+    live = frozenset(n for n in everything if any(s not in idle for s in sources[n]))
+    reach = -(-halo // tile)  # tiles a halo spans
+    by_index = {(t.ty, t.tx): t.name for t in tiles}
+    rim = frozenset(t.name for t in tiles if t.name not in live and any(
+        by_index.get((t.ty + dy, t.tx + dx)) in live
+        for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)))
+    needed = frozenset(s for n in live for s in sources[n])
+    return TissueTiles(live, rim, needed)
 
 
 def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
@@ -167,7 +228,7 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return normalize(read_processing(plan, y0, y1, x0, x1), plan.stats)
 
-    skip = _tissue_skip(plan.layout.root, tuple(plan.shape)) if plan.tissue else None
+    skip = _tissue_skip(plan) if plan.tissue else None
     region = (tile.y0, tile.y1, tile.x0, tile.x1)
     part, counts = predict_partial(read, plan.shape, region, models, tta=tta,
                                    roi_size=plan.roi_size, sw_batch_size=sw_batch_size,
@@ -183,38 +244,60 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
 def partial_sources(plan: SlidePlan, tile: Tile) -> list[Tile]:
     """The tiles whose partials reach ``tile``: itself and the tiles above/left of it
     less than ``spill`` pixels away."""
-    from mediar_ray.inference import partial_extent
+    return _sources(tuple(plan.shape), plan.tile, plan.roi_size, tile)
 
-    (h, w), t = plan.shape, plan.tile
-    reach = -(-plan.spill // t)  # a partial spans at most this many tile rows/columns
+
+def _sources(shape: tuple[int, int], t: int, roi: int, tile: Tile) -> list[Tile]:
+    from mediar_ray.windows import partial_extent
+
+    h, w = shape
+    reach = -(-(t + roi - 1) // t)  # a partial spans at most this many tile rows/columns
     sources = []
     for ty in range(max(tile.ty - reach, 0), tile.ty + 1):
         for tx in range(max(tile.tx - reach, 0), tile.tx + 1):
             src = Tile(ty, tx, ty * t, min(ty * t + t, h), tx * t, min(tx * t + t, w))
-            ey0, ey1, ex0, ex1 = partial_extent(plan.shape, (src.y0, src.y1, src.x0, src.x1),
-                                                plan.roi_size)
+            ey0, ey1, ex0, ex1 = partial_extent(shape, (src.y0, src.y1, src.x0, src.x1), roi)
             if ey0 <= tile.y0 < ey1 and ex0 <= tile.x0 < ex1:
                 sources.append(src)
     return sources
 
 
 def tiles_to_infer(plan: SlidePlan) -> list[Tile]:
-    """The tiles whose partials must still be computed: those that a tile without
-    flows (no ``infer`` record) needs and that have no ``windows`` record; largest first,
-    so that the last tiles to start are the short ones."""
+    """The tiles whose partials must still be computed: those that a live tile without
+    flows (no ``infer`` record; :func:`tissue_tiles`) needs and that have no ``windows``
+    record; largest first, so that the last tiles to start are the short ones."""
     done = done_tiles(plan, "infer")
-    todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name not in done]
+    live = tissue_tiles(plan).live
+    todo = [t for t in tile_grid(plan.shape, plan.tile) if t.name in live and t.name not in done]
     have = done_tiles(plan, "windows")
     needed = {s for t in todo for s in partial_sources(plan, t) if s.name not in have}
     return sorted(needed, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.ty, t.tx))
 
 
+def windows_never_run(plan: SlidePlan, tta: bool) -> int:
+    """Windows (per augmentation frame) of the tiles no live tile needs: skipped without
+    ever reaching a model actor (:func:`tissue_tiles`)."""
+    from mediar_ray.windows import owned_window_count
+
+    needed = tissue_tiles(plan).needed
+    return sum(owned_window_count(plan.shape, (t.y0, t.y1, t.x0, t.x1), tta, plan.roi_size)
+               for t in tile_grid(plan.shape, plan.tile) if t.name not in needed)
+
+
 def gather_tile(plan: SlidePlan, tile: Tile) -> None:
-    """Sum the partials that reach ``tile`` over its core, write its ``.scratch/flows``
-    chunk ((3, h, w) float32: dy, dx, logit), then an ``infer`` done record."""
-    partials = open_array(plan.layout.scratch + "/partials")
+    """Sum the partials that reach ``tile`` over its core (for a glass tile: background,
+    :func:`tissue_tiles`), write its ``.scratch/flows`` chunk ((3, h, w) float32: dy, dx,
+    logit), then an ``infer`` done record."""
     total = np.zeros((3, tile.y1 - tile.y0, tile.x1 - tile.x0), np.float32)
-    for src in partial_sources(plan, tile):
+    if tile.name not in tissue_tiles(plan).live:  # glass: every window reaching it skipped
+        from mediar_ray.windows import BACKGROUND
+
+        total[:] = np.asarray(BACKGROUND, np.float32)[:, None, None]
+        sources = []
+    else:
+        sources = partial_sources(plan, tile)
+    partials = open_array(plan.layout.scratch + "/partials")
+    for src in sources:
         oy, ox = tile.y0 - src.y0, tile.x0 - src.x0
         ny, nx = min(total.shape[1], plan.spill - oy), min(total.shape[2], plan.spill - ox)
         total[:, :ny, :nx] += np.asarray(partials[src.ty, src.tx, :, oy : oy + ny, ox : ox + nx])
