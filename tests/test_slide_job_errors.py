@@ -110,8 +110,11 @@ def test_changed_options_do_not_reuse_a_finished_slide(job, local_ray, crops, tm
     assert "options tile" in reason and "--overwrite" in reason
     code, summary = run(job, [src], out, "--tile-size", "512", "--overwrite")
     assert code == 0 and list(summary["done"]) == ["cells"]
+    written = json.loads((out / "cells.zarr/summary.json").read_text())
+    assert written["options"]["tile"] == 512
+    # A slide smaller than a tile is one chunk of its own size (256 x 320 here).
     chunks = zarr.open_array(str(out / "cells.zarr/labels/cells/0"), mode="r").chunks
-    assert chunks == (512, 512)
+    assert chunks == (320, 320)
 
 
 def test_bad_halo_is_refused_before_work_and_a_rerun_works(job, local_ray, crops, tmp_path,

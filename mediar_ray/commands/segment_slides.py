@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time augmentation (default: on)")
     p.add_argument("--tile-size", type=int, default=1024,
-                   help="tile and chunk side in pixels (memory per worker grows with it)")
+                   help="tile and chunk side in pixels (memory per worker grows with it; "
+                        "a slide smaller than a tile is one chunk of its own size)")
     p.add_argument("--halo", type=int, default=128,
                    help="flow-tracking halo in pixels (at least the largest cell diameter)")
     p.add_argument("--roi-size", type=int, default=512, help="sliding-window size (MEDIAR: 512)")

@@ -191,7 +191,7 @@ def write_qc_png(plan: SlidePlan, n_labels: int, view: int) -> None:
         rgb[find_boundaries(resize_mask(mask, labels.shape), mode="inner")] = (0, 255, 255)
     rgb[find_boundaries(labels, mode="inner")] = (255, 255, 0)
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)  # fast: a QC glance
     with fsspec.open(plan.layout.path("qc.png"), "wb") as f:
         f.write(buf.getvalue())
 

@@ -62,6 +62,7 @@ class SlidePlan:
     copy_image: bool = False
     tissue: bool = False
     thumb_factor: int = 16
+    partial: tuple[int, int] | None = None
 
     @property
     def to_level0(self) -> tuple[float, float]:
@@ -79,8 +80,14 @@ class SlidePlan:
 
     @property
     def spill(self) -> int:
-        """Side of a tile's partial-inference chunk: the tile plus one window less a pixel."""
+        """How far a tile's windows reach: the tile plus one window less a pixel."""
         return self.tile + self.roi_size - 1
+
+    @property
+    def partial_shape(self) -> tuple[int, int]:
+        """(rows, columns) of a tile's partial-inference chunk: :attr:`spill` clipped to
+        the image (``partial``; plans of earlier versions, without it, did not clip)."""
+        return tuple(self.partial) if self.partial else (self.spill, self.spill)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -91,7 +98,7 @@ class SlidePlan:
     def from_json(cls, text: str) -> "SlidePlan":
         d = json.loads(text)
         d["layout"] = SlideLayout(**d["layout"])
-        for key in ("shape", "mpp", "level_downsample", "source_shape"):
+        for key in ("shape", "mpp", "level_downsample", "source_shape", "partial"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         d["stats"] = IntensityStats(**d["stats"]) if d["stats"] else None
@@ -115,8 +122,8 @@ def create_arrays(plan: SlidePlan) -> None:
     scratch = zarr.open_group(plan.layout.scratch, mode="a", zarr_format=3)
     scratch.create_array("flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32",
                          fill_value=0, overwrite=True)
-    ny, nx, s = -(-h // t), -(-w // t), plan.spill
-    scratch.create_array("partials", shape=(ny, nx, 3, s, s), chunks=(1, 1, 3, s, s),
+    ny, nx, (sy, sx) = -(-h // t), -(-w // t), plan.partial_shape
+    scratch.create_array("partials", shape=(ny, nx, 3, sy, sx), chunks=(1, 1, 3, sy, sx),
                          dtype="float32", fill_value=0, overwrite=True)
     scratch.create_array("anchors", shape=(h, w), chunks=(t, t), dtype="uint64",
                          fill_value=0, overwrite=True)
@@ -220,7 +227,7 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
                   sw_batch_size: int = 4) -> dict[str, int]:
     """Run the windows ``tile`` owns (those touching tissue, when the slide has a tissue
     mask); write their partial sum as chunk (ty, tx) of ``.scratch/partials`` ((3,
-    spill, spill) float32 from the tile's top-left corner, zero-padded), then a
+    *partial_shape) float32 from the tile's top-left corner, zero-padded), then a
     ``windows`` done record. Returns the windows run and skipped (per TTA frame)."""
     from mediar_ray.inference import predict_partial  # torch: only model actors import it
     from mediar_ray.pipeline.view import read_processing
@@ -233,7 +240,7 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
     part, counts = predict_partial(read, plan.shape, region, models, tta=tta,
                                    roi_size=plan.roi_size, sw_batch_size=sw_batch_size,
                                    device=device, skip=skip, return_counts=True)
-    chunk = np.zeros((3, plan.spill, plan.spill), np.float32)
+    chunk = np.zeros((3, *plan.partial_shape), np.float32)
     chunk[:, : part.shape[1], : part.shape[2]] = part
     partials = open_array(plan.layout.scratch + "/partials", mode="r+")
     partials[tile.ty, tile.tx] = chunk  # exactly one whole chunk
@@ -299,7 +306,8 @@ def gather_tile(plan: SlidePlan, tile: Tile) -> None:
     partials = open_array(plan.layout.scratch + "/partials")
     for src in sources:
         oy, ox = tile.y0 - src.y0, tile.x0 - src.x0
-        ny, nx = min(total.shape[1], plan.spill - oy), min(total.shape[2], plan.spill - ox)
+        sy, sx = plan.partial_shape
+        ny, nx = min(total.shape[1], sy - oy), min(total.shape[2], sx - ox)
         total[:, :ny, :nx] += np.asarray(partials[src.ty, src.tx, :, oy : oy + ny, ox : ox + nx])
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = total
