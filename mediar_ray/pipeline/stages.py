@@ -178,7 +178,7 @@ class TissueTiles:
 
     ``live``: tiles some window that runs reaches, i.e. that may hold cells: gathered,
     tracked and relabelled. ``rim``: the other tiles (glass: every window reaching them
-    is skipped, so their flows are :data:`~mediar_ray.inference.BACKGROUND` and their
+    is skipped, so their flows are :data:`~mediar_ray.windows.BACKGROUND` and their
     labels 0) within a halo of a live tile: only their flows are written, for the live
     tiles' tracking. ``needed``: the tiles whose partials the live tiles sum, the only
     ones the model actors see. Without a tissue mask every tile is live and needed.
