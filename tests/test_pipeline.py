@@ -202,6 +202,36 @@ def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
     assert block.any()
 
 
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a job started with ``start_new_session`` and every process of its session,
+    and return when none is left. Killing its process group is not enough: Ray's
+    processes run in a group of their own (its reaper's) and stop a moment after the
+    driver, long enough for a stage task to finish a slide after the kill."""
+    def session_pids() -> list[int]:  # live (not zombie) processes of the job's session
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            state, session = stat[0], int(stat[3])
+            if session == proc.pid and state != "Z":
+                pids.append(int(entry))
+        return pids
+
+    deadline = time.monotonic() + 60
+    while pids := session_pids():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.poll()  # reap the driver
+        assert time.monotonic() < deadline, f"processes {pids} of the killed job survive"
+        time.sleep(0.1)
+    proc.wait()
+
+
 @pytest.mark.slow  # 1-2 min on 2 cores
 def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, data_dir, tmp_path):
     weights, params = tiny
@@ -226,8 +256,7 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
     while not (done_dir.exists() and len(list(done_dir.iterdir())) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_session(proc)
     complete = [n for n in ("train_set1", "train_set4")
                 if (out / f"{n}.zarr/.mediar_complete").exists()]
     assert "train_set4" not in complete
