@@ -34,7 +34,7 @@ import torch
 from monai.data.utils import compute_importance_map
 
 from mediar_ray.windows import frames as tta_frames
-from mediar_ray.windows import (BACKGROUND, image_starts, owned, pad_before, partial_extent,
+from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_extent,
                                 window_starts)
 
 __all__ = [
@@ -374,9 +374,8 @@ def predict_partial(
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
     frames = []  # (fy, fx, all starts y, all starts x, batches to run, windows skipped)
     kept = 0
-    for fy, fx in tta_frames(tta):
-        ys_all, xs_all = image_starts(h, roi, overlap, fy), image_starts(w, roi, overlap, fx)
-        mine = [(y, x) for y in owned(ys_all, h, y0, y1) for x in owned(xs_all, w, x0, x1)]
+    for fy, fx, ys_all, xs_all, mine in owned_windows((h, w), (y0, y1, x0, x1), tta, roi,
+                                                      overlap):
         run, skipped, k = _batches_to_run(mine, skip, roi, (h, w), sw_batch_size)
         frames.append((fy, fx, ys_all, xs_all, run, skipped))
         kept += k

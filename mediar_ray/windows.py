@@ -7,7 +7,7 @@ it without loading the model code (:mod:`mediar_ray.inference` runs the windows)
 
 from __future__ import annotations
 
-__all__ = ["BACKGROUND", "TTA_FRAMES", "frames", "image_starts", "owned", "owned_window_count",
+__all__ = ["BACKGROUND", "TTA_FRAMES", "frames", "image_starts", "owned", "owned_window_count", "owned_windows",
            "pad_before", "partial_extent", "window_starts"]
 
 #: (flip rows?, flip columns?) for identity, horizontal flip, vertical flip; the order in
@@ -85,16 +85,24 @@ def owned(starts: list[int], length: int, lo: int, hi: int) -> list[int]:
     return [a for a in starts if lo <= min(max(a, 0), length - 1) < hi]
 
 
+def owned_windows(image_shape: tuple[int, int], region: tuple[int, int, int, int],
+                  tta: bool, roi_size: int = 512, overlap: float = 0.6
+                  ) -> list[tuple[bool, bool, list[int], list[int], list[tuple[int, int]]]]:
+    """Per augmentation frame: (flip rows?, flip columns?, every window start along y and
+    along x in image coordinates, the (y, x) corners of the windows ``region`` owns)."""
+    h, w = (int(v) for v in image_shape)
+    y0, y1, x0, x1 = (int(v) for v in region)
+    out = []
+    for fy, fx in frames(tta):
+        ys, xs = image_starts(h, roi_size, overlap, fy), image_starts(w, roi_size, overlap, fx)
+        mine = [(y, x) for y in owned(ys, h, y0, y1) for x in owned(xs, w, x0, x1)]
+        out.append((fy, fx, ys, xs, mine))
+    return out
+
+
 def owned_window_count(image_shape: tuple[int, int], region: tuple[int, int, int, int],
                        tta: bool, roi_size: int = 512, overlap: float = 0.6) -> int:
     """How many windows ``region`` owns over all augmentation frames (each counted once
     per frame): the windows :func:`mediar_ray.inference.predict_partial` runs or skips
     for it."""
-    h, w = (int(v) for v in image_shape)
-    y0, y1, x0, x1 = (int(v) for v in region)
-    total = 0
-    for fy, fx in frames(tta):
-        ys = owned(image_starts(h, roi_size, overlap, fy), h, y0, y1)
-        xs = owned(image_starts(w, roi_size, overlap, fx), w, x0, x1)
-        total += len(ys) * len(xs)
-    return total
+    return sum(len(f[4]) for f in owned_windows(image_shape, region, tta, roi_size, overlap))

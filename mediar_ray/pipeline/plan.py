@@ -115,13 +115,12 @@ def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: di
         lv = source.levels[level]
         shape = processing_shape(lv.shape, scale)
         tile = min(opts.tile, max(shape))  # a small image is one chunk of its own size
-        spill = tile + opts.roi_size - 1
         plan = SlidePlan(url, layout, shape, source.channels,
                          str(source.dtype), tile, opts.halo, roi_size=opts.roi_size,
                          reader=opts.reader, fingerprint=fingerprint, level=level, scale=scale,
                          mpp=mpp0, level_downsample=lv.downsample, source_shape=source.shape,
-                         copy_image=opts.copy_image,
-                         partial=(min(spill, shape[0]), min(spill, shape[1])))
+                         copy_image=opts.copy_image)
+    plan.partial = (min(plan.spill, shape[0]), min(plan.spill, shape[1]))
     create_arrays(plan)
     tiles = tile_grid(plan.shape, plan.tile)
     groups = [tiles[i : i + TILES_PER_COPY_TASK] for i in range(0, len(tiles), TILES_PER_COPY_TASK)]

@@ -258,7 +258,8 @@ def _sources(shape: tuple[int, int], t: int, roi: int, tile: Tile) -> list[Tile]
     from mediar_ray.windows import partial_extent
 
     h, w = shape
-    reach = -(-(t + roi - 1) // t)  # a partial spans at most this many tile rows/columns
+    spill = t + roi - 1  # as SlidePlan.spill: how far a tile's windows reach
+    reach = -(-spill // t)  # a partial spans at most this many tile rows/columns
     sources = []
     for ty in range(max(tile.ty - reach, 0), tile.ty + 1):
         for tx in range(max(tile.tx - reach, 0), tile.tx + 1):
