@@ -176,8 +176,12 @@ def _forward(
         if amp and device.type == "cuda"
         else contextlib.nullcontext()
     )
+    # Channels-last activations: oneDNN's fast convolution layout on CPUs (a 512-px window
+    # of the bundled model 1.23x faster on one thread, 1.27x on two: bench/forward_layout.py)
+    # and the tensor-core layout on GPUs; :func:`_prepare_models` puts the weights in it.
+    crops = crops.to(device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast:
-        return model(crops.to(device)).float().cpu()
+        return model(crops).float().cpu()
 
 
 def _prepare_models(
@@ -188,7 +192,7 @@ def _prepare_models(
     if not models:
         raise ValueError("inference needs at least one model")
     dev = resolve_device(device)
-    return [m.to(dev).eval() for m in models], dev
+    return [m.to(dev, memory_format=torch.channels_last).eval() for m in models], dev
 
 
 def _check_region(
