@@ -7,8 +7,8 @@ it without loading the model code (:mod:`mediar_ray.inference` runs the windows)
 
 from __future__ import annotations
 
-__all__ = ["BACKGROUND", "TTA_FRAMES", "frames", "image_starts", "owned", "owned_window_count", "owned_windows",
-           "pad_before", "partial_extent", "window_starts"]
+__all__ = ["BACKGROUND", "TTA_FRAMES", "frames", "image_starts", "owned", "owned_window_count",
+           "owned_windows", "pad_before", "partial_extent", "window_starts"]
 
 #: (flip rows?, flip columns?) for identity, horizontal flip, vertical flip; the order in
 #: which the original averages them.
