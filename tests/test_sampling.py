@@ -67,6 +67,44 @@ def test_amplified_epoch_is_seeded_and_shuffled() -> None:
     assert {reps[i] for i in np.flatnonzero(clusters == 5)} <= {7, 8}
 
 
+def test_cluster_min_gives_chosen_clusters_their_own_m() -> None:
+    """Clusters named in ``cluster_min`` supply max(n_c, m_c) samples, the rest max(n_c, m);
+    a large cluster named with a smaller m_c still gives each image once."""
+    clusters = _clusters()
+    own = {3: 80, 5: 20, 0: 10}
+    counts: Counter = Counter()
+    for epoch in range(20):
+        order = amplified_epoch(clusters, np.random.default_rng([3, epoch]), 50, own)
+        per_epoch = Counter(clusters[order].tolist())
+        for c, n in enumerate(SIZES):
+            assert per_epoch[c] == max(n, own.get(c, 50)), (c, per_epoch[c])
+        counts.update(per_epoch)
+    assert set(Counter(order.tolist())[i] for i in np.flatnonzero(clusters == 0)) == {1}
+    expected = expected_frequencies(clusters, 50, own)
+    total = sum(counts.values())
+    for c, f in expected.items():
+        assert counts[c] / total == pytest.approx(f, abs=1e-9)
+    assert expected[3] > expected[2] > expected[5]  # 80 > 50 > 20 samples
+
+
+def test_plan_stream_rejects_cluster_min_of_a_cluster_with_no_pairs() -> None:
+    from types import SimpleNamespace
+
+    from mediar_ray.train.stream import plan_stream
+
+    cfg = SimpleNamespace(
+        seed=0, sampling=SimpleNamespace(amplified=True, min_per_cluster=10,
+                                         cluster_min={9: 20}),
+        data=SimpleNamespace(replay_per_batch=0, modality_table="table.json"),
+        optim=SimpleNamespace(epochs=1, batch_size=4),
+        run=SimpleNamespace(max_steps_per_epoch=0))
+    with pytest.raises(ValueError, match=r"cluster_min.*\[9\].*table.json"):
+        plan_stream(cfg, _clusters((30, 12)), 0, 1)
+    cfg.sampling.cluster_min = {1: 20}
+    plan = plan_stream(cfg, _clusters((30, 12)), 0, 1)
+    assert plan.batches_per_epoch == (30 + 20) // 4
+
+
 @pytest.mark.parametrize("per_batch, batch_size", [(1, 8), (2, 4), (3, 9)])
 def test_replay_puts_exactly_the_configured_public_samples_in_each_batch(
         per_batch: int, batch_size: int) -> None:

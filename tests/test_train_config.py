@@ -59,6 +59,9 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     ("optim", "lr", -1.0, ["optim.lr", "> 0"]),
     ("data", "holdout_every", 1, ["data.holdout_every"]),
     ("model", "decoder_channels", [64, 32, 16], ["model.decoder_channels", "five"]),
+    ("sampling", "cluster_min", {2: 0}, ["sampling.cluster_min", "int >= 1"]),
+    ("sampling", "cluster_min", {"tissue": 75}, ["sampling.cluster_min", "cluster id"]),
+    ("sampling", "cluster_min", [2, 75], ["sampling.cluster_min", "dict"]),
     (None, "name", "has space", ["name"]),
     (None, "augment", 5, ["augment", "mapping"]),
 ])
@@ -71,6 +74,16 @@ def test_bad_values_raise_config_error_naming_file_and_key(
     assert "bad_config.yaml" in message
     for word in words:
         assert word in message, message
+
+
+def test_cluster_min_keeps_integer_ids_through_yaml_and_json(tmp_path: Path) -> None:
+    """YAML gives integer keys, JSON (a saved config) string keys: both load as ints."""
+    import json
+
+    cfg = load_config(str(_write(tmp_path, _with("sampling", "cluster_min", {2: 75, 7: 60}))))
+    assert cfg.sampling.cluster_min == {2: 75, 7: 60}
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.sampling.cluster_min == {2: 75, 7: 60} and again == cfg
 
 
 def test_yaml_exponent_without_dot_is_caught(tmp_path: Path) -> None:

@@ -72,7 +72,8 @@ def _check_type(value: Any, kind: Any, source: str, key: str) -> Any:
               ("int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
               ("float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
               ("str", lambda v: isinstance(v, str)),
-              ("list", lambda v: isinstance(v, list))]
+              ("list", lambda v: isinstance(v, list)),
+              ("dict", lambda v: isinstance(v, dict))]
     for name, ok in checks:
         if text.startswith(name) or text.startswith(f"typing.Optional[{name}") or \
                 text.startswith(f"{name} |") or text == f"<class '{name}'>":
@@ -153,9 +154,23 @@ def _pair(v: list, floor: float) -> bool:
 class SamplingSection(_Section):
     amplified: bool = True
     min_per_cluster: int = 50
+    cluster_min: dict = field(default_factory=dict)   # {cluster id: its own m}
+
+    def __post_init__(self):
+        # JSON (a saved config, Ray's copy to workers) turns integer keys into strings.
+        if all(_int_like(k) for k in self.cluster_min):
+            self.cluster_min = {int(k): v for k, v in self.cluster_min.items()}
 
     def _rules(self):
-        return [("min_per_cluster", self.min_per_cluster >= 1, ">= 1")]
+        good = all(isinstance(k, int) and k >= 0 and isinstance(v, int)
+                   and not isinstance(v, bool) and v >= 1 for k, v in self.cluster_min.items())
+        return [("min_per_cluster", self.min_per_cluster >= 1, ">= 1"),
+                ("cluster_min", good, "a mapping of cluster id (int >= 0) to an int >= 1")]
+
+
+def _int_like(k: Any) -> bool:
+    return (isinstance(k, int) and not isinstance(k, bool)) or (
+        isinstance(k, str) and k.isdigit())
 
 
 @dataclass

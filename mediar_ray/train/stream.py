@@ -41,7 +41,8 @@ class StreamPlan:
 
 def epoch_batches(epoch: int, seed: int, clusters: np.ndarray | None, n_public: int,
                   batch_size: int, replay_per_batch: int, min_per_cluster: int,
-                  amplified: bool) -> list[list[tuple[str, int]]]:
+                  amplified: bool, cluster_min: dict[int, int] | None = None,
+                  ) -> list[list[tuple[str, int]]]:
     """The batches of one epoch, each a list of ("main" | "public", index).
 
     Deterministic in (seed, epoch): a rerun, or a resumed run, draws the same samples.
@@ -49,7 +50,7 @@ def epoch_batches(epoch: int, seed: int, clusters: np.ndarray | None, n_public: 
     rng = np.random.default_rng([seed, epoch])
     n = len(clusters) if clusters is not None else 0
     if amplified and clusters is not None:
-        main = amplified_epoch(clusters, rng, min_per_cluster)
+        main = amplified_epoch(clusters, rng, min_per_cluster, cluster_min)
     else:
         main = rng.permutation(n)
     order = with_replay(main, n_public, replay_per_batch if n_public else 0, batch_size, rng)
@@ -65,12 +66,17 @@ def plan_stream(cfg: Any, clusters: np.ndarray, n_public: int, world_size: int,
     modality table is given). Batches per epoch are cut to a multiple of the world size
     (and to ``run.max_steps_per_epoch`` steps per worker when set).
     """
+    unknown = sorted(set(cfg.sampling.cluster_min) - set(np.unique(clusters).tolist()))
+    if unknown:
+        raise ValueError(
+            f"sampling.cluster_min names cluster(s) {unknown} that no training pair is in "
+            f"(modality table {cfg.data.modality_table}); use ids of that table's clusters")
     rows = []
     per_epoch = None
     for epoch in range(start_epoch, cfg.optim.epochs):
         batches = epoch_batches(epoch, cfg.seed, clusters, n_public, cfg.optim.batch_size,
                                 cfg.data.replay_per_batch, cfg.sampling.min_per_cluster,
-                                cfg.sampling.amplified)
+                                cfg.sampling.amplified, cfg.sampling.cluster_min)
         keep = len(batches) - len(batches) % world_size
         if cfg.run.max_steps_per_epoch:
             keep = min(keep, cfg.run.max_steps_per_epoch * world_size)
