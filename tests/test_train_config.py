@@ -181,3 +181,25 @@ def test_slide_config_check_can_fail(tmp_path: Path) -> None:
         _check_slide_config(tmp_path / "x.yaml", {"tta": "yes"})
     with pytest.raises(AssertionError):
         _check_slide_config(tmp_path / "x.yaml", {"tile_size": 1.5})
+
+
+def test_cpu_small_starts_from_the_shipped_previous_model() -> None:
+    """The bundled model's recipe is reproducible from the repository: its ``model.init``
+    (a path from the repository root) is a file here that loads, with every key, into the
+    architecture of the config, and the bundled model has that same architecture."""
+    import torch
+
+    from mediar_ray.model import load_model, model_params
+    from mediar_ray.weights import default_weights
+
+    cfg = load_config(str(CONFIGS / "cpu_small.yaml"))
+    init = CONFIGS.parent / cfg.model.init
+    assert cfg.model.init.startswith("configs/") and init.is_file(), cfg.model.init
+    params = {k: v for k, v in cfg.model.to_dict().items() if k != "init"}
+    start, bundled = load_model(str(init), **params), load_model(default_weights())
+    assert model_params(start) == model_params(bundled)
+    # Training moved every weight away from the starting point.
+    a, b = start.state_dict(), bundled.state_dict()
+    assert a.keys() == b.keys()
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert len(moved) > 0.9 * sum(v.is_floating_point() for v in a.values())
