@@ -19,7 +19,9 @@ The steps of MEDIAR's post-processing (cellpose 2-era ``compute_masks``):
 Deviations from the original, none of which changed a cell on the reference data: pixels
 stop once settled rather than after exactly ``niter`` steps; flows are sampled at pixel
 centres (the original's grid_sample call shifts samples by up to half a pixel depending on
-the image size, which would make a tile disagree with the whole image); only foreground
+the image size, which would make a tile disagree with the whole image); a pixel's position
+is its start plus a float32 offset (so its rounding, and the histogram bin it ends in, do
+not depend on where a tile starts); only foreground
 pixels enter the histogram and get labels; a mask's own flows in step 5 diffuse for
 2 x its own extent (not the image's largest), so a cell's verdict depends on that cell
 alone.
@@ -97,7 +99,7 @@ def cluster_ends(ends: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     Parameters
     ----------
-    ends : ndarray float32, (2, N)
+    ends : ndarray float64, (2, N)
         End positions (y, x) of the tracked pixels, inside an image of ``shape``.
     shape : (H, W)
 
@@ -231,7 +233,7 @@ def flows_to_labels(
         return labels
     flow = raw[:2] * mask / np.float32(5.0)
     ys, xs = np.nonzero(mask)
-    ends = np.stack([ys, xs]).astype(np.float32)
+    ends = np.stack([ys, xs]).astype(np.float64)
     moving = np.abs(flow[0, ys, xs]) > 1e-3  # the original moves only these
     ends[:, moving] = follow_flows(flow, ys[moving], xs[moving], niter)
     seeds = cluster_ends(ends, shape)

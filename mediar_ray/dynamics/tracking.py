@@ -10,6 +10,13 @@ sink (it would only oscillate there). That is what makes tracking fast: most pix
 settle after about a cell radius of steps. The result depends only on the flows within
 ``niter`` pixels of the start, so a tile with a wide enough halo gives the same ends as
 the whole image.
+
+Bit for bit the same: a pixel's position is kept as its integer start plus a float32
+offset from it, not as one float32 coordinate. A float32 coordinate rounds differently at
+y = 2927 (whole slide) than at y = 495 (the same pixel in a tile), and an end point a hair
+from a histogram bin edge then lands in another bin; on the bundled SVS that moved two
+pixels of one small cell and dropped it in the tile. With offsets every operation sees
+the same numbers wherever the image starts.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ __all__ = ["follow_flows"]
 
 
 @nb.njit(cache=True, inline="always")
-def _bilinear(f, c, y, x):
+def _bilinear(f, c, by, bx, oy, ox):
+    """Flow channel ``c`` at (by + oy, bx + ox): integer base, float offset."""
     h, w = f.shape[1], f.shape[2]
-    y0 = int(np.floor(y))
-    x0 = int(np.floor(x))
-    ty = y - y0
-    tx = x - x0
+    fy = np.floor(oy)
+    fx = np.floor(ox)
+    y0 = by + int(fy)
+    x0 = bx + int(fx)
+    ty = oy - fy
+    tx = ox - fx
     v = 0.0
     for dy in range(2):
         yy = y0 + dy
@@ -47,8 +57,13 @@ def _follow(flow, ys, xs, niter, window, settle, out):
     h, w = flow.shape[1], flow.shape[2]
     settle2 = settle * settle
     for k in nb.prange(ys.shape[0]):
-        y = np.float32(ys[k])
-        x = np.float32(xs[k])
+        by = ys[k]
+        bx = xs[k]
+        # offsets from the start pixel; the clamp to the image is exact in these terms
+        y = np.float32(0.0)
+        x = np.float32(0.0)
+        lo_y, hi_y = np.float32(-by), np.float32(h - 1 - by)
+        lo_x, hi_x = np.float32(-bx), np.float32(w - 1 - bx)
         hist_y = np.empty(window, np.float32)
         hist_x = np.empty(window, np.float32)
         for t in range(niter):
@@ -60,12 +75,12 @@ def _follow(flow, ys, xs, niter, window, settle, out):
                     break
             hist_y[slot] = y
             hist_x[slot] = x
-            vy = _bilinear(flow, 0, y, x)
-            vx = _bilinear(flow, 1, y, x)
-            y = min(max(y + vy, 0.0), h - 1.0)
-            x = min(max(x + vx, 0.0), w - 1.0)
-        out[0, k] = y
-        out[1, k] = x
+            vy = np.float32(_bilinear(flow, 0, by, bx, y, x))
+            vx = np.float32(_bilinear(flow, 1, by, bx, y, x))
+            y = min(max(np.float32(y + vy), lo_y), hi_y)
+            x = min(max(np.float32(x + vx), lo_x), hi_x)
+        out[0, k] = by + np.float64(y)  # exact: a float32 offset fits a float64 sum
+        out[1, k] = bx + np.float64(x)
 
 
 def follow_flows(
@@ -92,10 +107,11 @@ def follow_flows(
 
     Returns
     -------
-    ndarray float32, (2, N)
-        End positions (y, x), clamped to the image.
+    ndarray float64, (2, N)
+        End positions (y, x), clamped to the image: the start pixel plus a float32
+        offset, summed exactly, so they do not depend on where the image starts.
     """
-    out = np.empty((2, ys.shape[0]), np.float32)
+    out = np.empty((2, ys.shape[0]), np.float64)
     _follow(
         np.ascontiguousarray(flow, np.float32), np.asarray(ys, np.int32),
         np.asarray(xs, np.int32), int(niter), int(settle_window), float(settle_px), out,
