@@ -71,3 +71,27 @@ def test_bf16_and_float32_steps_agree_on_the_loss(batch) -> None:
     # same weights, same batch: bfloat16's 8-bit mantissa moves the loss by well under 5%
     assert first_half == pytest.approx(first_full, rel=0.05)
     assert first_half != first_full
+
+
+def test_loss_is_mediars_with_unit_weights_and_a_weighted_mean_otherwise(batch) -> None:
+    """All-ones weights (or none) give MEDIAR's loss, torch's own BCE and MSE means;
+    other weights give each term's weighted mean over the pixels."""
+    import torch.nn.functional as F
+
+    from mediar_ray.train.loss import FLOW_SCALE, mediar_loss
+
+    model, _ = _model_and_optimizer()
+    with torch.no_grad():
+        out = model(batch["image"])
+    flows, cell = batch["flows"], batch["cell"]
+    plain = (F.binary_cross_entropy_with_logits(out[:, 2], cell)
+             + 0.5 * F.mse_loss(out[:, :2], FLOW_SCALE * flows))
+    assert float(mediar_loss(out, flows, cell)) == pytest.approx(float(plain), rel=1e-5)
+    assert float(mediar_loss(out, flows, cell, torch.ones_like(cell))) == \
+        pytest.approx(float(plain), rel=1e-5)
+    weights = torch.rand_like(cell) * 3 + 0.5
+    bce = F.binary_cross_entropy_with_logits(out[:, 2], cell, reduction="none")
+    mse = ((out[:, :2] - FLOW_SCALE * flows) ** 2).mean(dim=1)
+    expected = ((bce * weights).sum() + 0.5 * (mse * weights).sum()) / weights.sum()
+    assert float(mediar_loss(out, flows, cell, weights)) == pytest.approx(float(expected),
+                                                                         rel=1e-5)

@@ -369,3 +369,66 @@ def test_intensity_probabilities_match_mediar_table() -> None:
     same = sum(np.array_equal(T.augment_sample(img, labels, np.random.default_rng(s),
                                                cfg)["image"], img) for s in range(n))
     assert abs(same / n - 0.75**5) < 0.055, same / n  # four standard errors
+
+
+def _touching_by_dilation(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Reference for :func:`T.touching_pixels`: count, per pixel, the cells whose
+    (2 radius + 1)-square dilation covers it; two or more is touching."""
+    from scipy import ndimage
+
+    square = np.ones((2 * radius + 1,) * 2, bool)
+    covered = np.zeros(labels.shape, int)
+    for cell in np.unique(labels[labels > 0]):
+        covered += ndimage.binary_dilation(labels == cell, square)
+    return covered >= 2
+
+
+def test_touching_pixels_match_per_cell_dilation(data_dir: Path) -> None:
+    """On real crowded nuclei the seams found with two rank filters equal those found
+    cell by cell; there are some, and they are a small part of the image."""
+    for source, index in (("dsb2018", 0), ("dsb2018", 40), ("nuinsseg", 10)):
+        _, labels = _stem_pair(data_dir, source, index)
+        for radius in (1, 2):
+            got = T.touching_pixels(labels, radius)
+            np.testing.assert_array_equal(got, _touching_by_dilation(labels, radius))
+        assert 0 < got.mean() < 0.2, (source, got.mean())
+
+
+def test_pixel_weights_hand_made_cases() -> None:
+    """A 3 x 3 cell (9 px) under small_area 36 weighs sqrt(36 / 9) = 2; a 2 x 2 one
+    (4 px) would weigh 3 and is capped at 2.5; a 7 x 7 one (49 px) is not small. The two
+    cells one pixel apart get the touching weight on both sides of their gap."""
+    labels = np.zeros((12, 20), int)
+    labels[1:4, 1:4] = 1          # 9 px
+    labels[1:4, 5:8] = 2          # 9 px, one-pixel gap to cell 1 (column 4)
+    labels[8:10, 9:11] = 3        # 4 px, alone
+    labels[2:9, 15:20][:7] = 4    # 7 x 5 = 35 px, alone
+    off = T.pixel_weights(labels)
+    assert off.dtype == np.float32 and (off == 1).all()
+    w = T.pixel_weights(labels, small_area=36, small_max=2.5)
+    assert np.allclose(w[labels == 1], 2.0) and np.allclose(w[labels == 3], 2.5)
+    assert np.allclose(w[labels == 4], np.sqrt(36 / 35)) and (w[labels == 0] == 1).all()
+    w = T.pixel_weights(labels, small_area=36, small_max=2.5, touching=4.0)
+    seam = T.touching_pixels(labels)
+    assert seam[1:4, 4].all() and not seam[labels == 3].any() and not seam[labels == 4].any()
+    np.testing.assert_allclose(w[seam & (labels == 0)], 4.0)
+    np.testing.assert_allclose(w[seam & (labels == 1)], 8.0)
+    np.testing.assert_allclose(w[~seam], T.pixel_weights(labels, 36, 2.5)[~seam])
+
+
+def test_loss_weights_reach_augment_sample_only_when_asked(real) -> None:
+    """With the defaults (MEDIAR's loss) every pixel weighs 1; with the weights on, the
+    same seeded draw gives the same targets, and the weights are >= 1 everywhere, above
+    the touching weight on some pixels (small cells at a seam) and >= it on few."""
+    image, labels = real
+    img = normalize(image)
+    plain = T.augment_sample(img, labels, np.random.default_rng(7),
+                             AugmentSection(crop=128, **NO_INTENSITY))
+    assert (plain["valid"] == 1).all()
+    cfg = AugmentSection(crop=128, small_cell_area=400, touching_weight=5.0, **NO_INTENSITY)
+    weighted = T.augment_sample(img, labels, np.random.default_rng(7), cfg)
+    np.testing.assert_array_equal(weighted["cell"], plain["cell"])
+    np.testing.assert_array_equal(weighted["flows"], plain["flows"])
+    assert weighted["valid"].min() == 1.0 and weighted["valid"].max() > 5.0
+    heavy = weighted["valid"] >= 5.0
+    assert 0 < heavy.mean() < 0.2

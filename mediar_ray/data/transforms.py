@@ -207,14 +207,64 @@ def excluded_pixels(labels: np.ndarray, min_area: int = BOUNDARY_MIN_AREA) -> np
     return border & (counts[inverse.reshape(labels.shape)] >= min_area)
 
 
-def targets(labels: np.ndarray, boundary_exclusion: bool = False) -> dict[str, np.ndarray]:
+def touching_pixels(labels: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Pixels (cell or background) with two different cells within ``radius`` px
+    (Chebyshev distance): the seams and narrow gaps between touching cells, where a
+    merge of two cells is decided. labels (H, W) int -> (H, W) bool."""
+    size = 2 * radius + 1
+    top = ndimage.maximum_filter(labels, size=size, mode="nearest")
+    # Background counts as one more than the largest label, so that the minimum is the
+    # smallest *cell* (a dtype's own maximum overflows inside scipy's filters).
+    fill = labels.max() + 1
+    low = ndimage.minimum_filter(np.where(labels > 0, labels, fill), size=size,
+                                 mode="nearest")
+    return (low != fill) & (top != low)
+
+
+def pixel_weights(labels: np.ndarray, small_area: int = 0, small_max: float = 3.0,
+                  touching: float = 1.0) -> np.ndarray:
+    """Loss weights that count small and touching cells more (1 elsewhere).
+
+    Parameters
+    ----------
+    labels : ndarray, (H, W) int
+        Instance labels, 0 for background.
+    small_area : int
+        Pixels of a cell smaller than this (in pixels) weigh ``sqrt(small_area / area)``,
+        at most ``small_max``: each small cell then counts more nearly as much as a large
+        one, where a plain pixel mean lets the large ones dominate. 0 turns it off.
+    small_max : float
+        Upper bound of the small-cell weight (>= 1).
+    touching : float
+        Weight of :func:`touching_pixels` (multiplies the small-cell weight). 1 turns it off.
+
+    Returns
+    -------
+    (H, W) float32, >= 1.
+    """
+    weights = np.ones(labels.shape, np.float32)
+    if small_area > 0:
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        area = counts[inverse.reshape(labels.shape)].astype(np.float32)
+        small = (labels > 0) & (area < small_area)
+        weights[small] = np.minimum(small_max, np.sqrt(small_area / area[small]))
+    if touching != 1.0:
+        weights[touching_pixels(labels)] *= touching
+    return weights
+
+
+def targets(labels: np.ndarray, boundary_exclusion: bool = False,
+            weights: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Training targets of a (transformed) label image.
 
     Returns flows (2, H, W) float32 unit vectors (dy, dx), cell (H, W) float32 0/1 and
-    valid (H, W) float32: 0 on :func:`excluded_pixels` under boundary exclusion, else 1.
+    valid (H, W) float32, the per-pixel loss weight: 0 on :func:`excluded_pixels` under
+    boundary exclusion, else 1, or :func:`pixel_weights` (``**weights``) when given.
     """
     labels = np.ascontiguousarray(labels)
     valid = np.ones(labels.shape, np.float32)
+    if weights:
+        valid = pixel_weights(labels, **weights)
     if boundary_exclusion:
         valid[excluded_pixels(labels)] = 0.0
     return {"flows": labels_to_flows(labels), "cell": (labels > 0).astype(np.float32),
@@ -266,9 +316,17 @@ def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     img, lab = np.ascontiguousarray(img), np.ascontiguousarray(lab)
     if not public:
         img = _intensity_augment(img, lab, rng, cfg)
-    out = targets(lab, cfg.boundary_exclusion or public)
+    out = targets(lab, cfg.boundary_exclusion or public, _loss_weights(cfg))
     out["image"] = img.astype(np.float32)
     return out
+
+
+def _loss_weights(cfg: Any) -> dict[str, float] | None:
+    """:func:`pixel_weights` arguments of an AugmentSection, or None when both are off."""
+    small, touching = getattr(cfg, "small_cell_area", 0), getattr(cfg, "touching_weight", 1.0)
+    if small <= 0 and touching == 1.0:
+        return None
+    return {"small_area": small, "small_max": cfg.small_cell_max_weight, "touching": touching}
 
 
 def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,

@@ -133,12 +133,20 @@ class AugmentSection(_Section):
     hist_shift_p: float = 0.25
     sharpen_p: float = 0.25
     boundary_exclusion: bool = False
+    # Loss weights of small and touching cells (data.transforms.pixel_weights); the
+    # defaults turn both off, which is MEDIAR's loss.
+    small_cell_area: int = 0
+    small_cell_max_weight: float = 3.0
+    touching_weight: float = 1.0
 
     def _rules(self):
         probs = [(k, _prob(getattr(self, k)), "a probability in [0, 1]") for k in (
             "zoom_p", "flip_p", "rotate_p", "cell_aware_p", "cell_aware_fraction",
             "noise_p", "contrast_p", "smooth_p", "hist_shift_p", "sharpen_p")]
         return probs + [
+            ("small_cell_area", self.small_cell_area >= 0, ">= 0 pixels (0: off)"),
+            ("small_cell_max_weight", self.small_cell_max_weight >= 1, ">= 1"),
+            ("touching_weight", self.touching_weight > 0, "> 0 (1: off)"),
             ("crop", self.crop >= 32 and self.crop % 32 == 0, "a multiple of 32, >= 32"),
             ("zoom_range", _pair(self.zoom_range, 0.0), "[low, high] with 0 < low <= high"),
             ("cell_aware_range", _pair(self.cell_aware_range, 0.0),

@@ -34,15 +34,17 @@ def mediar_loss(
     cell : (N, H, W) float tensor
         1 inside cells, 0 in the background.
     valid : (N, H, W) float tensor, optional
-        1 where a pixel counts, 0 where it is ignored (cell borders under boundary
-        exclusion). All pixels count when omitted.
+        Per-pixel weight >= 0: 1 where a pixel counts, 0 where it is ignored (cell
+        borders under boundary exclusion), more where it counts more
+        (:func:`mediar_ray.data.transforms.pixel_weights`). All pixels weigh 1 when omitted.
     flow_weight : float
         Weight of the flow term (MEDIAR: 0.5).
 
     Returns
     -------
-    Scalar tensor. Each term is a mean over the valid pixels (and, for the flows, over
-    both channels), so with ``valid`` all ones this is MEDIAR's loss exactly.
+    Scalar tensor. Each term is a mean over the pixels weighted by ``valid`` (and, for
+    the flows, over both channels), so with ``valid`` all ones this is MEDIAR's loss
+    exactly.
     """
     if valid is None:
         valid = torch.ones_like(cell)
