@@ -203,8 +203,14 @@ def excluded_pixels(labels: np.ndarray, min_area: int = BOUNDARY_MIN_AREA) -> np
     border = border_pixels(labels)
     if min_area <= 1:
         return border
+    return border & (cell_areas(labels) >= min_area)
+
+
+def cell_areas(labels: np.ndarray) -> np.ndarray:
+    """Area in pixels of each pixel's label (of the background too, for label 0).
+    labels (H, W) int -> (H, W) int64."""
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    return border & (counts[inverse.reshape(labels.shape)] >= min_area)
+    return counts[inverse.reshape(labels.shape)]
 
 
 def touching_pixels(labels: np.ndarray, radius: int = 2) -> np.ndarray:
@@ -244,8 +250,7 @@ def pixel_weights(labels: np.ndarray, small_area: int = 0, small_max: float = 3.
     """
     weights = np.ones(labels.shape, np.float32)
     if small_area > 0:
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        area = counts[inverse.reshape(labels.shape)].astype(np.float32)
+        area = cell_areas(labels).astype(np.float32)
         small = (labels > 0) & (area < small_area)
         weights[small] = np.minimum(small_max, np.sqrt(small_area / area[small]))
     if touching != 1.0:
@@ -262,9 +267,7 @@ def targets(labels: np.ndarray, boundary_exclusion: bool = False,
     boundary exclusion, else 1, or :func:`pixel_weights` (``**weights``) when given.
     """
     labels = np.ascontiguousarray(labels)
-    valid = np.ones(labels.shape, np.float32)
-    if weights:
-        valid = pixel_weights(labels, **weights)
+    valid = pixel_weights(labels, **weights) if weights else np.ones(labels.shape, np.float32)
     if boundary_exclusion:
         valid[excluded_pixels(labels)] = 0.0
     return {"flows": labels_to_flows(labels), "cell": (labels > 0).astype(np.float32),
@@ -323,10 +326,10 @@ def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 
 def _loss_weights(cfg: Any) -> dict[str, float] | None:
     """:func:`pixel_weights` arguments of an AugmentSection, or None when both are off."""
-    small, touching = getattr(cfg, "small_cell_area", 0), getattr(cfg, "touching_weight", 1.0)
-    if small <= 0 and touching == 1.0:
+    if cfg.small_cell_area <= 0 and cfg.touching_weight == 1.0:
         return None
-    return {"small_area": small, "small_max": cfg.small_cell_max_weight, "touching": touching}
+    return {"small_area": cfg.small_cell_area, "small_max": cfg.small_cell_max_weight,
+            "touching": cfg.touching_weight}
 
 
 def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
