@@ -128,7 +128,7 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, n: int) -> np.ndarray:
     masks : ndarray int32, (H, W)
         Consecutive ids 1..n.
     flows : ndarray float32, (2, H, W)
-        Predicted flows divided by 5 (unit scale).
+        Predicted flows divided by 5 (unit scale); only its values inside masks are read.
 
     Returns
     -------
@@ -136,8 +136,14 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, n: int) -> np.ndarray:
         Error of mask i at index i - 1.
     """
     own = labels_to_flows(masks, per_cell_niter=True)
-    sq = ((own - flows) ** 2).sum(axis=0).ravel()
-    idx = masks.ravel()
+    # Only mask pixels are gathered: on a whole slide, full-size temporaries would cost
+    # more in page faults than the arithmetic (and background pixels add nothing).
+    at = np.flatnonzero(masks)
+    idx = masks.ravel()[at]
+    sq = np.zeros(at.size, np.float32)
+    for own_c, flow_c in zip(own, flows):
+        d = own_c.ravel()[at] - flow_c.ravel()[at]
+        sq += d * d
     sums = np.bincount(idx, weights=sq, minlength=n + 1)[1:]
     counts = np.bincount(idx, minlength=n + 1)[1:]
     return sums / np.maximum(counts, 1)
@@ -231,13 +237,17 @@ def flows_to_labels(
     labels = np.zeros(shape, np.uint32)
     if not mask.any():
         return labels
-    flow = raw[:2] * mask / np.float32(5.0)
+    # One (2, H, W) array for both uses: tracking needs zeros outside the foreground, and
+    # the flow-error check reads only mask pixels, which all lie in the foreground.
+    flow = raw[:2] / np.float32(5.0)
+    flow *= mask
     ys, xs = np.nonzero(mask)
-    ends = np.stack([ys, xs]).astype(np.float64)
+    ends = np.empty((2, ys.size), np.float64)
+    ends[0], ends[1] = ys, xs
     moving = np.abs(flow[0, ys, xs]) > 1e-3  # the original moves only these
     ends[:, moving] = follow_flows(flow, ys[moving], xs[moving], niter)
     seeds = cluster_ends(ends, shape)
-    found = np.zeros(shape, np.int64)
+    found = np.zeros(shape, np.int32)
     found[ys, xs] = seeds
     ids, counts = np.unique(seeds, return_counts=True)
     huge = ids[(counts > _MAX_AREA_FRACTION * found.size) & (ids > 0)]
@@ -245,9 +255,9 @@ def flows_to_labels(
         found[np.isin(found, huge)] = 0
     masks, n = renumber(found)
     if n and flow_threshold:
-        unit = raw[:2] / np.float32(5.0)
-        errors = flow_errors(masks, unit, n)
-        masks = merge_fragments(masks, errors, unit, flow_threshold)
-        keep = np.concatenate([[0], np.where(errors > flow_threshold, 0, np.arange(1, n + 1))])
+        errors = flow_errors(masks, flow, n)
+        masks = merge_fragments(masks, errors, flow, flow_threshold)
+        keep = np.arange(n + 1, dtype=np.int32)  # int32, as masks: no int64 copy of them
+        keep[1:][errors > flow_threshold] = 0
         masks, n = renumber(keep[masks])
     return masks.astype(np.uint32)
