@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
+from mediar_ray.weights import DEFAULT_ROI_SIZE
 from mediar_ray.windows import frames as tta_frames
 from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_extent,
                                 window_starts)
 
 __all__ = [
-    "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "predict_raw", "predict_region",
+    "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "models_window", "predict_raw",
+    "predict_region",
     "predict_partial", "partial_extent", "window_starts", "resolve_device",
 ]
 
@@ -422,11 +424,28 @@ def predict_partial(
     return (partial, counts) if return_counts else partial
 
 
+def models_window(models: Sequence[torch.nn.Module]) -> int:
+    """The sliding-window size (px) an ensemble was trained for: the ``roi_size`` that
+    :func:`mediar_ray.model.load_model` gives each model (MEDIAR's 512 for a model built
+    otherwise).
+
+    Raises
+    ------
+    ValueError
+        The models were trained for different sizes (pass ``roi_size``).
+    """
+    sizes = {getattr(m, "roi_size", DEFAULT_ROI_SIZE) for m in models}
+    if len(sizes) > 1:
+        raise ValueError(f"the models were trained for different window sizes "
+                         f"({sorted(sizes)} px): pass --roi-size to choose one")
+    return sizes.pop() if sizes else DEFAULT_ROI_SIZE
+
+
 def predict_raw(
     image_chw: np.ndarray,
     models: Sequence[torch.nn.Module] | torch.nn.Module,
     tta: bool = True,
-    roi_size: int = 512,
+    roi_size: int | None = None,
     overlap: float = 0.6,
     sw_batch_size: int = 4,
     device: str | torch.device | None = None,
@@ -438,8 +457,11 @@ def predict_raw(
     ----------
     image_chw : ndarray, (3, H, W) float32
         Normalised image (:func:`mediar_ray.preprocess.normalize`).
-    models, tta, roi_size, overlap, sw_batch_size, device, amp
+    models, tta, overlap, sw_batch_size, device, amp
         As :func:`predict_region`.
+    roi_size : int, optional
+        As :func:`predict_region`; None: the size the models were trained for
+        (:func:`models_window`).
 
     Returns
     -------
@@ -454,6 +476,8 @@ def predict_raw(
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return image[:, y0:y1, x0:x1]
 
-    return predict_region(
-        read, (h, w), (0, h, 0, w), models, tta, roi_size, overlap, sw_batch_size, device, amp
-    )
+    if isinstance(models, torch.nn.Module):
+        models = [models]
+    return predict_region(read, (h, w), (0, h, 0, w), models, tta,
+                          roi_size or models_window(models), overlap, sw_batch_size, device,
+                          amp)

@@ -30,7 +30,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from mediar_ray.weights import CheckpointError, default_weights, read_checkpoint_bytes
+from mediar_ray.weights import (CheckpointError, default_weights, read_checkpoint_bytes,
+                                window_size)
 
 __all__ = [
     "DEFAULT_MODEL_PARAMS",
@@ -298,12 +299,14 @@ def load_model(
 
     Returns
     -------
-    MEDIARFormer in eval mode on ``device``.
+    MEDIARFormer in eval mode on ``device``, with ``roi_size``: the sliding-window size
+    (px) it was trained for (:func:`mediar_ray.weights.window_size`).
     """
     tensors, stored = _read_checkpoint(str(path_or_url))
     stored = stored or _sidecar_params(str(path_or_url))
     model = build_model(**{**stored, **params})
     load_state_dict(model, tensors, str(path_or_url))
+    model.roi_size = window_size([str(path_or_url)])
     return model.to(device).eval()
 
 

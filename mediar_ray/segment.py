@@ -12,13 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mediar_ray.inference import predict_raw, resolve_device
+from mediar_ray.inference import models_window, predict_raw, resolve_device
 from mediar_ray.model import MEDIARFormer, load_model
 from mediar_ray.preprocess import normalize
 from mediar_ray.weights import parse_model_config, resolve_weights
 
-__all__ = ["SegmentResult", "check_device", "load_models", "parse_model_config",
-           "resolve_weights", "segment_image"]
+__all__ = ["SegmentResult", "check_device", "load_models", "models_window",
+           "parse_model_config", "resolve_weights", "segment_image"]
 
 
 @dataclass
@@ -83,7 +83,7 @@ def segment_image(
     device: str | torch.device | None = None,
     amp: bool = False,
     sw_batch_size: int = 4,
-    roi_size: int = 512,
+    roi_size: int | None = None,
     postprocess: bool = True,
     **flow_params: Any,
 ) -> SegmentResult:
@@ -95,8 +95,11 @@ def segment_image(
         As returned by :func:`mediar_ray.io.read_image`.
     models : sequence of MEDIARFormer
         Ensemble; outputs are averaged.
-    tta, device, amp, sw_batch_size, roi_size
+    tta, device, amp, sw_batch_size
         See :func:`mediar_ray.inference.predict_raw`.
+    roi_size : int, optional
+        Sliding-window size (px); None: the one the models were trained for
+        (:func:`mediar_ray.inference.models_window`).
     postprocess : bool
         Run flow tracking to labels (else ``labels`` is None).
     **flow_params

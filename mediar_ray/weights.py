@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from contextlib import contextmanager
 from importlib import resources
 from typing import IO, Any, Iterator, Sequence
 
 import fsspec
 
-__all__ = ["CheckpointError", "checkpoint_sha256", "default_weights", "parse_model_config",
-           "read_checkpoint_bytes", "resolve_weights"]
+__all__ = ["CheckpointError", "DEFAULT_ROI_SIZE", "checkpoint_metadata", "checkpoint_sha256",
+           "default_weights", "parse_model_config", "read_checkpoint_bytes",
+           "resolve_weights", "window_size"]
+
+#: MEDIAR's sliding window, for checkpoints that do not say what crops they were trained on
+#: (MEDIAR's own were trained on 512-px crops).
+DEFAULT_ROI_SIZE = 512
+_MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not one of ours
 
 
 class CheckpointError(ValueError):
@@ -72,6 +79,61 @@ def checkpoint_sha256(url: str) -> str:
         for block in iter(lambda: f.read(8 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoint_metadata(url: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors checkpoint, reading only its header.
+
+    Returns {} for any other file (a ``.pth`` state_dict) or a header that is not JSON;
+    raises :class:`CheckpointError` if ``url`` cannot be opened.
+    """
+    with _open_checkpoint(url) as f:
+        head = f.read(8)
+        if len(head) < 8 or head.startswith(b"PK"):  # a .pth file is a zip archive
+            return {}
+        (size,) = struct.unpack("<Q", head)
+        if size > _MAX_HEADER:
+            return {}
+        header = f.read(size)
+    try:
+        meta = json.loads(header).get("__metadata__")
+    except (ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _training_crop(url: str) -> int | None:
+    """The crop size (px) a mediar_ray checkpoint was trained on, if it says so."""
+    meta = checkpoint_metadata(url)  # an unreadable checkpoint raises here
+    try:
+        training = json.loads(meta.get("training", "{}"))
+        crop = training["config"]["augment"]["crop"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(crop, int) and 32 <= crop <= 4096 and crop % 32 == 0
+    return crop if ok else None
+
+
+def window_size(weights: Sequence[str]) -> int:
+    """The sliding-window size (px) to run ``weights`` (an ensemble) with by default.
+
+    A model sees whole windows at inference and whole crops in training; windows the size
+    of its training crops keep the two alike (the bundled model, trained on 256-px crops,
+    scores higher with 256-px windows than with 512: model card). So: the crop size stored
+    in mediar_ray checkpoints, else :data:`DEFAULT_ROI_SIZE` (MEDIAR's 512).
+
+    Raises
+    ------
+    CheckpointError
+        A checkpoint cannot be read, or the ensemble's members were trained on crops of
+        different sizes (the message asks for ``--roi-size``).
+    """
+    sizes = {_training_crop(url) or DEFAULT_ROI_SIZE for url in weights}
+    if len(sizes) > 1:
+        raise CheckpointError(
+            f"the checkpoints were trained on crops of different sizes ({sorted(sizes)} px "
+            "windows): pass --roi-size to choose one sliding-window size for all of them")
+    return sizes.pop() if sizes else DEFAULT_ROI_SIZE
 
 
 def parse_model_config(value: str | None) -> dict[str, Any]:

@@ -315,7 +315,7 @@ def test_archive_tables_on_s3_read_alike_and_rerun_replaces_one(cluster, data_di
     put_slides(client, data_dir, tmp_path)
     out = "s3://results/archive"
     opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=256, halo=64,
-                        workers=2)
+                        workers=2, roi_size=512)  # one window per small slide: faster
     report = run_slides(["s3://lab/archive/"], out, opts)
     assert report["failed"] == {} and sorted(report["done"]) == sorted(SLIDES3)
     frames = read_three_ways(out)

@@ -36,9 +36,12 @@ SVS_NAME = "CMU-1-Small-Region"
 # The bundled model, no TTA, 512-px tiles: what a quick archive run uses. Every window
 # runs (no tissue mask: readers are compared here, not masks made from unlike pyramids),
 # and the full image is copied into the output, which a later run reads as its input.
-COMMON = {"tta": False, "tile": 512, "halo": 128, "tissue": "off", "copy_image": True}
-JOB_FLAGS = ["--no-tta", "--tile-size", "512", "--halo", "128", "--tissue", "off",
-             "--copy-image"]
+# 512-px windows: one per small slide, a quarter of the bundled model's own 256-px
+# windows' work; what these tests compare (formats, readers) does not depend on it.
+COMMON = {"tta": False, "roi_size": 512, "tile": 512, "halo": 128, "tissue": "off",
+          "copy_image": True}
+JOB_FLAGS = ["--no-tta", "--roi-size", "512", "--tile-size", "512", "--halo", "128",
+             "--tissue", "off", "--copy-image"]
 
 
 def options(**kw) -> SlideOptions:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mediar_ray.commands.options import roi_size
+
 log = logging.getLogger("mediar_ray.evaluate")
 
 
@@ -41,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     held.add_argument("--model-config", metavar="JSON", help="parameters of a .pth checkpoint")
     held.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                       help="test-time augmentation (default: on, as `segment`)")
+    held.add_argument("--roi-size", type=roi_size, default=None,
+                      help="sliding-window size (default: as `segment`, each model's own: "
+                      "the crop size it was trained on, else 512)")
     held.add_argument("--json", metavar="URL", help="also write the report as JSON")
     held.add_argument("--compare", action="append", metavar="CKPT",
                       help="also score these checkpoint(s) (e.g. the previous model) on "
@@ -57,7 +62,7 @@ def run_split(args: argparse.Namespace) -> int:
 
     import fsspec
 
-    from mediar_ray.segment import load_models, parse_model_config
+    from mediar_ray.segment import load_models, models_window, parse_model_config
     from mediar_ray.train.config import load_config
     from mediar_ray.train.loop import split_config_pairs
     from mediar_ray.train.validate import validate
@@ -79,11 +84,13 @@ def run_split(args: argparse.Namespace) -> int:
         return 1
     try:
         models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
+        roi = args.roi_size or models_window(models)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     rows: list = []
-    report = validate(models, pairs, roi_size=512, tta=args.tta, per_image=rows)
+    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows)
+    report["roi_size"] = roi
     for image, source, f1, n_true, n_pred in rows:
         print(f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
               f"true {n_true:5d} pred {n_pred:5d}")
@@ -93,10 +100,12 @@ def run_split(args: argparse.Namespace) -> int:
     if args.compare:
         try:
             other = load_models(args.compare, parse_model_config(args.model_config), "cpu")
+            other_roi = args.roi_size or models_window(other)
         except (ValueError, FileNotFoundError) as err:
             log.error("--compare: %s", err)
             return 2
-        validate(other, pairs, roi_size=512, tta=args.tta, per_image=compared)
+        print(f"--compare: {other_roi}-px windows")
+        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared)
     try:
         groups = _read_groups(args.groups or [])
     except (ValueError, OSError) as err:

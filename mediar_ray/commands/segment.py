@@ -55,9 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--sw-batch-size", type=batch_size, default=4,
                    help="windows per forward pass (1 to 1024)")
-    p.add_argument("--roi-size", type=roi_size, default=512,
+    p.add_argument("--roi-size", type=roi_size, default=None,
                    help="sliding-window size in pixels, a multiple of 32 from 32 to 4096 "
-                   "(MEDIAR: 512)")
+                   "(default: the crop size the weights were trained on, as stored in "
+                   "mediar_ray checkpoints: 256 for the bundled model; else MEDIAR's 512)")
     p.set_defaults(func=run)
 
 
@@ -169,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mediar_ray.io import find_inputs, image_name, loggable, output_names, safe_name
-    from mediar_ray.segment import check_device, load_models, parse_model_config
+    from mediar_ray.segment import check_device, load_models, models_window, parse_model_config
 
     out = args.output.rstrip("/") or args.output
     try:
         device = check_device(args.device)
         prepare_output(out)
         models = load_models(args.weights, parse_model_config(args.model_config), device)
+        args.roi_size = args.roi_size or models_window(models)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         log.error("%s", err)
         return 2

@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a slide smaller than a tile is one chunk of its own size)")
     p.add_argument("--halo", type=int, default=128,
                    help="flow-tracking halo in pixels (at least the largest cell diameter)")
-    p.add_argument("--roi-size", type=int, default=512, help="sliding-window size (MEDIAR: 512)")
+    p.add_argument("--roi-size", type=int, default=None,
+                   help="sliding-window size (default: the crop size the weights were "
+                   "trained on, stored in mediar_ray checkpoints: 256 for the bundled "
+                   "model; else MEDIAR's 512)")
     p.add_argument("--workers", type=int, default=1,
                    help="model actors, living for the whole job (one per GPU on GPUs)")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0,

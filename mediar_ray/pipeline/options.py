@@ -35,6 +35,9 @@ class SlideOptions:
     processing image in the output; ``labels_level0`` also writes the labels on the
     slide's level-0 grid.
 
+    ``roi_size`` None: the weights' own window size
+    (:func:`mediar_ray.weights.window_size`), set when the job resolves its weights.
+
     Cells: ``cells`` writes the slide's partition of the per-cell Parquet table
     (``OUTPUT/cells``), ``geojson`` also ``OUTPUT/<name>.geojson.gz`` for QuPath.
     """
@@ -42,7 +45,7 @@ class SlideOptions:
     weights: list[str] = field(default_factory=list)
     model_config: dict[str, Any] = field(default_factory=dict)
     tta: bool = True
-    roi_size: int = 512
+    roi_size: int | None = None
     tile: int = 1024
     halo: int = 128
     workers: int = 1
@@ -71,7 +74,8 @@ class SlideOptions:
         rules = [
             ("--tile-size", self.tile, self.tile >= 64 and self.tile % 16 == 0,
              "a multiple of 16, at least 64"),
-            ("--roi-size", self.roi_size, self.roi_size >= 32 and self.roi_size % 32 == 0,
+            ("--roi-size", self.roi_size, self.roi_size is None or (
+                self.roi_size >= 32 and self.roi_size % 32 == 0),
              "a positive multiple of 32 (the network halves the size 5 times)"),
             ("--halo", self.halo, 0 <= self.halo <= self.tile,
              f"an integer from 0 to the tile size ({self.tile}); at least the largest "

@@ -51,16 +51,19 @@ def check_output_root(output: str) -> None:
 
 
 def check_weights(opts: SlideOptions) -> list[str]:
-    """The SHA-256 hashes of the checkpoints (part of every slide's fingerprint); raises
+    """The SHA-256 hashes of the checkpoints (part of every slide's fingerprint), after
+    resolving ``opts.weights`` (none: the bundled model) and ``opts.roi_size`` (None: the
+    weights' own window size); raises
     a :class:`~mediar_ray.weights.CheckpointError` naming a file that cannot be read.
 
     Whether they fit the model (strict keys and shapes) is checked by the model actors
     as they load them, before any slide is planned (:class:`.engine.ArchiveRun`): the
     driver never imports the model code.
     """
-    from mediar_ray.weights import checkpoint_sha256, resolve_weights
+    from mediar_ray.weights import checkpoint_sha256, resolve_weights, window_size
 
     opts.weights = resolve_weights(opts.weights)
+    opts.roi_size = opts.roi_size or window_size(opts.weights)
     return [checkpoint_sha256(w) for w in opts.weights]
 
 

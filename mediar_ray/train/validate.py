@@ -15,7 +15,7 @@ __all__ = ["validate"]
 
 
 def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequence[Any],
-             max_images: int = 0, roi_size: int = 512, tta: bool = False,
+             max_images: int = 0, roi_size: int | None = None, tta: bool = False,
              per_image: list | None = None) -> dict[str, float]:
     """Segment held-out images as ``mediar-ray segment`` would and score them.
 
@@ -27,8 +27,8 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
         Held-out (image, label, source) pairs.
     max_images : int
         Score only the first ``max_images`` pairs (0 = all).
-    roi_size : int
-        Sliding-window size.
+    roi_size : int, optional
+        Sliding-window size; None: the models' own (:func:`mediar_ray.segment.models_window`).
     tta : bool
         Test-time augmentation (flips), as ``mediar-ray segment`` does by default.
     per_image : list, optional
