@@ -31,6 +31,31 @@ def ref_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture()
+def dsb_config(data_dir: Path, tmp_path: Path):
+    """make(n) -> (config, root): a training config over the first ``n`` real DSB2018
+    pairs, copied into ``root`` (images/, labels/; source "dsb"), every 2nd held out."""
+    import shutil
+
+    import yaml
+
+    def make(n: int) -> tuple[Path, Path]:
+        root = tmp_path / "ds" / "dsb"
+        (root / "images").mkdir(parents=True)
+        (root / "labels").mkdir()
+        for lab in sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[:n]:
+            stem = lab.name[: -len("_label.tiff")]
+            shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")),
+                        root / "images")
+            shutil.copy(lab, root / "labels")
+        config = tmp_path / "cfg.yaml"
+        config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
+                                                                "holdout_every": 2}}))
+        return config, root
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def single_threaded():
     """Run a module's tests with one torch and one numba thread (``pytestmark =

@@ -43,23 +43,12 @@ def test_evaluate_without_pairs_fails(tmp_path):
     assert main(["evaluate", "--pred", str(tmp_path / "a"), "--gt", str(tmp_path / "b")]) == 1
 
 
-def test_heldout_split_of_a_config_matches_segment_then_evaluate(data_dir, tmp_path):
+def test_heldout_split_of_a_config_matches_segment_then_evaluate(dsb_config, tmp_path):
     """``evaluate --config`` scores a training config's held-out pairs exactly as
     ``segment`` followed by ``evaluate --pred --gt`` scores the same files."""
     import json
 
-    import yaml
-
-    root = tmp_path / "ds" / "dsb"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for lab in sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[:4]:
-        stem = lab.name[: -len("_label.tiff")]
-        shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")), root / "images")
-        shutil.copy(lab, root / "labels")
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                            "holdout_every": 2}}))
+    config, root = dsb_config(4)
     report = tmp_path / "held.json"
     assert main(["evaluate", "--config", str(config), "--no-tta", "--json", str(report)]) == 0
     held = json.loads(report.read_text())

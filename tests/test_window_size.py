@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,19 +82,8 @@ def test_slide_job_resolves_the_window_with_its_weights(ref_dir):
         assert opts.roi_size == roi and opts.result_options()["roi_size"] == roi
 
 
-def test_evaluate_reports_the_window_it_used(data_dir, tmp_path):
-    import yaml
-
-    root = tmp_path / "ds" / "dsb"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for lab in sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[:2]:
-        stem = lab.name[: -len("_label.tiff")]
-        shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")), root / "images")
-        shutil.copy(lab, root / "labels")
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                            "holdout_every": 2}}))
+def test_evaluate_reports_the_window_it_used(dsb_config, tmp_path):
+    config, _ = dsb_config(2)
     for flags, roi in (([], 256), (["--roi-size", "512"], 512)):
         report = tmp_path / f"held{roi}.json"
         assert main(["evaluate", "--config", str(config), "--no-tta", "--json", str(report),
