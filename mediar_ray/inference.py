@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
-from mediar_ray.weights import DEFAULT_ROI_SIZE
+from mediar_ray.weights import DEFAULT_ROI_SIZE, common_window
 from mediar_ray.windows import frames as tta_frames
 from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_extent,
                                 window_starts)
 
 __all__ = [
     "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "models_window", "predict_raw",
-    "predict_region",
-    "predict_partial", "partial_extent", "window_starts", "resolve_device",
+    "predict_region", "predict_partial", "partial_extent", "window_starts", "resolve_device",
 ]
 
 #: read(y0, y1, x0, x1) -> (3, y1 - y0, x1 - x0) float32, normalised pixels of the image.
@@ -427,18 +426,10 @@ def predict_partial(
 def models_window(models: Sequence[torch.nn.Module]) -> int:
     """The sliding-window size (px) an ensemble was trained for: the ``roi_size`` that
     :func:`mediar_ray.model.load_model` gives each model (MEDIAR's 512 for a model built
-    otherwise).
-
-    Raises
-    ------
-    ValueError
-        The models were trained for different sizes (pass ``roi_size``).
+    otherwise). Raises :class:`~mediar_ray.weights.CheckpointError` (a ValueError) when
+    they differ (:func:`~mediar_ray.weights.common_window`).
     """
-    sizes = {getattr(m, "roi_size", DEFAULT_ROI_SIZE) for m in models}
-    if len(sizes) > 1:
-        raise ValueError(f"the models were trained for different window sizes "
-                         f"({sorted(sizes)} px): pass --roi-size to choose one")
-    return sizes.pop() if sizes else DEFAULT_ROI_SIZE
+    return common_window(getattr(m, "roi_size", DEFAULT_ROI_SIZE) for m in models)
 
 
 def predict_raw(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mediar_ray.weights import (CheckpointError, default_weights, read_checkpoint_bytes,
-                                window_size)
+                                trained_window)
 
 __all__ = [
     "DEFAULT_MODEL_PARAMS",
@@ -198,8 +198,11 @@ def _safetensors_metadata(data: bytes, url: str) -> dict[str, str]:
     return header.get("__metadata__", {}) or {}
 
 
-def _read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors of a checkpoint and the model parameters stored with it (may be empty)."""
+def _read_checkpoint(
+    url: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """Tensors of a checkpoint, the model parameters stored with it and its safetensors
+    metadata (both may be empty)."""
     data = read_checkpoint_bytes(url)
     if not data:
         raise CheckpointError(f"checkpoint {url} is empty")
@@ -214,7 +217,7 @@ def _read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 f"{url} is truncated or corrupt ({err}); download it again"
             ) from err
         params = json.loads(meta[_METADATA_KEY]) if _METADATA_KEY in meta else {}
-        return tensors, params
+        return tensors, params, meta
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
@@ -229,7 +232,7 @@ def _read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         isinstance(v, torch.Tensor) for v in obj.values()
     ):
         raise CheckpointError(f"{url} does not hold a state_dict of tensors")
-    return dict(obj), {}
+    return dict(obj), {}, {}
 
 
 def _sidecar_params(url: str) -> dict[str, Any]:
@@ -300,13 +303,13 @@ def load_model(
     Returns
     -------
     MEDIARFormer in eval mode on ``device``, with ``roi_size``: the sliding-window size
-    (px) it was trained for (:func:`mediar_ray.weights.window_size`).
+    (px) it was trained for (:func:`mediar_ray.weights.trained_window`).
     """
-    tensors, stored = _read_checkpoint(str(path_or_url))
+    tensors, stored, meta = _read_checkpoint(str(path_or_url))
     stored = stored or _sidecar_params(str(path_or_url))
     model = build_model(**{**stored, **params})
     load_state_dict(model, tensors, str(path_or_url))
-    model.roi_size = window_size([str(path_or_url)])
+    model.roi_size = trained_window(meta)
     return model.to(device).eval()
 
 

@@ -12,13 +12,13 @@ import json
 import struct
 from contextlib import contextmanager
 from importlib import resources
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import fsspec
 
 __all__ = ["CheckpointError", "DEFAULT_ROI_SIZE", "checkpoint_metadata", "checkpoint_sha256",
-           "default_weights", "parse_model_config", "read_checkpoint_bytes",
-           "resolve_weights", "window_size"]
+           "common_window", "default_weights", "parse_model_config", "read_checkpoint_bytes",
+           "resolve_weights", "trained_window", "window_size"]
 
 #: MEDIAR's sliding window, for checkpoints that do not say what crops they were trained on
 #: (MEDIAR's own were trained on 512-px crops).
@@ -102,38 +102,51 @@ def checkpoint_metadata(url: str) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _training_crop(url: str) -> int | None:
-    """The crop size (px) a mediar_ray checkpoint was trained on, if it says so."""
-    meta = checkpoint_metadata(url)  # an unreadable checkpoint raises here
-    try:
-        training = json.loads(meta.get("training", "{}"))
-        crop = training["config"]["augment"]["crop"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    ok = isinstance(crop, int) and 32 <= crop <= 4096 and crop % 32 == 0
-    return crop if ok else None
-
-
-def window_size(weights: Sequence[str]) -> int:
-    """The sliding-window size (px) to run ``weights`` (an ensemble) with by default.
+def trained_window(metadata: dict[str, str]) -> int:
+    """The sliding-window size (px) for a checkpoint with safetensors ``metadata``.
 
     A model sees whole windows at inference and whole crops in training; windows the size
     of its training crops keep the two alike (the bundled model, trained on 256-px crops,
-    scores higher with 256-px windows than with 512: model card). So: the crop size stored
-    in mediar_ray checkpoints, else :data:`DEFAULT_ROI_SIZE` (MEDIAR's 512).
+    scores higher with 256-px windows than with 512: model card). So: the crop size that
+    mediar_ray training stores (``training.config.augment.crop``) when it is a valid
+    window size, else :data:`DEFAULT_ROI_SIZE` (MEDIAR's 512).
+    """
+    try:
+        crop = json.loads(metadata.get("training", "{}"))["config"]["augment"]["crop"]
+    except (ValueError, KeyError, TypeError):
+        return DEFAULT_ROI_SIZE
+    ok = isinstance(crop, int) and 32 <= crop <= 4096 and crop % 32 == 0
+    return crop if ok else DEFAULT_ROI_SIZE
+
+
+def common_window(sizes: Iterable[int]) -> int:
+    """The one window size of an ensemble's members (:data:`DEFAULT_ROI_SIZE` if none).
 
     Raises
     ------
     CheckpointError
-        A checkpoint cannot be read, or the ensemble's members were trained on crops of
-        different sizes (the message asks for ``--roi-size``).
+        The members were trained for different sizes (the message asks for
+        ``--roi-size``).
     """
-    sizes = {_training_crop(url) or DEFAULT_ROI_SIZE for url in weights}
-    if len(sizes) > 1:
+    found = set(sizes)
+    if len(found) > 1:
         raise CheckpointError(
-            f"the checkpoints were trained on crops of different sizes ({sorted(sizes)} px "
-            "windows): pass --roi-size to choose one sliding-window size for all of them")
-    return sizes.pop() if sizes else DEFAULT_ROI_SIZE
+            f"the models were trained for different window sizes ({sorted(found)} px): "
+            "pass --roi-size to choose one sliding-window size for all of them")
+    return found.pop() if found else DEFAULT_ROI_SIZE
+
+
+def window_size(weights: Sequence[str]) -> int:
+    """The sliding-window size (px) to run ``weights`` (an ensemble) with by default:
+    :func:`trained_window` of each, read from the checkpoints' headers only (the slide
+    driver decides it without loading a model).
+
+    Raises
+    ------
+    CheckpointError
+        A checkpoint cannot be read, or :func:`common_window` finds different sizes.
+    """
+    return common_window(trained_window(checkpoint_metadata(url)) for url in weights)
 
 
 def parse_model_config(value: str | None) -> dict[str, Any]:

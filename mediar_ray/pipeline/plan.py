@@ -80,7 +80,8 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
 
     The caller has checked that the slide is not complete. Anything under the slide's
     output from a run with another fingerprint is removed before planning anew. ``mpp``
-    overrides the pixel size the file states (micrometres per level-0 pixel).
+    overrides the pixel size the file states (micrometres per level-0 pixel). ``opts`` are
+    as :func:`.run.check_weights` leaves them (weights and ``roi_size`` resolved).
     """
     layout = SlideLayout(output, name)
     old = read_plan(layout)
@@ -105,14 +106,6 @@ def _planned(plan: SlidePlan, opts: SlideOptions, reused: bool = False,
                         discarded)
 
 
-def _roi_size(opts: SlideOptions) -> int:
-    """``opts.roi_size``, or the weights' own window size when it is None (a job has set
-    it already: :func:`.run.check_weights`)."""
-    from mediar_ray.weights import resolve_weights, window_size
-
-    return opts.roi_size or window_size(resolve_weights(opts.weights))
-
-
 def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,
               mpp: float | None) -> SlidePlan:
     from mediar_ray.scale import choose_level, processing_shape, slide_mpp
@@ -124,7 +117,7 @@ def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: di
         shape = processing_shape(lv.shape, scale)
         tile = min(opts.tile, max(shape))  # a small image is one chunk of its own size
         plan = SlidePlan(url, layout, shape, source.channels,
-                         str(source.dtype), tile, opts.halo, roi_size=_roi_size(opts),
+                         str(source.dtype), tile, opts.halo, roi_size=opts.roi_size,
                          reader=opts.reader, fingerprint=fingerprint, level=level, scale=scale,
                          mpp=mpp0, level_downsample=lv.downsample, source_shape=source.shape,
                          copy_image=opts.copy_image)
