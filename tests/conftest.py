@@ -19,6 +19,22 @@ DATA = SHARED / "data"
 FIXTURES = SHARED / "fixtures" / "mediar_reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_down_before_exit():
+    """Shut down any Ray still connected when the session ends, while Python is whole.
+
+    Jobs called in-process (``run_slides``, ``run_training``) start a local Ray when none
+    is up and leave it connected for the next call; without this, Ray's own ``atexit``
+    shutdown runs during interpreter finalisation, where its core worker can crash: CI
+    once ended in a segmentation fault after all tests had passed (2026-12-02)."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     assert DATA.is_dir(), f"real data expected at {DATA} (clone beside ../shared)"
