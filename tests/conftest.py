@@ -24,15 +24,45 @@ def ray_down_before_exit():
     """Shut down any Ray still connected when the session ends, while Python is whole.
 
     Jobs called in-process (``run_slides``, ``run_training``) start a local Ray when none
-    is up and leave it connected for the next call; without this, Ray's own ``atexit``
-    shutdown runs during interpreter finalisation, where its core worker can crash: CI
-    once ended in a segmentation fault after all tests had passed (2026-12-02)."""
+    is up and leave it connected for the next call; this ends it while a crash would
+    still be reported with its stack (see ``pytest_unconfigure`` below)."""
     yield
     import sys
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+_SESSION: list[pytest.Session] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process with pytest's exit status once pytest is done with it.
+
+    CI twice ended in a segmentation fault after every test had passed and the summary
+    was printed (2026-12-02, exit code 139), with ``PYTHONFAULTHANDLER=1`` and yet no
+    Python stack: the crash came after Python had torn faulthandler down, i.e. in the
+    C++ static destructors that ``exit()`` runs while threads of the native libraries
+    this session loaded (Ray's core worker and gRPC after many ``ray.init``/
+    ``ray.shutdown`` cycles, torch, numba) are still alive. Ray ends its own worker
+    processes with ``os._exit`` for the same reason. The ``atexit`` handlers still run
+    first (with faulthandler on): only the native teardown is skipped. The job commands
+    are not affected (their tests run them in subprocesses and check exit codes)."""
+    if not _SESSION:
+        return
+    import atexit
+    import sys
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_SESSION[0].exitstatus))
 
 
 @pytest.fixture(scope="session")
