@@ -432,3 +432,58 @@ def test_loss_weights_reach_augment_sample_only_when_asked(real) -> None:
     assert weighted["valid"].min() == 1.0 and weighted["valid"].max() > 5.0
     heavy = weighted["valid"] >= 5.0
     assert 0 < heavy.mean() < 0.2
+
+
+@pytest.fixture(scope="module")
+def he_image(data_dir: Path) -> np.ndarray:
+    """A real NuInsSeg H&E field, normalised, cut to 128 x 128: (3, 128, 128) float32."""
+    image, _ = _stem_pair(data_dir, "nuinsseg", 0)
+    return normalize(image)[:, :128, :128]
+
+
+def _stains(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) stain densities of a (3, H, W) RGB image in [0, 1] (OD = -ln RGB)."""
+    from skimage.color import hed_from_rgb
+
+    return -np.log(np.maximum(np.moveaxis(image, 0, -1), 1e-6).astype(np.float64)) @ hed_from_rgb
+
+
+def test_stain_jitter_is_identity_at_zero_and_leaves_grey_images(he_image, real) -> None:
+    same = T.stain_jitter(he_image, np.random.default_rng(0), scale=0.0, shift=0.0)
+    lit = he_image > 1e-6  # zeros come back as 1e-6, the floor of the logarithm
+    np.testing.assert_allclose(same[lit], he_image[lit], atol=1e-5)
+    grey = normalize(real[0])
+    assert np.array_equal(grey[0], grey[2])  # DSB2018 fluorescence: three equal channels
+    assert T.stain_jitter(grey, np.random.default_rng(0), 0.3, 0.1) is grey
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stain_jitter_scales_and_shifts_each_stain(he_image, seed: int) -> None:
+    """Unmixing the jittered image gives each stain's density as a * density + b, with
+    a in [1 - scale, 1 + scale] and b in [-shift, shift]: fit on pixels not clipped."""
+    scale, shift = 0.3, 0.1
+    out = T.stain_jitter(he_image, np.random.default_rng(seed), scale, shift)
+    assert out.shape == he_image.shape and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert np.abs(out - he_image).mean() > 1e-3
+    ok = ((he_image > 1e-3) & (out > 1e-3) & (out < 1 - 1e-3)).all(axis=0)
+    before, after = _stains(he_image)[ok], _stains(out)[ok]
+    for c in range(3):
+        a, b = np.polyfit(before[:, c], after[:, c], 1)
+        assert 1 - scale - 1e-4 <= a <= 1 + scale + 1e-4, (c, a)
+        assert -shift - 1e-4 <= b <= shift + 1e-4, (c, b)
+        assert np.abs(a * before[:, c] + b - after[:, c]).max() < 1e-3
+
+
+def test_stain_jitter_in_augment_sample_only_when_asked(he_image) -> None:
+    labels = np.zeros(he_image.shape[1:], np.int64)
+    plain = {"crop": 128, "zoom_p": 0.0, "flip_p": 0.0, "rotate_p": 0.0, **NO_INTENSITY}
+    off = AugmentSection.from_dict(plain)
+    assert off.stain_p == 0.0  # MEDIAR's recipe: no stain jitter unless a config asks
+    on = AugmentSection.from_dict({**plain, "stain_p": 1.0, "stain_scale": 0.3})
+    rng = np.random.default_rng
+    assert np.array_equal(T.augment_sample(he_image, labels, rng(0), off)["image"], he_image)
+    jittered = T.augment_sample(he_image, labels, rng(0), on)["image"]
+    assert np.abs(jittered - he_image).mean() > 1e-3
+    with pytest.raises(ValueError, match="stain_p"):
+        AugmentSection.from_dict({"stain_p": 1.5})

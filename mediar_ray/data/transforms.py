@@ -23,6 +23,10 @@ Gaussian sharpening    0.25   per axis sigma1 in [0.5, 1], sigma2 in [0.5, sigma
                               alpha in [10, 30]
 =====================  =====  ==================================================
 
+One transform is ours, not MEDIAR's, and off unless ``stain_p`` > 0: H&E stain jitter
+(:func:`stain_jitter`), applied to colour images before the others, for tissue stained
+in other labs than the training pairs'.
+
 Targets come from the transformed labels (:func:`targets`), so flips and rotations need
 no vector bookkeeping. (MEDIAR's code applies cell-aware intensity to every sample while
 its paper's table says 0.25; the probability is ``cell_aware_p``, default 0.25.)
@@ -48,7 +52,8 @@ from mediar_ray.preprocess import normalize
 __all__ = ["axis_flip", "border_pixels", "cell_aware_intensity", "contrast", "crop",
            "excluded_pixels",
            "gaussian_noise", "gaussian_sharpen", "gaussian_smooth", "histogram_shift",
-           "rotate90", "targets", "train_sample", "augment_sample", "zoom_crop"]
+           "rotate90", "stain_jitter", "targets", "train_sample", "augment_sample",
+           "zoom_crop"]
 
 Sample = tuple[np.ndarray, np.ndarray]
 
@@ -129,6 +134,32 @@ def gaussian_noise(image: np.ndarray, rng: np.random.Generator, max_std: float =
     """Add zero-mean Gaussian noise of a standard deviation drawn from [0, max_std]."""
     std = rng.uniform(0.0, max_std)
     return image + rng.normal(0.0, std, image.shape).astype(np.float32)
+
+
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.05,
+                 shift: float = 0.05) -> np.ndarray:
+    """Vary the amounts of haematoxylin, eosin and DAB in a colour image.
+
+    Each pixel's optical density (OD = -ln RGB) is unmixed into the three stains with
+    Ruifrok and Johnston's matrix (``skimage.color.hed_from_rgb``); each stain's density
+    is multiplied by a factor drawn from [1 - ``scale``, 1 + ``scale``] and moved by an
+    offset drawn from [-``shift``, ``shift``] OD units, then mixed back
+    (``skimage.color.rgb_from_hed``) and clipped to [0, 1]. With factor 1 and offset 0
+    the image comes back unchanged (no clamping of negative densities in between). A
+    grey image (three equal channels: every fluorescence and phase-contrast image here)
+    is returned as it is, since it has no stains to unmix.
+
+    image (3, H, W) float32 in [0, 1], RGB -> (3, H, W) float32 in [0, 1].
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    if np.array_equal(image[0], image[1]) and np.array_equal(image[1], image[2]):
+        return image
+    od = -np.log(np.maximum(np.moveaxis(image, 0, -1), 1e-6, dtype=np.float64))
+    stains = od @ hed_from_rgb
+    stains = stains * rng.uniform(1.0 - scale, 1.0 + scale, 3) + rng.uniform(-shift, shift, 3)
+    rgb = np.exp(-(stains @ rgb_from_hed))
+    return np.clip(np.moveaxis(rgb, -1, 0), 0.0, 1.0).astype(np.float32)
 
 
 def _span(image: np.ndarray) -> tuple[float, float]:
@@ -334,8 +365,12 @@ def _loss_weights(cfg: Any) -> dict[str, float] | None:
 
 def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
                        cfg: Any) -> np.ndarray:
-    """Cell-aware intensity, then noise, contrast, smoothing, histogram shift and
-    sharpening, each with its probability from ``cfg``."""
+    """Stain jitter (when ``cfg.stain_p`` > 0), cell-aware intensity, then noise,
+    contrast, smoothing, histogram shift and sharpening, each with its probability from
+    ``cfg``."""
+    # Drawn only when on, so that a recipe without it gets the samples it always got.
+    if cfg.stain_p > 0 and rng.random() < cfg.stain_p:
+        img = stain_jitter(img, rng, cfg.stain_scale, cfg.stain_shift)
     if rng.random() < cfg.cell_aware_p:
         img = cell_aware_intensity(img, lab, rng, cfg.cell_aware_fraction,
                                    tuple(cfg.cell_aware_range))

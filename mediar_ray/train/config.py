@@ -133,6 +133,11 @@ class AugmentSection(_Section):
     hist_shift_p: float = 0.25
     sharpen_p: float = 0.25
     boundary_exclusion: bool = False
+    # H&E stain jitter of colour images (data.transforms.stain_jitter); not MEDIAR's,
+    # off by default.
+    stain_p: float = 0.0
+    stain_scale: float = 0.05
+    stain_shift: float = 0.05
     # Loss weights of small and touching cells (data.transforms.pixel_weights); the
     # defaults turn both off, which is MEDIAR's loss.
     small_cell_area: int = 0
@@ -142,8 +147,11 @@ class AugmentSection(_Section):
     def _rules(self):
         probs = [(k, _prob(getattr(self, k)), "a probability in [0, 1]") for k in (
             "zoom_p", "flip_p", "rotate_p", "cell_aware_p", "cell_aware_fraction",
-            "noise_p", "contrast_p", "smooth_p", "hist_shift_p", "sharpen_p")]
+            "noise_p", "contrast_p", "smooth_p", "hist_shift_p", "sharpen_p",
+            "stain_p")]
         return probs + [
+            ("stain_scale", 0 <= self.stain_scale < 1, "in [0, 1)"),
+            ("stain_shift", self.stain_shift >= 0, ">= 0"),
             ("small_cell_area", self.small_cell_area >= 0, ">= 0 pixels (0: off)"),
             ("small_cell_max_weight", self.small_cell_max_weight >= 1, ">= 1"),
             ("touching_weight", self.touching_weight > 0, "> 0 (1: off)"),
