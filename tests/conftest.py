@@ -46,8 +46,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """End the test process with pytest's exit status once pytest is done with it.
 
     CI twice ended in a segmentation fault after every test had passed and the summary
-    was printed (2026-12-02, exit code 139), with ``PYTHONFAULTHANDLER=1`` and yet no
-    Python stack: the crash came after Python had torn faulthandler down, i.e. in the
+    was printed (2026-12-02, exit code 139), the second time with ``PYTHONFAULTHANDLER=1``
+    and yet no Python stack: the crash came after Python had torn faulthandler down, in the
     C++ static destructors that ``exit()`` runs while threads of the native libraries
     this session loaded (Ray's core worker and gRPC after many ``ray.init``/
     ``ray.shutdown`` cycles, torch, numba) are still alive. Ray ends its own worker
