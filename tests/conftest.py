@@ -19,21 +19,6 @@ DATA = SHARED / "data"
 FIXTURES = SHARED / "fixtures" / "mediar_reference"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ray_down_before_exit():
-    """Shut down any Ray still connected when the session ends, while Python is whole.
-
-    Jobs called in-process (``run_slides``, ``run_training``) start a local Ray when none
-    is up and leave it connected for the next call; this ends it while a crash would
-    still be reported with its stack (see ``pytest_unconfigure`` below)."""
-    yield
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
 _SESSION: list[pytest.Session] = []
 
 
@@ -52,7 +37,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     this session loaded (Ray's core worker and gRPC after many ``ray.init``/
     ``ray.shutdown`` cycles, torch, numba) are still alive. Ray ends its own worker
     processes with ``os._exit`` for the same reason. The ``atexit`` handlers still run
-    first (with faulthandler on): only the native teardown is skipped. The job commands
+    first, with faulthandler on (Ray's among them: it shuts down a Ray that in-process
+    jobs left connected): only the native teardown is skipped. The job commands
     are not affected (their tests run them in subprocesses and check exit codes)."""
     if not _SESSION:
         return
