@@ -80,18 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-#: Exceptions a command may let through that mean "the user must fix an input, an option
-#: or the environment" (matched by class name so that checking costs no imports).
-USER_ERRORS = frozenset({
-    "ImageReadError", "InputError", "CheckpointError", "ConfigError", "FileNotFoundError",
-    "PermissionError", "NotADirectoryError", "IsADirectoryError", "NoCredentialsError",
-    "PartialCredentialsError",
+#: Errors from outside the project that also mean "the user must fix an input or the
+#: environment" (matched by class name so that checking costs no imports of botocore).
+USER_OS_ERRORS = frozenset({
+    "FileNotFoundError", "PermissionError", "NotADirectoryError", "IsADirectoryError",
+    "NoCredentialsError", "PartialCredentialsError",
 })
 
 
 def is_user_error(err: BaseException) -> bool:
-    """True for the errors that end in one line and exit code 2 instead of a traceback."""
-    return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
+    """True for the errors that end in one line and exit code 2 instead of a traceback:
+    every :class:`~mediar_ray.errors.UserError`, and the OS and credential errors above."""
+    from mediar_ray.errors import UserError
+
+    if isinstance(err, UserError):
+        return True
+    return any(cls.__name__ in USER_OS_ERRORS for cls in type(err).__mro__)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mediar_ray.io import describe_error, image_name, loggable, read_image, safe_name
+from mediar_ray.io import describe_error, image_name, safe_url, read_image, safe_name
 from mediar_ray.metrics import cellseg_f1
 
 __all__ = ["ImageScore", "evaluate_dirs", "pair_files", "score_pair", "write_csv"]
@@ -70,8 +70,8 @@ def pair_files(pred_dir: str, gt_dir: str) -> tuple[list[tuple[str, str, str]], 
     prediction names without one. Raises FileNotFoundError if a folder is missing."""
     pfs, proot = fsspec.core.url_to_fs(pred_dir)
     gfs, groot = fsspec.core.url_to_fs(gt_dir)
-    preds = _names(pfs, proot, f"--pred {loggable(pred_dir)}")
-    truths = _names(gfs, groot, f"--gt {loggable(gt_dir)}")
+    preds = _names(pfs, proot, f"--pred {safe_url(pred_dir)}")
+    truths = _names(gfs, groot, f"--gt {safe_url(gt_dir)}")
     best: dict[str, tuple[int, str]] = {}
     for file in sorted(truths):
         found = _truth_name(file)
@@ -107,12 +107,12 @@ def score_pair(name: str, pred_url: str, gt_url: str, drop_border: bool = True) 
     truth, pred = read_image(gt_url), read_image(pred_url)
     for what, url, arr in (("truth", gt_url, truth), ("prediction", pred_url, pred)):
         if arr.ndim != 2:
-            raise ValueError(f"{what} {loggable(url)} is not a label image (shape "
+            raise ValueError(f"{what} {safe_url(url)} is not a label image (shape "
                              f"{arr.shape}; expected one plane of cell ids)")
     if truth.shape != pred.shape:
         raise ValueError(
-            f"prediction {loggable(pred_url)} is {pred.shape[0]}x{pred.shape[1]} pixels but "
-            f"its truth {loggable(gt_url)} is {truth.shape[0]}x{truth.shape[1]}: they are "
+            f"prediction {safe_url(pred_url)} is {pred.shape[0]}x{pred.shape[1]} pixels but "
+            f"its truth {safe_url(gt_url)} is {truth.shape[0]}x{truth.shape[1]}: they are "
             "not of the same image")
     m = cellseg_f1(truth, pred, drop_border=drop_border)
     return ImageScore(name, m.precision, m.recall, m.f1, m.tp, m.fp, m.fn,

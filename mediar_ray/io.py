@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import tifffile
 from fsspec.implementations.local import LocalFileSystem
+from mediar_ray.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,6 +34,7 @@ __all__ = [
     "output_names",
     "read_image",
     "safe_name",
+    "safe_url",
     "stem",
     "write_labels_tiff",
 ]
@@ -41,7 +43,7 @@ IMAGE_EXTENSIONS = (".tif", ".tiff", ".svs", ".png", ".jpg", ".jpeg", ".bmp")
 _GLOB_CHARS = set("*?[")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An input image cannot be read or is not a 2-D (multi-channel) image."""
 
 
@@ -127,7 +129,7 @@ def label_name(url: str) -> str:
     return f"{safe_name(image_name(url))}_label.tiff"
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """An input, output or URL cannot be used (missing, no access, no credentials...)."""
 
 
@@ -163,10 +165,17 @@ def describe_error(err: BaseException) -> str:
     return f"{kind}: {text}"
 
 
-def loggable(url: str) -> str:
-    """``url`` as it may appear in logs: without credentials, query or fragment (the rule
-    of ``mediar_ray.pipeline.layout.safe_url``, here because importing the pipeline
-    package costs seconds: it loads torch and zarr)."""
+def safe_url(url: str) -> str:
+    """``url`` as it may appear in logs, messages and summaries: without credentials, query
+    or fragment.
+
+    Examples
+    --------
+    >>> safe_url("s3://KEY:SECRET@bucket/slides/a.svs?X-Amz-Signature=abc")
+    's3://bucket/slides/a.svs'
+    >>> safe_url("/data/a.tif")
+    '/data/a.tif'
+    """
     parts = urlsplit(str(url))
     if not parts.scheme or len(parts.scheme) == 1:  # a path (or a Windows drive letter)
         return str(url)
@@ -181,11 +190,11 @@ def _read_bytes(url: str) -> bytes:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ImageReadError(f"{loggable(url)}: file not found") from None
+        raise ImageReadError(f"{safe_url(url)}: file not found") from None
     except PermissionError as err:
-        raise ImageReadError(f"{loggable(url)}: permission denied ({err})") from None
+        raise ImageReadError(f"{safe_url(url)}: permission denied ({err})") from None
     except Exception as err:
-        raise ImageReadError(f"{loggable(url)}: cannot open ({describe_error(err)})") from None
+        raise ImageReadError(f"{safe_url(url)}: cannot open ({describe_error(err)})") from None
 
 
 def _tiff_to_yxc(tif: tifffile.TiffFile, url: str) -> np.ndarray:
@@ -330,11 +339,11 @@ def find_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
         try:
             matches = _expand_one(item)
         except Exception as err:  # any listing failure is this input's problem only
-            problems.append((loggable(item), describe_error(err)))
+            problems.append((safe_url(item), describe_error(err)))
             continue
         if not matches:
             why = f"no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})"
-            problems.append((loggable(item), why))
+            problems.append((safe_url(item), why))
         found.extend(matches)
     return list(dict.fromkeys(found)), problems
 

@@ -43,7 +43,7 @@ MPP_FIX = ("pass --mpp UM_PER_PIXEL for all slides, or a per-slide CSV with colu
 
 
 def _safe(url: str) -> str:
-    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.io import safe_url
 
     return safe_url(url)
 

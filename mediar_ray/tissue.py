@@ -311,7 +311,7 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
         The mask cannot be read or is not a 2-D image (the message names the file).
     """
     from mediar_ray.io import ImageReadError, read_image
-    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.io import safe_url
 
     name = PurePosixPath(str(url).rstrip("/")).name.lower()
     try:

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 import fsspec
+from mediar_ray.errors import UserError
 
 __all__ = ["CheckpointError", "DEFAULT_ROI_SIZE", "checkpoint_metadata", "checkpoint_sha256",
            "common_window", "default_weights", "parse_model_config", "read_checkpoint_bytes",
@@ -26,7 +27,7 @@ DEFAULT_ROI_SIZE = 512
 _MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not one of ours
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
@@ -53,16 +54,16 @@ def resolve_weights(weights: Sequence[str] | None) -> list[str]:
 @contextmanager
 def _open_checkpoint(url: str) -> Iterator[IO[bytes]]:
     """``url`` opened for reading; errors become a :class:`CheckpointError` naming it."""
-    from mediar_ray.io import describe_error, loggable
+    from mediar_ray.io import describe_error, safe_url
 
     try:
         with fsspec.open(url, "rb") as f:
             yield f
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {loggable(url)}; check the --weights "
+        raise CheckpointError(f"checkpoint not found: {safe_url(url)}; check the --weights "
                               "path or URL") from None
     except Exception as err:  # network, permissions, bad URL scheme, no credentials
-        raise CheckpointError(f"cannot read checkpoint {loggable(url)}: "
+        raise CheckpointError(f"cannot read checkpoint {safe_url(url)}: "
                               f"{describe_error(err)}") from None
 
 
@@ -168,13 +169,13 @@ def parse_model_config(value: str | None) -> dict[str, Any]:
 
 
 def _read_text(url: str) -> str:
-    from mediar_ray.io import describe_error, loggable
+    from mediar_ray.io import describe_error, safe_url
 
     try:
         with fsspec.open(url, "r") as f:
             return f.read()
     except FileNotFoundError:
-        raise ValueError(f"--model-config {loggable(url)}: file not found") from None
+        raise ValueError(f"--model-config {safe_url(url)}: file not found") from None
     except Exception as err:  # bad URL scheme, no access, no credentials, not text
-        raise ValueError(f"--model-config {loggable(url)}: cannot read "
+        raise ValueError(f"--model-config {safe_url(url)}: cannot read "
                          f"({describe_error(err)})") from None

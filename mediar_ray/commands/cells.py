@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the summary; exit code 1 when a slide's partition was left half-rewritten."""
     from mediar_ray.cells.summary import summarize_archive
     from mediar_ray.io import InputError
-    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.io import safe_url
 
     rows = summarize_archive(args.output)  # unreadable roots and credentials: cli's errors
     if not rows:

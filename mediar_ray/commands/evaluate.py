@@ -186,15 +186,15 @@ def print_comparison(table: list[dict], names: list[str]) -> None:
 
 def _write(write, option: str, url: str) -> bool:
     """Run ``write``; on failure log one line naming the option and the fix."""
-    from mediar_ray.io import describe_error, loggable
+    from mediar_ray.io import describe_error, safe_url
 
     try:
         write()
     except Exception as err:  # the scores are printed already; say why the file is not
-        log.error("%s %s: cannot write (%s); choose a writable path", option, loggable(url),
+        log.error("%s %s: cannot write (%s); choose a writable path", option, safe_url(url),
                   describe_error(err))
         return False
-    log.info("wrote %s", loggable(url))
+    log.info("wrote %s", safe_url(url))
     return True
 
 

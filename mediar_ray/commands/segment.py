@@ -110,7 +110,7 @@ def prepare_output(output: str) -> None:
     """
     import fsspec
 
-    from mediar_ray.io import InputError, describe_error, loggable
+    from mediar_ray.io import InputError, describe_error, safe_url
 
     probe = f"{output.rstrip('/')}/.mediar-ray-write-check-{os.getpid()}"
     try:
@@ -122,7 +122,7 @@ def prepare_output(output: str) -> None:
             f.write(b"")
         fs.rm(fsspec.core.url_to_fs(probe)[1])
     except Exception as err:  # any failure here means: cannot write there
-        raise InputError(f"--output {loggable(output)}: cannot write there "
+        raise InputError(f"--output {safe_url(output)}: cannot write there "
                          f"({describe_error(err)}); choose a writable folder") from None
 
 
@@ -149,7 +149,7 @@ def _segment_one(url: str, name: str, out: str, models, args: argparse.Namespace
     number of cells."""
     import numpy as np
 
-    from mediar_ray.io import loggable, read_image, write_labels_tiff
+    from mediar_ray.io import safe_url, read_image, write_labels_tiff
     from mediar_ray.segment import segment_image
 
     image = read_image(url)
@@ -157,7 +157,7 @@ def _segment_one(url: str, name: str, out: str, models, args: argparse.Namespace
         missing = int(image.size - np.count_nonzero(np.isfinite(image)))
         if missing:
             log.warning("%s: %d NaN/infinite value(s) treated as background",
-                        loggable(url), missing)
+                        safe_url(url), missing)
     result = segment_image(image, models, tta=args.tta, device=device, amp=args.amp,
                            sw_batch_size=args.sw_batch_size, roi_size=args.roi_size)
     write_labels_tiff(result.labels, f"{out}/{name}{LABEL_SUFFIX}")
@@ -169,7 +169,7 @@ def _segment_one(url: str, name: str, out: str, models, args: argparse.Namespace
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mediar_ray.io import find_inputs, image_name, loggable, output_names, safe_name
+    from mediar_ray.io import find_inputs, image_name, safe_url, output_names, safe_name
     from mediar_ray.segment import check_device, load_models, models_window, parse_model_config
 
     out = args.output.rstrip("/") or args.output
@@ -185,19 +185,19 @@ def run(args: argparse.Namespace) -> int:
     skipped = own_outputs(inputs, out)
     for url in skipped:
         log.info("%s: skipped: a *%s file in the output folder is an output of this "
-                 "command, not an input", loggable(url), LABEL_SUFFIX)
+                 "command, not an input", safe_url(url), LABEL_SUFFIX)
     inputs = [u for u in inputs if u not in skipped]
     failed = {item: why for item, why in problems}
     for item, why in problems:
         log.error("%s: %s", item, why)
     if not inputs:
         log.error("nothing to segment: no input image found in %s",
-                  " ".join(loggable(i) for i in args.inputs))
+                  " ".join(safe_url(i) for i in args.inputs))
         return 2
     names = output_names(inputs)
     for url, name in names.items():
         if name != safe_name(image_name(url)):
-            log.info("%s: named %s, as another input has the name %s", loggable(url), name,
+            log.info("%s: named %s, as another input has the name %s", safe_url(url), name,
                      safe_name(image_name(url)))
     done: dict[str, tuple[str, int]] = {}
     for url in tqdm(inputs, desc="images", unit="img", disable=len(inputs) < 2):
@@ -205,13 +205,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             cells = _segment_one(url, names[url], out, models, args, device)
         except Exception as err:  # one bad file must not stop the batch
-            failed[loggable(url)] = f"{type(err).__name__}: {err}"
-            log.error("failed: %s: %s", loggable(url), err)
+            failed[safe_url(url)] = f"{type(err).__name__}: {err}"
+            log.error("failed: %s: %s", safe_url(url), err)
             continue
-        done[loggable(url)] = (names[url], cells)
-        log.info("%s -> %s%s: %d cells in %.1f s", loggable(url), names[url], LABEL_SUFFIX,
+        done[safe_url(url)] = (names[url], cells)
+        log.info("%s -> %s%s: %d cells in %.1f s", safe_url(url), names[url], LABEL_SUFFIX,
                  cells, time.perf_counter() - start)
-    _report(done, failed, [loggable(u) for u in skipped], loggable(out))
+    _report(done, failed, [safe_url(u) for u in skipped], safe_url(out))
     if failed:
         log.error("%d input(s) failed:", len(failed))
         for url, why in failed.items():

@@ -108,7 +108,7 @@ def options_from_args(args: argparse.Namespace):
 def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
     """Run the slide job and report; exit code 1 if any slide failed."""
     from mediar_ray.pipeline import run_slides
-    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.io import safe_url
 
     from mediar_ray.pipeline.cluster import ResourceError
 

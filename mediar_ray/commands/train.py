@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mediar_ray.pipeline.layout import safe_url
+    from mediar_ray.io import safe_url
     from mediar_ray.train.loop import run_training
 
     try:

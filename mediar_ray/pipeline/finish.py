@@ -18,8 +18,9 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from mediar_ray import __version__
+from mediar_ray.io import safe_url
 from mediar_ray.pipeline import stages
-from mediar_ray.pipeline.layout import safe_url, tile_grid
+from mediar_ray.pipeline.layout import tile_grid
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.stages import SlidePlan
 from mediar_ray.pipeline.stitch import UnionFind, border_pairs, consecutive_ids

@@ -19,22 +19,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["SlideLayout", "Tile", "axes", "multiscales", "safe_url", "tile_grid"]
+__all__ = ["SlideLayout", "Tile", "axes", "multiscales", "tile_grid"]
 
 COMPLETE_MARKER = ".mediar_complete"
-
-
-def safe_url(url: str) -> str:
-    """``url`` without credentials, query or fragment: what may appear in logs."""
-    parts = urlsplit(str(url))
-    if not parts.scheme:
-        return str(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @dataclass(frozen=True)

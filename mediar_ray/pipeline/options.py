@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from mediar_ray.errors import UserError
 
 __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
 
@@ -14,7 +15,7 @@ RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "
                   "geojson")
 
 
-class OptionError(ValueError):
+class OptionError(UserError):
     """A job option is out of range; the message names the option and what is allowed."""
 
 

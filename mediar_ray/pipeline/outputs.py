@@ -25,8 +25,9 @@ import fsspec
 import numpy as np
 import zarr
 
+from mediar_ray.io import safe_url
 from mediar_ray.pipeline import stages
-from mediar_ray.pipeline.layout import multiscales, safe_url, tile_grid
+from mediar_ray.pipeline.layout import multiscales, tile_grid
 from mediar_ray.pipeline.stages import SlidePlan
 from mediar_ray.pipeline.tasks import fan_out
 

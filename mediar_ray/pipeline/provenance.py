@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from mediar_ray.pipeline.layout import safe_url
+from mediar_ray.io import safe_url
 
 __all__ = ["HEAD_BYTES", "differences", "fingerprint", "input_identity"]
 

@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mediar_ray.io import output_names
 from mediar_ray.pipeline.cluster import check_resources, ensure_ray
 from mediar_ray.pipeline.engine import ArchiveRun
-from mediar_ray.pipeline.layout import safe_url
+from mediar_ray.io import safe_url
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.plan import plan_slide
 from mediar_ray.pipeline.provenance import fingerprint, input_identity

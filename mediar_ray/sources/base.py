@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from mediar_ray.errors import UserError
 
 __all__ = ["Level", "SlideReadError", "SlideSource", "composite_alpha", "shown", "white_value"]
 
 
-class SlideReadError(ValueError):
+class SlideReadError(UserError):
     """A slide cannot be opened or read; the message names the file and, where there is
     one, the fix."""
 
@@ -119,7 +120,7 @@ class SlideSource(ABC):
 
 def shown(url: object) -> str:
     """``url`` as it may appear in a message: without credentials, query or fragment."""
-    from mediar_ray.pipeline.layout import safe_url  # late: the pipeline imports sources
+    from mediar_ray.io import safe_url
 
     return safe_url(str(url))
 

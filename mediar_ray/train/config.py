@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import fsspec
+from mediar_ray.errors import UserError
 
 __all__ = ["ConfigError", "TrainConfig", "load_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file has an unknown key or a bad value."""
 
 
