@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "evaluate",
     "segment_slides",
     "cells",
+    "report",
     "map_dataset",
     "discover_modalities",
     "train",

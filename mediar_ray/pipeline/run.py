@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import fsspec
@@ -26,6 +27,7 @@ from mediar_ray.io import safe_url
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.plan import plan_slide
 from mediar_ray.pipeline.provenance import fingerprint, input_identity
+from mediar_ray.pipeline.report import write_report
 
 __all__ = ["SlideOptions", "check_weights", "plan_slide", "run_slides", "slide_fingerprint"]
 
@@ -122,6 +124,7 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
         Before any slide is touched: bad options, resources the cluster cannot provide,
         an unwritable output root, no inputs, unreadable weights.
     """
+    started = time.perf_counter()
     opts.validate()
     ensure_ray(dashboard=False)
     check_output_root(output)
@@ -146,5 +149,10 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
     report["inputs"] = {name: safe_url(url) for url, name, _ in slides}
     report["ignored"] = [safe_url(u) for u in ignored]
     report["output"] = safe_url(output)
+    report["wall_s"] = round(time.perf_counter() - started, 3)
     _write_json(f"{output.rstrip('/')}/run_summary.json", report)
+    try:
+        log.info("run report: %s", safe_url(write_report(output)))
+    except Exception as err:  # noqa: BLE001 - the report never costs the job its result
+        log.warning("run report not written (%s: %s)", type(err).__name__, err)
     return report
