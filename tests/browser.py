@@ -69,3 +69,8 @@ def outside(urls: list[str], folder: Path) -> list[str]:
     root = folder.resolve().as_uri() + "/"
     return [u for u in urls if not (u.startswith(root) or u.startswith("data:")
                                     or u == "about:blank")]
+
+
+def script_errors(driver) -> list[dict]:
+    """The page's script errors since the last call (console entries of its scripts)."""
+    return [e for e in driver.get_log("browser") if e.get("source") == "javascript"]

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +204,8 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
+    text = text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
+    return re.sub(r"<metadata>.*?</metadata>", "", text, count=1, flags=re.S)
 
 
 def _figure(width: float, height: float):
@@ -217,20 +219,27 @@ def _figure(width: float, height: float):
     return fig
 
 
+def boxed_slides(rows: list[SlideRow], *, max_boxes: int = MAX_BOXES) -> list[SlideRow]:
+    """The slides the cell-area plot shows, by median area: all that have cells and
+    areas up to ``max_boxes``; past that, the flagged ones (up to half the boxes) and an
+    even spread of the others."""
+    have = sorted((r for r in rows if r.area_um2 and r.cells
+                   and math.isfinite(r.area_um2["0.5"])), key=lambda r: r.area_um2["0.5"])
+    if len(have) <= max_boxes:
+        return have
+    flagged = [r for r in have if r.flags][: max_boxes // 2]
+    rest = [r for r in have if not r.flags]
+    step = max(1, math.ceil(len(rest) / (max_boxes - len(flagged))))
+    keep = {id(r) for r in flagged + rest[::step]}
+    return [r for r in have if id(r) in keep]
+
+
 def area_plot(rows: list[SlideRow], *, max_boxes: int = MAX_BOXES) -> str | None:
     """SVG: a box per slide of its cell areas (um^2; box 25-75 %, whiskers 5-95 %, line at
-    the median). Past ``max_boxes`` slides, the flagged ones and an even spread of the
-    others ordered by median area; None when no slide has areas."""
-    have = sorted((r for r in rows if r.area_um2 and r.cells),
-                  key=lambda r: r.area_um2["0.5"])
+    the median) for the slides of :func:`boxed_slides`; None when no slide has areas."""
+    have = boxed_slides(rows, max_boxes=max_boxes)
     if not have:
         return None
-    if len(have) > max_boxes:
-        flagged = [r for r in have if r.flags][: max_boxes // 2]
-        rest = [r for r in have if not r.flags]
-        step = max(1, math.ceil(len(rest) / (max_boxes - len(flagged))))
-        keep = {id(r) for r in flagged + rest[::step]}
-        have = [r for r in have if id(r) in keep]
     stats = [{"label": r.name[:24], "med": r.area_um2["0.5"], "q1": r.area_um2["0.25"],
               "q3": r.area_um2["0.75"], "whislo": r.area_um2["0.05"],
               "whishi": r.area_um2["0.95"], "fliers": []} for r in have]
