@@ -13,10 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 
 
 def chromium_paths() -> tuple[str, str]:
@@ -25,8 +32,10 @@ def chromium_paths() -> tuple[str, str]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not binary or not driver:
-        raise RuntimeError("chromium and chromedriver are needed: apt-get install -y "
-                           "chromium chromium-driver (.ci/run does)")
+        raise RuntimeError(
+            "chromium and chromedriver are needed: apt-get install -y "
+            "chromium chromium-driver (.ci/run does)"
+        )
     return binary, driver
 
 
@@ -67,8 +76,9 @@ def requested_urls(driver) -> list[str]:
 def outside(urls: list[str], folder: Path) -> list[str]:
     """The URLs that are neither inline data nor files under ``folder``."""
     root = folder.resolve().as_uri() + "/"
-    return [u for u in urls if not (u.startswith(root) or u.startswith("data:")
-                                    or u == "about:blank")]
+    return [
+        u for u in urls if not (u.startswith(root) or u.startswith("data:") or u == "about:blank")
+    ]
 
 
 def script_errors(driver) -> list[dict]:

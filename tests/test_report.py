@@ -19,19 +19,26 @@ import pytest
 from PIL import Image
 
 from mediar_ray.io import read_image
-from mediar_ray.pipeline.report import (MAX_BOXES, PAGE_ROWS, RunReport, SlideRow,
-                                        boxed_slides, flag_slides, render)
+from mediar_ray.pipeline.report import (
+    MAX_BOXES,
+    PAGE_ROWS,
+    RunReport,
+    SlideRow,
+    boxed_slides,
+    flag_slides,
+    render,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "mediar_ray" / "assets" / "demo" / "images"
-FLAGS = ["--no-tta", "--roi-size", "256", "--tile-size", "256", "--halo", "64",
-         "--mpp", "0.5"]
+FLAGS = ["--no-tta", "--roi-size", "256", "--tile-size", "256", "--halo", "64", "--mpp", "0.5"]
 
 
 def slide_data(page: str) -> list[dict]:
     """The slide rows a report embeds (the JSON its script pages through)."""
-    match = re.search(r'<script type="application/json" id="slides-data">(.*?)</script>',
-                      page, re.S)
+    match = re.search(
+        r'<script type="application/json" id="slides-data">(.*?)</script>', page, re.S
+    )
     return json.loads(match.group(1))
 
 
@@ -44,14 +51,27 @@ def synthetic_rows(n: int, seed: int = 0) -> list[SlideRow]:
         cells = 0 if i % 1000 == 7 else int(rng.integers(1_000, 200_000))
         density = 2_000.0 * float(rng.lognormal(0, 0.2)) * (20 if i % 500 == 3 else 1)
         median = float(rng.uniform(20, 80))
-        areas = {"0.05": median / 3, "0.25": median / 1.5, "0.5": median,
-                 "0.75": median * 1.5, "0.95": median * 3}
-        rows.append(SlideRow(name=f"slide_{i:05d}", status="done", cells=cells,
-                             density_per_mm2=density if cells else 0.0,
-                             area_um2=areas if cells else None,
-                             tissue_fraction=float(rng.uniform(0.05, 0.6)),
-                             windows_run=int(rng.integers(10, 5_000)), windows_skipped=10,
-                             seconds={"plan": 1.0, "infer": 20.0}, qc=f"slide_{i:05d}.zarr/qc.png"))
+        areas = {
+            "0.05": median / 3,
+            "0.25": median / 1.5,
+            "0.5": median,
+            "0.75": median * 1.5,
+            "0.95": median * 3,
+        }
+        rows.append(
+            SlideRow(
+                name=f"slide_{i:05d}",
+                status="done",
+                cells=cells,
+                density_per_mm2=density if cells else 0.0,
+                area_um2=areas if cells else None,
+                tissue_fraction=float(rng.uniform(0.05, 0.6)),
+                windows_run=int(rng.integers(10, 5_000)),
+                windows_skipped=10,
+                seconds={"plan": 1.0, "infer": 20.0},
+                qc=f"slide_{i:05d}.zarr/qc.png",
+            )
+        )
     rows.append(SlideRow(name="broken", status="failed", reason="SlideReadError: broken.svs"))
     return rows
 
@@ -62,9 +82,18 @@ def test_report_of_10000_slides_is_one_paged_file(tmp_path):
     in its data, the odd ones flagged, and the area plot keeps to its boxes."""
     rows = synthetic_rows(10_000)
     flag_slides(rows)
-    page = render(RunReport(output=str(tmp_path), summary={
-        "done": {r.name: {} for r in rows[:-1]}, "skipped": [],
-        "failed": {"broken": rows[-1].reason}, "wall_s": 1234.5}, slides=rows))
+    page = render(
+        RunReport(
+            output=str(tmp_path),
+            summary={
+                "done": {r.name: {} for r in rows[:-1]},
+                "skipped": [],
+                "failed": {"broken": rows[-1].reason},
+                "wall_s": 1234.5,
+            },
+            slides=rows,
+        )
+    )
     assert len(page.encode()) < 6_000_000
     assert "<img" not in page and "<link" not in page and "@import" not in page
     # Nothing to fetch: no attribute or style points at another site (the SVGs' xmlns
@@ -121,9 +150,10 @@ def shown_rows(driver) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     while True:
         for r in driver.execute_script(
-                "return [...document.querySelectorAll('#slides-body tr')].map(tr => ({"
-                "name: tr.dataset.slide, cls: tr.className, cells: [...tr.children]"
-                ".map(td => td.textContent)}))"):
+            "return [...document.querySelectorAll('#slides-body tr')].map(tr => ({"
+            "name: tr.dataset.slide, cls: tr.className, cells: [...tr.children]"
+            ".map(td => td.textContent)}))"
+        ):
             rows[r["name"]] = r
         info = driver.find_element("id", "page-info").text
         current, total = map(int, re.match(r"page (\d+) of (\d+)", info).groups())
@@ -147,8 +177,7 @@ def test_archive_job_report_in_chromium(job, local_ray, tmp_path):
     assert code == 1  # the corrupt slide failed, the others are done
     run = json.loads((out / "run_summary.json").read_text())
     assert sorted(run["done"]) == ["fluor", "glass", "tissue"]
-    summaries = {n: json.loads((out / f"{n}.zarr/summary.json").read_text())
-                 for n in run["done"]}
+    summaries = {n: json.loads((out / f"{n}.zarr/summary.json").read_text()) for n in run["done"]}
     assert summaries["fluor"]["cells"] > 0 and summaries["tissue"]["cells"] > 0
     page = (out / "report.html").read_text()
     with chromium() as driver:
@@ -172,13 +201,19 @@ def test_archive_job_report_in_chromium(job, local_ray, tmp_path):
         assert rows["fluor"]["cls"] == rows["tissue"]["cls"] == ""
         loaded = driver.execute_script(
             "return [...document.images].map(i => [i.getAttribute('src'), i.complete && "
-            "i.naturalWidth > 0])")
+            "i.naturalWidth > 0])"
+        )
         assert sorted(loaded) == [[f"{n}.zarr/qc.png", True] for n in sorted(summaries)]
         # Sorting: a click on "cells" orders the slides by their cells, most first.
         driver.find_elements("css selector", "#slides th")[cells_col].click()
-        order = [r for r in driver.execute_script(
-            "return [...document.querySelectorAll('#slides-body tr')].map(tr => "
-            "tr.dataset.slide)") if r in summaries]
+        order = [
+            r
+            for r in driver.execute_script(
+                "return [...document.querySelectorAll('#slides-body tr')].map(tr => "
+                "tr.dataset.slide)"
+            )
+            if r in summaries
+        ]
         assert order == sorted(summaries, key=lambda n: -summaries[n]["cells"])
         urls = requested_urls(driver)
     assert (out / "report.html").as_uri() in urls

@@ -30,15 +30,19 @@ def run(args: argparse.Namespace) -> int:
     fs, root = fsspec.core.url_to_fs(args.output)
     root = root.rstrip("/")
     if not fs.exists(f"{root}/run_summary.json") and not fs.glob(f"{root}/*.zarr/summary.json"):
-        raise InputError(f"{safe_url(args.output)} holds no run_summary.json and no "
-                         "<slide>.zarr/summary.json: give the output root of a "
-                         "segment-slides job")
+        raise InputError(
+            f"{safe_url(args.output)} holds no run_summary.json and no "
+            "<slide>.zarr/summary.json: give the output root of a "
+            "segment-slides job"
+        )
     report = collect(args.output)
     target = f"{args.output.rstrip('/')}/report.html"
     with fsspec.open(target, "w", encoding="utf-8") as f:
         f.write(render(report))
     flagged = sum(1 for r in report.slides if r.flags)
     failed = sum(1 for r in report.slides if r.status == "failed")
-    print(f"report: {safe_url(target)} ({len(report.slides)} slides, {failed} failed, "
-          f"{flagged} flagged)")
+    print(
+        f"report: {safe_url(target)} ({len(report.slides)} slides, {failed} failed, "
+        f"{flagged} flagged)"
+    )
     return 0

@@ -30,8 +30,15 @@ import fsspec
 
 from mediar_ray.io import safe_url
 
-__all__ = ["FLAG_RULES", "RunReport", "SlideRow", "collect", "flag_slides", "render",
-           "write_report"]
+__all__ = [
+    "FLAG_RULES",
+    "RunReport",
+    "SlideRow",
+    "collect",
+    "flag_slides",
+    "render",
+    "write_report",
+]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -91,8 +98,9 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | Non
         return None
 
 
-def _tissue_fraction(fs: fsspec.AbstractFileSystem, root: str, info: dict | None,
-                     summary: dict) -> float | None:
+def _tissue_fraction(
+    fs: fsspec.AbstractFileSystem, root: str, info: dict | None, summary: dict
+) -> float | None:
     """Share of the slide its tissue mask covers: from the cell table's metadata, else
     from the stored mask (a thumbnail-sized array)."""
     if not summary.get("tissue_mask"):
@@ -130,8 +138,9 @@ def collect(output: str) -> RunReport:
         status[name] = ("skipped", run.get("notes", {}).get(name, ""))
     for name, reason in run.get("failed", {}).items():
         status[name] = ("failed", str(reason))
-    found = sorted(p.rsplit("/", 2)[-2][: -len(".zarr")]
-                   for p in fs.glob(f"{root}/*.zarr/summary.json"))
+    found = sorted(
+        p.rsplit("/", 2)[-2][: -len(".zarr")] for p in fs.glob(f"{root}/*.zarr/summary.json")
+    )
     names = list(dict.fromkeys([*status, *found]))
     try:
         tables = {r["slide"]: r for r in summarize_archive(output)}
@@ -142,8 +151,9 @@ def collect(output: str) -> RunReport:
     rows = []
     for name in names:
         state, reason = status.get(name, ("earlier", ""))
-        row = SlideRow(name=name, status=state, reason=reason,
-                       source=str(run.get("inputs", {}).get(name, "")))
+        row = SlideRow(
+            name=name, status=state, reason=reason, source=str(run.get("inputs", {}).get(name, ""))
+        )
         summary = _read_json(fs, f"{root}/{name}.zarr/summary.json") if name in found else None
         if summary is not None and state != "failed":
             _fill_from_summary(row, summary, fs, f"{root}/{name}.zarr", infos.get(name))
@@ -156,8 +166,9 @@ def collect(output: str) -> RunReport:
     return RunReport(output=safe_url(output), summary=run, slides=rows)
 
 
-def _fill_from_summary(row: SlideRow, summary: dict, fs: fsspec.AbstractFileSystem,
-                       root: str, info: dict | None) -> None:
+def _fill_from_summary(
+    row: SlideRow, summary: dict, fs: fsspec.AbstractFileSystem, root: str, info: dict | None
+) -> None:
     row.cells = int(summary.get("cells", 0))
     row.source = row.source or str(summary.get("slide", ""))
     windows = summary.get("windows") or {}
@@ -181,8 +192,9 @@ def flag_slides(rows: list[SlideRow], rules: dict[str, float] = FLAG_RULES) -> N
     (['no cells', 'no tissue found'], ['tissue covers 97% of the slide'])
     """
     densities = [r.density_per_mm2 for r in rows if r.density_per_mm2]
-    median = statistics.median(densities) if len(densities) >= rules[
-        "min_slides_for_density"] else None
+    median = (
+        statistics.median(densities) if len(densities) >= rules["min_slides_for_density"] else None
+    )
     for r in rows:
         r.flags = []
         if r.status == "failed":
@@ -204,7 +216,7 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
+    text = text[text.index("<svg") :]  # drop the XML prolog and doctype: inline in HTML
     return re.sub(r"<metadata>.*?</metadata>", "", text, count=1, flags=re.S)
 
 
@@ -223,8 +235,10 @@ def boxed_slides(rows: list[SlideRow], *, max_boxes: int = MAX_BOXES) -> list[Sl
     """The slides the cell-area plot shows, by median area: all that have cells and
     areas up to ``max_boxes``; past that, the flagged ones (up to half the boxes) and an
     even spread of the others."""
-    have = sorted((r for r in rows if r.area_um2 and r.cells
-                   and math.isfinite(r.area_um2["0.5"])), key=lambda r: r.area_um2["0.5"])
+    have = sorted(
+        (r for r in rows if r.area_um2 and r.cells and math.isfinite(r.area_um2["0.5"])),
+        key=lambda r: r.area_um2["0.5"],
+    )
     if len(have) <= max_boxes:
         return have
     flagged = [r for r in have if r.flags][: max_boxes // 2]
@@ -240,13 +254,27 @@ def area_plot(rows: list[SlideRow], *, max_boxes: int = MAX_BOXES) -> str | None
     have = boxed_slides(rows, max_boxes=max_boxes)
     if not have:
         return None
-    stats = [{"label": r.name[:24], "med": r.area_um2["0.5"], "q1": r.area_um2["0.25"],
-              "q3": r.area_um2["0.75"], "whislo": r.area_um2["0.05"],
-              "whishi": r.area_um2["0.95"], "fliers": []} for r in have]
+    stats = [
+        {
+            "label": r.name[:24],
+            "med": r.area_um2["0.5"],
+            "q1": r.area_um2["0.25"],
+            "q3": r.area_um2["0.75"],
+            "whislo": r.area_um2["0.05"],
+            "whishi": r.area_um2["0.95"],
+            "fliers": [],
+        }
+        for r in have
+    ]
     fig = _figure(min(12.0, 2 + 0.25 * len(stats)), 3.2)
     ax = fig.add_subplot()
-    ax.bxp(stats, showfliers=False, patch_artist=True,
-           boxprops={"facecolor": "#cfe0f3"}, medianprops={"color": "#b5461d"})
+    ax.bxp(
+        stats,
+        showfliers=False,
+        patch_artist=True,
+        boxprops={"facecolor": "#cfe0f3"},
+        medianprops={"color": "#b5461d"},
+    )
     ax.set_yscale("log")
     ax.set_ylabel("cell area (µm²)")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
@@ -344,8 +372,10 @@ function draw(){
     cell(tr, fmt(r.cells, 0), 'n cells');
     cell(tr, fmt(r.density_per_mm2, 0), 'n');
     cell(tr, fmt(r.median_area_um2, 1), 'n');
-    cell(tr, r.tissue_fraction === null ? '\\u2014' : (100 * r.tissue_fraction).toFixed(1) + '%%', 'n');
-    cell(tr, r.windows_run === null ? '\\u2014' : fmt(r.windows_run, 0) + ' / ' + fmt(r.windows_skipped, 0), 'n');
+    const tissue = r.tissue_fraction;
+    cell(tr, tissue === null ? '\\u2014' : (100 * tissue).toFixed(1) + '%%', 'n');
+    cell(tr, r.windows_run === null ? '\\u2014'
+      : fmt(r.windows_run, 0) + ' / ' + fmt(r.windows_skipped, 0), 'n');
     cell(tr, fmt(r.seconds, 1), 'n');
     const why = document.createElement('span');
     for (const f of r.flags) { const s = document.createElement('span'); s.className = 'flag';
@@ -362,16 +392,26 @@ document.querySelectorAll('th.sort').forEach(th => th.addEventListener('click', 
 }));
 document.getElementById('prev').onclick = () => { page = Math.max(0, page - 1); draw(); };
 document.getElementById('next').onclick = () => { page += 1; draw(); };
-document.getElementById('only-flagged').onchange = e => { onlyFlagged = e.target.checked; page = 0; draw(); };
-document.getElementById('filter').oninput = e => { text = e.target.value.toLowerCase(); page = 0; draw(); };
+document.getElementById('only-flagged').onchange = e => {
+  onlyFlagged = e.target.checked; page = 0; draw(); };
+document.getElementById('filter').oninput = e => {
+  text = e.target.value.toLowerCase(); page = 0; draw(); };
 draw();
 })();
 """
 
-COLUMNS = [("", None), ("slide", "name"), ("status", "status"), ("cells", "cells"),
-           ("cells / mm²", "density_per_mm2"), ("median area µm²", "median_area_um2"),
-           ("tissue", "tissue_fraction"), ("windows run / skipped", "windows_run"),
-           ("seconds", "seconds"), ("flags and reasons", "flagged")]
+COLUMNS = [
+    ("", None),
+    ("slide", "name"),
+    ("status", "status"),
+    ("cells", "cells"),
+    ("cells / mm²", "density_per_mm2"),
+    ("median area µm²", "median_area_um2"),
+    ("tissue", "tissue_fraction"),
+    ("windows run / skipped", "windows_run"),
+    ("seconds", "seconds"),
+    ("flags and reasons", "flagged"),
+]
 
 
 def _number(v: Any) -> Any:
@@ -384,13 +424,21 @@ def _number(v: Any) -> Any:
 
 
 def _row_json(r: SlideRow) -> dict[str, Any]:
-    return {"name": r.name, "status": r.status, "reason": r.reason, "source": r.source,
-            "cells": r.cells, "density_per_mm2": _number(r.density_per_mm2),
-            "median_area_um2": _number(r.area_um2["0.5"]) if r.area_um2 else None,
-            "tissue_fraction": _number(r.tissue_fraction), "windows_run": r.windows_run,
-            "windows_skipped": r.windows_skipped,
-            "seconds": round(sum(r.seconds.values()), 3) if r.seconds else None,
-            "qc": r.qc, "flags": r.flags}
+    return {
+        "name": r.name,
+        "status": r.status,
+        "reason": r.reason,
+        "source": r.source,
+        "cells": r.cells,
+        "density_per_mm2": _number(r.density_per_mm2),
+        "median_area_um2": _number(r.area_um2["0.5"]) if r.area_um2 else None,
+        "tissue_fraction": _number(r.tissue_fraction),
+        "windows_run": r.windows_run,
+        "windows_skipped": r.windows_skipped,
+        "seconds": round(sum(r.seconds.values()), 3) if r.seconds else None,
+        "qc": r.qc,
+        "flags": r.flags,
+    }
 
 
 def _script_json(obj: Any) -> str:
@@ -406,26 +454,34 @@ def _cards(report: RunReport) -> str:
         if r.status == "done":
             for k, v in r.seconds.items():
                 stages[k] = stages.get(k, 0.0) + v
-    cards = [("slides", len(rows)), ("done", len(s.get("done", {}))),
-             ("skipped", len(s.get("skipped", []))), ("failed", len(s.get("failed", {}))),
-             ("flagged", sum(1 for r in rows if r.flags)),
-             ("cells", f"{sum(r.cells or 0 for r in rows if r.status != 'failed'):,}")]
+    cards = [
+        ("slides", len(rows)),
+        ("done", len(s.get("done", {}))),
+        ("skipped", len(s.get("skipped", []))),
+        ("failed", len(s.get("failed", {}))),
+        ("flagged", sum(1 for r in rows if r.flags)),
+        ("cells", f"{sum(r.cells or 0 for r in rows if r.status != 'failed'):,}"),
+    ]
     if s.get("wall_s") is not None:
         cards.append(("wall time", f"{s['wall_s']:.0f} s"))
     if util:
         cards.append(("all model actors busy", f"{util.get('all_actors_busy', 0):.0%}"))
     out = ['<div class="cards" id="glance">']
-    out += [f'<div class="card" data-key="{html.escape(k)}"><b>{html.escape(str(v))}</b>'
-            f'{html.escape(k)}</div>' for k, v in cards]
+    out += [
+        f'<div class="card" data-key="{html.escape(k)}"><b>{html.escape(str(v))}</b>'
+        f"{html.escape(k)}</div>"
+        for k, v in cards
+    ]
     out.append("</div>")
     if stages:
         parts = ", ".join(f"{html.escape(k)} {v:.1f} s" for k, v in stages.items())
-        out.append(f'<p id="stages">Seconds per stage, summed over the slides done: {parts}.'
-                   "</p>")
+        out.append(f'<p id="stages">Seconds per stage, summed over the slides done: {parts}.</p>')
     if util:
-        out.append(f'<p class="muted">{util.get("actors", "?")} model actor(s) on '
-                   f'{s.get("model_nodes", "?")} node(s) inferred {util.get("tiles", "?")} '
-                   f'tiles in {util.get("span_s", 0):.1f} s.</p>')
+        out.append(
+            f'<p class="muted">{util.get("actors", "?")} model actor(s) on '
+            f"{s.get('model_nodes', '?')} node(s) inferred {util.get('tiles', '?')} "
+            f"tiles in {util.get('span_s', 0):.1f} s.</p>"
+        )
     return "\n".join(out)
 
 
@@ -433,13 +489,20 @@ def _failed(report: RunReport) -> str:
     failed = [r for r in report.slides if r.status == "failed"]
     if not failed:
         return ""
-    items = "".join(f'<tr><td class="name">{html.escape(r.name)}</td>'
-                    f'<td class="reason">{html.escape(r.reason)}</td></tr>'
-                    for r in failed[:500])
-    more = (f'<p class="muted">and {len(failed) - 500} more: see the table below.</p>'
-            if len(failed) > 500 else "")
-    return (f'<h2>Failed slides ({len(failed)})</h2><table id="failed"><tr><th>slide</th>'
-            f"<th>reason</th></tr>{items}</table>{more}")
+    items = "".join(
+        f'<tr><td class="name">{html.escape(r.name)}</td>'
+        f'<td class="reason">{html.escape(r.reason)}</td></tr>'
+        for r in failed[:500]
+    )
+    more = (
+        f'<p class="muted">and {len(failed) - 500} more: see the table below.</p>'
+        if len(failed) > 500
+        else ""
+    )
+    return (
+        f'<h2>Failed slides ({len(failed)})</h2><table id="failed"><tr><th>slide</th>'
+        f"<th>reason</th></tr>{items}</table>{more}"
+    )
 
 
 def render(report: RunReport) -> str:
@@ -447,7 +510,8 @@ def render(report: RunReport) -> str:
     links)."""
     heads = "".join(
         f'<th class="sort" data-key="{k}">{html.escape(t)}</th>' if k else "<th></th>"
-        for t, k in COLUMNS)
+        for t, k in COLUMNS
+    )
     plots = [p for p in (density_plot(report.slides), area_plot(report.slides)) if p]
     plot_html = "".join(f'<div class="plot">{p}</div>' for p in plots)
     rules = FLAG_RULES
@@ -468,15 +532,16 @@ red are flagged.</p>
 {plot_html or '<p class="muted">No slide has cells with a known pixel size.</p>'}
 <h2>Slides</h2>
 <p class="muted">Flagged: no cells, no tissue found, tissue covering
-{rules['tissue_fraction']:.0%} of the slide or more, cells per mm² {rules['density_ratio']:g}
+{rules["tissue_fraction"]:.0%} of the slide or more, cells per mm² {rules["density_ratio"]:g}
 times above or below the archive's median. Click a column to sort; a thumbnail opens the
 slide's qc.png.</p>
 <div class="controls"><label><input type="checkbox" id="only-flagged"> flagged and failed
 only</label><input id="filter" placeholder="filter by name"><button id="prev">&larr;</button>
 <span id="page-info"></span><button id="next">&rarr;</button></div>
 <table id="slides"><thead><tr>{heads}</tr></thead><tbody id="slides-body"></tbody></table>
-<script type="application/json" id="slides-data">{_script_json(
-        [_row_json(r) for r in report.slides])}</script>
+<script type="application/json" id="slides-data">{
+        _script_json([_row_json(r) for r in report.slides])
+    }</script>
 <script>{SCRIPT % PAGE_ROWS}</script>
 </body></html>
 """
