@@ -6,6 +6,7 @@ import csv
 import shutil
 
 import numpy as np
+import pytest
 import tifffile
 
 from mediar_ray.cli import main
@@ -124,3 +125,34 @@ def test_compare_prints_both_models_per_source_and_group(data_dir, tmp_path, cap
     for row in report["table"]:
         assert row["f1_compare"] == pytest.approx(row["f1"])
     assert "| all images | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # three evaluations of two H&E fields: about a minute of CPU
+def test_compare_column_is_the_other_models_own_score(data_dir, tmp_path):
+    """``--compare`` with an independent model (the one bundled before H&E training):
+    its column equals that model's own evaluation of the same pairs, run separately, and
+    differs from this model's on H&E fields (issue 41: comparing a model with itself
+    could not fail)."""
+    import json
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    other = str(Path(__file__).resolve().parents[1] / "configs/cpu_small_stage0.safetensors")
+    root = tmp_path / "ds" / "nuinsseg"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for stem in ("human_bladder_01", "human_bladder_05", "mouse_heart_19", "mouse_heart_23"):
+        shutil.copy(data_dir / f"nuinsseg/images/{stem}.png", root / "images")
+        shutil.copy(data_dir / f"nuinsseg/labels/{stem}_label.tiff", root / "labels")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
+                                                            "holdout_every": 2}}))
+    argv = ["evaluate", "--config", str(config), "--no-tta", "--json"]
+    assert main(argv + [str(tmp_path / "cmp.json"), "--compare", other]) == 0
+    assert main(argv + [str(tmp_path / "other.json"), "--weights", other]) == 0
+    both = {r["row"]: r for r in json.loads((tmp_path / "cmp.json").read_text())["table"]}
+    alone = {r["row"]: r for r in json.loads((tmp_path / "other.json").read_text())["table"]}
+    assert both["all images"]["f1_compare"] == pytest.approx(alone["all images"]["f1"])
+    assert abs(both["all images"]["f1"] - both["all images"]["f1_compare"]) > 0.01
