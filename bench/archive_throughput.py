@@ -114,10 +114,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="side of the slides of (b)")
     parser.add_argument("--small-flags", default="", help="extra options for (a) (both commands)")
     parser.add_argument("--big-flags", default="--no-tta", help="options for (b)")
+    parser.add_argument("--roi-size", type=int, default=None,
+                        help="sliding-window size for every command (default: the weights' "
+                        "own; figures measured before 2026-12-02 used 512)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="archive_bench_"))
     try:
+        roi = ["--roi-size", str(args.roi_size)] if args.roi_size else []
+        args.small_flags = " ".join([args.small_flags, *roi]).strip()
+        args.big_flags = " ".join([args.big_flags, *roi]).strip()
         a = small_archive(work, args.small, args.small_flags.split())
         print(f"(a) {a['images']} small real images, options: {args.small_flags or 'defaults'}")
         print("| command | wall s |\n|---|---|")

@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384])
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--roi-size", type=int, default=None,
+                        help="sliding-window size (default: the weights' own; figures "
+                        "measured before 2026-12-02 used 512)")
     parser.add_argument("--weights", nargs="*", default=[])
     parser.add_argument("--no-tta", dest="tta", action="store_false")
     parser.add_argument("--repeats", type=int, default=2,
@@ -204,6 +207,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+                        roi_size=args.roi_size,
                         workers=args.workers)
     hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
     rows = []

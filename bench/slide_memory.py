@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--roi-size", type=int, default=None,
+                        help="sliding-window size (default: the weights' own; figures "
+                        "measured before 2026-12-02 used 512)")
     parser.add_argument("--weights", nargs="*", default=[])
     parser.add_argument("--no-tta", dest="tta", action="store_false")
     parser.add_argument("--sample", type=int, default=200,
@@ -207,6 +210,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+                        roi_size=args.roi_size,
                         workers=args.workers)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

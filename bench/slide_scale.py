@@ -215,6 +215,9 @@ def main() -> None:
                         help="height in px at 0.499 um of the slide whose 2x scan is "
                              "segmented in 2 and 3 (the 2x slide is twice both sides)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--roi-size", type=int, default=None,
+                        help="sliding-window size (default: the weights' own; figures "
+                        "measured before 2026-12-02 used 512)")
     parser.add_argument("--parts", default="1,2,3", help="the tables to measure (1, 2, 3)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each configuration of 1, alternating; the fastest of "
@@ -233,6 +236,7 @@ def main() -> None:
     y0, y1, x0, x1 = built["band"]
     band_fraction = (y1 - y0) * (x1 - x0) / (h * w)
     base = ["--no-tta", "--tile-size", "512", "--workers", str(args.workers)]
+    base += ["--roi-size", str(args.roi_size)] if args.roi_size else []
     configs = {
         "glass auto": (glass, ["--tissue", "auto"]),
         "glass off": (glass, ["--tissue", "off"]),
