@@ -199,6 +199,18 @@ def window_touches_tissue(
         True when any mask pixel whose footprint overlaps the window is tissue (a hair
         of slack against float rounding): never False for a window that overlaps a
         tissue pixel of the mask brought to full resolution.
+
+    Examples
+    --------
+    A 4 x 4 mask of a 64 x 64 image (16 px per mask pixel), tissue in one mask pixel:
+
+    >>> import numpy as np
+    >>> mask = np.zeros((4, 4), bool)
+    >>> mask[1, 2] = True
+    >>> window_touches_tissue(mask, 16, 16, 32, 32, 48)
+    True
+    >>> window_touches_tissue(mask, 16, 48, 64, 0, 16)
+    False
     """
     dy, dx = _downsample_pair(mask_downsample)
     h, w = mask.shape
@@ -249,6 +261,14 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     Returns
     -------
     ndarray, (H, W) bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask = np.zeros((4, 4), bool)
+    >>> mask[1, 2] = True
+    >>> resize_mask(mask, (2, 2)).tolist()
+    [[False, True], [False, False]]
     """
     out = _any_resize_axis(np.asarray(mask, bool), int(shape[0]), 0)
     return _any_resize_axis(out, int(shape[1]), 1)

@@ -25,6 +25,11 @@ def window_starts(length: int, roi: int, overlap: float) -> list[int]:
     ``length`` is the (padded) axis length, at least ``roi``. Windows step by
     ``int(roi * (1 - overlap))`` (at least 1; one window if ``length == roi``) and the
     last one is shifted back to end at ``length``.
+
+    Examples
+    --------
+    >>> window_starts(1000, 256, 0.6)
+    [0, 102, 204, 306, 408, 510, 612, 714, 744]
     """
     if length < roi:
         raise ValueError(f"axis length {length} is smaller than the window {roi}")
@@ -52,6 +57,13 @@ def image_starts(length: int, roi: int, overlap: float, flipped: bool) -> list[i
     padded as MONAI pads it (:func:`pad_before`) and scanned by :func:`window_starts`.
     A start ``a`` means the window covers image pixels ``a .. a + roi - 1`` (negative or
     beyond ``length`` where the window lies in the padding).
+
+    Examples
+    --------
+    An axis of 200 px under a 256-px window: one window, 28 px of it in the padding.
+
+    >>> image_starts(200, 256, 0.6, flipped=False)
+    [-28]
     """
     pad = pad_before(length, roi)
     starts = window_starts(max(length, roi), roi, overlap)

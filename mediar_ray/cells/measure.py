@@ -127,6 +127,14 @@ def measure_chunk(labels: np.ndarray, origin: tuple[int, int],
     -------
     CellPartials
         One row per id present, sorted by id.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> labels = np.array([[1, 1, 0], [1, 0, 2], [0, 0, 2]], np.uint32)
+    >>> rows = finalize(measure_chunk(labels, (0, 0)))
+    >>> rows["id"].tolist(), rows["area"].tolist(), rows["centroid_x"].tolist()
+    ([1, 2], [3, 2], [0.3333333333333333, 2.0])
     """
     lab = np.asarray(labels)
     if lab.ndim != 2:

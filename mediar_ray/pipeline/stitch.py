@@ -50,6 +50,16 @@ def border_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     ``a`` and ``b`` are the two chunks' views (uint64 anchors) of the same border strip.
     Returns (k, 2) uint64 pairs with different names (identical names need no join).
+
+    Examples
+    --------
+    The left chunk calls a cell 5 and the right one 9; both call another cell 7:
+
+    >>> import numpy as np
+    >>> a = np.array([[5, 5, 0, 7]], np.uint64)
+    >>> b = np.array([[9, 9, 0, 7]], np.uint64)
+    >>> border_pairs(a, b).tolist()
+    [[5, 9]]
     """
     both = (a > 0) & (b > 0)
     if not both.any():
@@ -96,6 +106,15 @@ def consecutive_ids(names: np.ndarray, uf: UnionFind) -> tuple[np.ndarray, np.nd
 
     Returns ``(sorted_names, ids)``: name ``sorted_names[i]`` becomes ``ids[i]`` (uint32),
     numbered in the raster order of the cells' anchors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> uf = UnionFind()
+    >>> uf.union(5, 9)  # two chunks' names of one cell
+    >>> names, ids = consecutive_ids(np.array([9, 5, 7], np.uint64), uf)
+    >>> names.tolist(), ids.tolist()
+    ([5, 7, 9], [1, 2, 1])
     """
     sorted_names = np.unique(np.asarray(names, np.uint64))
     sorted_names = sorted_names[sorted_names > 0]
