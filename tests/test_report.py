@@ -246,3 +246,12 @@ def test_10000_slides_page_in_chromium(tmp_path):
         flagged = shown_rows(driver)
         assert set(flagged) == {r.name for r in rows if r.flags or r.status == "failed"}
         assert outside(requested_urls(driver), tmp_path) == []
+
+
+def test_report_of_a_folder_without_a_job_is_a_one_line_error(tmp_path, caplog):
+    """`mediar-ray report` on a folder no slide job wrote: exit code 2, naming it."""
+    from mediar_ray.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert str(tmp_path) in caplog.text and "segment-slides" in caplog.text
+    assert not (tmp_path / "report.html").exists()
