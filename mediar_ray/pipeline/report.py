@@ -124,6 +124,17 @@ def collect(output: str) -> RunReport:
     Slides come from ``run_summary.json`` and from every ``<name>.zarr/summary.json``
     under the root; a slide the summary lists as failed keeps its reason even when an
     earlier run left outputs for it.
+
+    Parameters
+    ----------
+    output : str
+        The slide job's output root: a local folder or an fsspec URL.
+
+    Returns
+    -------
+    RunReport
+        The run's summary (empty when there is no ``run_summary.json``) and one
+        :class:`SlideRow` per slide, flagged (:func:`flag_slides`).
     """
     from mediar_ray.cells.summary import summarize_archive
     from mediar_ray.cells.table import slide_infos
@@ -182,6 +193,14 @@ def flag_slides(rows: list[SlideRow], rules: dict[str, float] = FLAG_RULES) -> N
     """Set each row's ``flags``: no cells, cells per mm^2 far from the archive's median
     (``rules["density_ratio"]`` times above or below, once ``min_slides_for_density``
     slides have a density), no tissue found, tissue covering nearly all of the slide.
+
+    Parameters
+    ----------
+    rows : list of SlideRow
+        The slides; their ``flags`` are replaced. Failed slides get none (their reason
+        is shown instead).
+    rules : dict of str -> float
+        The thresholds (:data:`FLAG_RULES`).
 
     Examples
     --------
@@ -506,8 +525,20 @@ def _failed(report: RunReport) -> str:
 
 
 def render(report: RunReport) -> str:
-    """The report's HTML (one string, nothing to fetch but the thumbnails' relative
-    links)."""
+    """The report's HTML.
+
+    Parameters
+    ----------
+    report : RunReport
+        What :func:`collect` gathered.
+
+    Returns
+    -------
+    str
+        One HTML document: styles, script, data and SVG plots inline; the only URLs in
+        it are the thumbnails' relative links (``<name>.zarr/qc.png``), made by the
+        script for the rows of the page shown.
+    """
     heads = "".join(
         f'<th class="sort" data-key="{k}">{html.escape(t)}</th>' if k else "<th></th>"
         for t, k in COLUMNS
@@ -548,7 +579,18 @@ only</label><input id="filter" placeholder="filter by name"><button id="prev">&l
 
 
 def write_report(output: str) -> str:
-    """Build ``OUTPUT/report.html`` from what is in ``output``; returns its URL."""
+    """Build ``OUTPUT/report.html`` from what is in ``output``.
+
+    Parameters
+    ----------
+    output : str
+        The slide job's output root: a local folder or an fsspec URL.
+
+    Returns
+    -------
+    str
+        The URL of the report written.
+    """
     target = f"{output.rstrip('/')}/report.html"
     text = render(collect(output))
     with fsspec.open(target, "w", encoding="utf-8") as f:
