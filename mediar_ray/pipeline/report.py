@@ -15,7 +15,6 @@ wrong, :func:`render` builds the HTML and :func:`write_report` does all three.
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import io
 import json
@@ -596,8 +595,3 @@ def write_report(output: str) -> str:
     with fsspec.open(target, "w", encoding="utf-8") as f:
         f.write(text)
     return target
-
-
-def to_dict(report: RunReport) -> dict[str, Any]:
-    """The report's records as plain data (what the tests and other tools read)."""
-    return dataclasses.asdict(report)
