@@ -40,7 +40,7 @@ def _images(n: int) -> list[str]:
     return [str(p) for p in small_images(n)]
 
 
-def _run(paths: list[str], threads: int, ready, start, out) -> None:
+def _run(paths: list[str], threads: int, ready, start, out, roi: int | None = None) -> None:
     """Infer ``paths`` with ``threads`` torch threads after one warm-up image (then
     report on ``ready`` and wait for the ``start`` Event); put the seconds of the timed
     loop on ``out``."""
@@ -54,21 +54,21 @@ def _run(paths: list[str], threads: int, ready, start, out) -> None:
     torch.set_num_threads(threads)
     models = load_models(None, {}, "cpu")
     images = [normalize(read_image(p)) for p in paths]
-    predict_raw(images[0], models, tta=True, device="cpu")
+    predict_raw(images[0], models, tta=True, roi_size=roi, device="cpu")
     ready.put(True)
     start.wait()
     t0 = time.perf_counter()
     for image in images:
-        predict_raw(image, models, tta=True, device="cpu")
+        predict_raw(image, models, tta=True, roi_size=roi, device="cpu")
     out.put(time.perf_counter() - t0)
 
 
-def measure(paths: list[str], processes: int, threads: int) -> float:
+def measure(paths: list[str], processes: int, threads: int, roi: int | None = None) -> float:
     """Wall seconds for ``paths`` split over ``processes`` processes of ``threads``
     threads each, timed from the moment all have loaded the model (the slowest part)."""
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(paths[i::processes], threads, ready, start, out))
+    procs = [ctx.Process(target=_run, args=(paths[i::processes], threads, ready, start, out, roi))
              for i in range(processes)]
     for p in procs:
         p.start()
@@ -85,6 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--roi-size", type=int, default=None,
+                        help="sliding-window size (default: the weights' own; figures "
+                        "measured before 2026-12-02 used 512)")
     args = parser.parse_args()
     paths = _images(max(args.images, 2))
     layouts = (("1 process x 1 thread", 1, 1), ("1 process x 2 threads (segment)", 1, 2),
@@ -92,7 +95,7 @@ def main() -> None:
     best = {name: float("inf") for name, _, _ in layouts}
     for _ in range(args.repeats):  # in turn, so that a slow spell hits every layout
         for name, procs, threads in layouts:
-            best[name] = min(best[name], measure(paths, procs, threads))
+            best[name] = min(best[name], measure(paths, procs, threads, args.roi_size))
     rows = {name: {"seconds": round(s, 2), "images_per_s": round(len(paths) / s, 3)}
             for name, s in best.items()}
     base = next(iter(rows.values()))["images_per_s"]
