@@ -159,6 +159,8 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None, *,
         return {"name": cfg.name, "epochs_done": start, "resumed_from": start, "ran": 0}
     stop = cfg.optim.epochs if max_epochs_this_run is None else min(
         cfg.optim.epochs, start + max_epochs_this_run)
+    if not os.environ.get("RAY_ADDRESS"):
+        check_resources(cfg.run)  # this machine, before Ray starts
     ensure_ray()
     check_resources(cfg.run)
     world = cfg.run.num_workers

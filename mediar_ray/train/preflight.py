@@ -70,14 +70,12 @@ def _init_header(url: str) -> dict[str, Any] | None:
 
 
 def _shapes_that_differ(params: dict[str, Any], header: dict[str, Any]) -> list[str]:
-    """Tensor names whose shape in ``header`` differs from a model built with ``params``
-    (built on the meta device: no memory, no weights), and names missing on one side."""
-    import torch
-
+    """Tensor names whose shape in ``header`` differs from a model built with ``params``,
+    and names missing on one side. (The model is built on the CPU: smp's encoders call
+    ``.item()`` while they are built, which the meta device cannot.)"""
     from mediar_ray.model import build_model
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(**params).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in build_model(**params).state_dict().items()}
     stored = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     return sorted(k for k in set(expected) | set(stored) if expected.get(k) != stored.get(k))
 
@@ -262,15 +260,33 @@ def resource_problem(needs: ResourceNeeds, nodes: Sequence[dict[str, float]]) ->
 
 
 def _alive_nodes() -> list[dict[str, float]]:
+    """Resources of the nodes of the connected Ray cluster; before Ray is started in this
+    process (no RAY_ADDRESS), the one node ``ray.init`` will start: this machine's CPUs
+    (as Ray counts them, within a container's limit) and CUDA GPUs."""
+    import os
+
     import ray
 
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if ray.is_initialized():
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if os.environ.get("RAY_ADDRESS"):
+        raise RuntimeError("connect to the cluster (ensure_ray) before checking it")
+    import torch
+
+    try:
+        from ray._private.utils import get_num_cpus
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - another Ray version
+        cpus = float(os.cpu_count() or 1)
+    return [{"CPU": cpus, "GPU": float(torch.cuda.device_count())}]
 
 
 def check_resources(run: Any, *, poll_seconds: float = 5.0) -> None:
-    """Check that the connected Ray cluster can hold the run's workers and loader.
+    """Check that the Ray cluster can hold the run's workers and loader.
 
-    On a fixed cluster a run that does not fit is refused at once; where an autoscaler
+    Call it before ``ensure_ray`` where Ray would start in this process (the machine is
+    checked, and nothing starts), after it where RAY_ADDRESS names a cluster. On a
+    fixed cluster a run that does not fit is refused at once; where an autoscaler
     can add nodes, waits up to ``run.resource_timeout`` seconds (logging what it waits
     for) and then refuses.
 
@@ -285,7 +301,9 @@ def check_resources(run: Any, *, poll_seconds: float = 5.0) -> None:
     problem = resource_problem(needs, _alive_nodes())
     if problem is None:
         return
-    if not autoscaler_present():
+    import ray
+
+    if not ray.is_initialized() or not autoscaler_present():
         raise TrainResourceError(problem + " (no autoscaler can add nodes)")
     log.info("waiting up to %.0f s (run.resource_timeout) for the autoscaler: %s",
              run.resource_timeout, problem)
