@@ -78,7 +78,6 @@ def _cut_copy(run: Path, epoch: int) -> None:
 def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
     from mediar_ray.train.config import ConfigError
     from mediar_ray.train.loop import prepare_data, run_training
-    from mediar_ray.train.preflight import check_run_name, pairs_fingerprint
     from mediar_ray.train.stream import plan_stream
 
     storage = tmp_path / "runs"
@@ -89,10 +88,6 @@ def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
     assert sorted(states) == [0, 1, 2]
     # loss decreases over the first epochs
     assert states[2]["loss"] < states[0]["loss"]
-    # the loss reported is the mean over the two workers, not rank 0's
-    for state in states.values():
-        assert len(state["loss_ranks"]) == 2
-        assert state["loss"] == pytest.approx(np.mean(state["loss_ranks"]), rel=1e-12)
     # each worker saw its own batches: the two ranks' samples differ at every epoch
     last = run / "checkpoint_epoch_00002"
     seen = [json.loads((last / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
@@ -130,6 +125,10 @@ def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
     third = run_training(_config(small_root, storage, epochs=5))
     assert third["ran"] == 0  # finished runs are not trained again
     assert np.isfinite(states[4]["loss"])
+    # the loss reported is the mean over the two workers, not rank 0's
+    for state in states.values():
+        assert len(state["loss_ranks"]) == 2
+        assert state["loss"] == pytest.approx(np.mean(state["loss_ranks"]), rel=1e-12)
 
     # The same name with another config is refused before Ray Train starts (it used to
     # resume silently); --overwrite deletes the run instead.
@@ -137,6 +136,8 @@ def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
     other.augment.crop = 96
     with pytest.raises(ConfigError, match="augment.crop.*new --name, or --overwrite"):
         run_training(other)
+    from mediar_ray.train.preflight import check_run_name, pairs_fingerprint
+
     train = prepare_data(other).train
     check_run_name(str(run), other, pairs_fingerprint(train), overwrite=True)
     assert not run.exists()
