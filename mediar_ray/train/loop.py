@@ -8,9 +8,14 @@ with AdamW and a cosine schedule stepped per epoch; after each epoch it reports 
 loss and learning rate, every ``validate_every`` epochs the held-out F1 (rank 0), and
 every ``checkpoint_every`` epochs a checkpoint (:mod:`.checkpoint`) to the run's storage.
 
-Resuming is running again with the same ``name`` and ``storage_path``: Ray Train hands the
-workers the latest checkpoint, the driver starts the stream at the next epoch, and
-training continues at the saved step with the saved learning rate.
+Resuming is running again with the same ``name`` and ``storage_path``: the driver finds the
+newest *whole* checkpoint (:func:`.checkpoint.latest_checkpoint`), starts the stream at
+the next epoch and hands that checkpoint's path to the workers, which restore exactly it
+(:func:`choose_restore`: Ray's own checkpoint only after a worker failure within this
+run, when it is newer), so driver and workers never disagree about where the run is;
+training continues at the saved step with the saved learning rate. Before Ray Train starts
+the run is checked (:mod:`.preflight`, and every pair by
+:func:`mediar_ray.data.mapping.check_pairs`).
 """
 
 from __future__ import annotations
