@@ -125,3 +125,22 @@ def test_model_is_on_its_device_before_the_optimizer_state_is_loaded(tmp_path):
                if torch.is_tensor(t) and k != "step"]  # AdamW keeps its step count on CPU
     assert len(moments) == 2 * len(list(model.parameters()))
     assert {device for _, device in moments} == {"meta"}
+
+
+def test_resource_problem_places_workers_and_loader_on_nodes():
+    """The arithmetic behind the check: workers, then loader actors, first-fit on nodes
+    (the issue's cases: 2 x 1 CPU + 1 loader CPU on 2 cores does not fit; cpu_small's
+    2 x 0.75 + 0.5 does; a worker cannot be split across two nodes)."""
+    from mediar_ray.train.preflight import ResourceNeeds, resource_problem
+
+    two_cores = [{"CPU": 2.0}]
+    assert "need 3 CPUs" in resource_problem(ResourceNeeds(2, 1.0, 0.0, 1, 1.0), two_cores)
+    assert "need 2.5 CPUs" in resource_problem(ResourceNeeds(2, 1.0, 0.0, 1, 0.5), two_cores)
+    assert resource_problem(ResourceNeeds(2, 0.75, 0.0, 1, 0.5), two_cores) is None
+    split = [{"CPU": 1.5}, {"CPU": 1.5}]
+    assert resource_problem(ResourceNeeds(1, 2.0, 0.0, 1, 0.5), split) is not None
+    assert resource_problem(ResourceNeeds(2, 1.0, 0.0, 1, 0.5), split) is None
+    gpus = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert resource_problem(ResourceNeeds(2, 4.0, 1.0, 2, 1.0), gpus) is None
+    assert "GPU" in resource_problem(ResourceNeeds(3, 4.0, 1.0, 1, 1.0), gpus)
+    assert "--use-gpu" in resource_problem(ResourceNeeds(1, 1.0, 1.0, 1, 1.0), two_cores)
