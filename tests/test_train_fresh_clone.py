@@ -41,7 +41,7 @@ def test_readme_train_command_from_a_fresh_clone(tmp_path: Path, data_dir: Path)
     proc = subprocess.run(
         [sys.executable, "-m", "mediar_ray.cli", "train", "--config", "configs/cpu_small.yaml",
          "--epochs", "1", "--storage-path", str(tmp_path / "runs")],
-        cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+        cwd=clone, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["epochs_done"] == 1 and summary["ran"] == 1

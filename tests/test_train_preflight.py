@@ -26,7 +26,7 @@ def _train_cli(config: Path, *flags: str, timeout: float = 120) -> subprocess.Co
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "mediar_ray.cli", "train", "--config",
                            str(config), *flags], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=config.parent)
+                          timeout=timeout, env=env, cwd=config.parent, check=False)
 
 
 def _small_config(dsb_config, tmp_path: Path, **run) -> Path:

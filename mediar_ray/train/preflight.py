@@ -18,8 +18,9 @@ import logging
 import struct
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 
@@ -223,7 +224,7 @@ class ResourceNeeds:
     loader_cpus: float
 
     @classmethod
-    def of(cls, run: Any) -> "ResourceNeeds":
+    def of(cls, run: Any) -> ResourceNeeds:
         return cls(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0,
                    run.loader_workers, run.loader_cpus)
 
