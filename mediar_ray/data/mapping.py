@@ -166,11 +166,13 @@ def check_pair(image: str, label: str, decode: bool = False) -> tuple[str, str] 
     from mediar_ray.io import read_image
 
     try:
+        planes = _header_dims(label)[2]  # the file's own planes (decoding drops alpha)
         labels = read_image(label)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - any parse failure means: unreadable
         return label, f"label not readable ({type(err).__name__}: {err})"
-    if labels.ndim == 3 and labels.shape[2] != 1:
-        return label, f"label has {labels.shape[2]} planes/channels, expected one"
+    if planes != 1 or (labels.ndim == 3 and labels.shape[2] != 1):
+        count = planes if planes != 1 else labels.shape[2]
+        return label, f"label has {count} planes/channels, expected one"
     problem = label_problem(labels.reshape(labels.shape[:2]))
     if problem:
         return label, problem
