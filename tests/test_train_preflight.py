@@ -144,3 +144,47 @@ def test_resource_problem_places_workers_and_loader_on_nodes():
     assert resource_problem(ResourceNeeds(2, 4.0, 1.0, 2, 1.0), gpus) is None
     assert "GPU" in resource_problem(ResourceNeeds(3, 4.0, 1.0, 1, 1.0), gpus)
     assert "--use-gpu" in resource_problem(ResourceNeeds(1, 1.0, 1.0, 1, 1.0), two_cores)
+
+
+def test_autoscaling_cluster_wait_is_bounded(monkeypatch):
+    """Where an autoscaler may add nodes the check waits, but only ``run.resource_timeout``
+    seconds, then ends with one line saying what it waited for (a real one-CPU Ray; the
+    autoscaler's presence is the only thing stood in for)."""
+    import ray
+
+    from mediar_ray.pipeline import cluster
+    from mediar_ray.train.preflight import TrainResourceError, check_resources
+
+    monkeypatch.setattr(cluster, "autoscaler_present", lambda: True)
+    run = TrainConfig.from_dict({"name": "x", "run": {"num_workers": 2,
+                                                      "resource_timeout": 1.0}}).run
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(TrainResourceError, match=r"after waiting 1 s \(run.resource_timeout\)"
+                                                     r".*need 3 CPUs.*has 1 CPUs"):
+            check_resources(run, poll_seconds=0.2)
+    finally:
+        ray.shutdown()
+
+
+def test_reused_name_with_other_data_is_refused(tmp_path, data_dir):
+    """A run's ``--name`` reused with other pairs used to resume silently on them."""
+    from mediar_ray.data.mapping import load_pairs
+    from mediar_ray.train.checkpoint import save_training_state
+    from mediar_ray.train.loop import build_training
+    from mediar_ray.train.preflight import check_run_name, pairs_fingerprint
+
+    pairs = load_pairs(roots=[str(data_dir / "dsb2018")])
+    cfg = TrainConfig.from_dict({"name": "r", "model": TINY, "optim": {"epochs": 3}})
+    model, optimizer, scheduler, _, _ = build_training(cfg, "cpu")
+    run = tmp_path / "runs" / "r"
+    save_training_state(run / "checkpoint_epoch_00000", model, optimizer, scheduler,
+                        {"epoch": 0, "step": 1, "config": cfg.to_dict(),
+                         "pairs": pairs_fingerprint(pairs)})
+    check_run_name(str(run), cfg, pairs_fingerprint(pairs))  # same run: resumes
+    fewer = pairs_fingerprint(pairs[:-1])
+    with pytest.raises(ConfigError, match=r"different config or data \(training pairs\): "
+                                          "give a new --name, or --overwrite"):
+        check_run_name(str(run), cfg, fewer)
+    check_run_name(str(run), cfg, fewer, overwrite=True)
+    assert not run.exists()

@@ -196,18 +196,19 @@ def check_run_name(run_url: str, cfg: Any, fingerprint: str, *, overwrite: bool 
     differ = _differences(_comparable(state.get("config") or {}),
                           _comparable(cfg.to_dict()))
     if state.get("pairs") not in (None, fingerprint):
-        differ.append("the training pairs (data)")
+        differ.append("training pairs")
     if not differ:
         return
     if overwrite:
-        log.warning("--overwrite: deleting run %s (made with other %s)", safe_url(run_url),
-                    ", ".join(differ))
+        log.warning("--overwrite: deleting run %s (made with a different %s)",
+                    safe_url(run_url), ", ".join(differ))
         fs, path = fsspec.core.url_to_fs(run_url)
         fs.rm(path, recursive=True)
         return
-    raise ConfigError(f"run {cfg.name} in {safe_url(run_url)} was made with other "
-                      f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}: give a "
-                      "new --name, or --overwrite to delete it and start again")
+    raise ConfigError(f"run {cfg.name} in {safe_url(run_url)} was made with a different "
+                      f"config or data ({', '.join(differ[:5])}"
+                      f"{' ...' if len(differ) > 5 else ''}): give a new --name, or "
+                      "--overwrite to delete it and start again")
 
 
 # --------------------------------------------------------------------------- resources
