@@ -2,7 +2,10 @@
 
 Trains (or resumes) MEDIAR-Former on Ray Train; options as `mediar-ray train`. Connects to
 the cluster in RAY_ADDRESS (set by `ray job submit`), else starts Ray locally. Exit code 0
-when training finished, 2 for a bad config, 1 when training failed.
+when training finished; 2 for what is found before Ray Train starts (a bad config, a missing
+or unfitting model.init, storage that cannot be written, a reused --name, bad pairs with
+--strict, workers the cluster cannot hold: on an autoscaling cluster after waiting
+run.resource_timeout seconds); 1 when training failed.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mediar_ray.io import describe_error, image_name, safe_url, read_image, safe_name
+from mediar_ray.io import describe_error, image_name, safe_name, safe_url
 from mediar_ray.metrics import cellseg_f1
 
 __all__ = ["ImageScore", "evaluate_dirs", "pair_files", "score_pair", "write_csv"]
@@ -101,10 +101,14 @@ def score_pair(name: str, pred_url: str, gt_url: str, drop_border: bool = True) 
     Raises
     ------
     ValueError
-        A file is unreadable, is not a single-plane label image, or the two differ in
-        size (one line naming both files).
+        A file is unreadable, is not a single-plane label image of whole non-negative
+        ids, or the two differ in size (one line naming the file).
     """
-    truth, pred = read_image(gt_url), read_image(pred_url)
+    from mediar_ray.data.mapping import read_labels
+
+    # Labels are checked and whole-valued floats converted (a float label used to end in
+    # a TypeError inside the metric); a bad file raises LabelError naming it.
+    truth, pred = read_labels(gt_url), read_labels(pred_url)
     for what, url, arr in (("truth", gt_url, truth), ("prediction", pred_url, pred)):
         if arr.ndim != 2:
             raise ValueError(f"{what} {safe_url(url)} is not a label image (shape "

@@ -101,7 +101,8 @@ def test_cli_table_covers_every_image_and_is_deterministic(small_root: Path,
                  "-o", str(out)]) == 0
     doc = json.loads(out.read_text())
     images = [p.image for p in load_pairs([str(mapping)])]
-    assert sorted(doc["table"]) == sorted(images)
+    # keys relative to the data root, so the table works from any checkout
+    assert sorted(doc["table"]) == sorted(str(Path(i).relative_to(small_root)) for i in images)
     assert doc["k"] == 3 and doc["method"] == "image-stats"
     assert sum(doc["sizes"].values()) == len(images)
     assert set(doc["table"].values()) == {0, 1, 2}
@@ -153,6 +154,13 @@ def test_load_modality_table(tmp_path: Path, monkeypatch) -> None:
     # Other spellings of the same local file find the same entry.
     assert "x/../x/images/a.png" in table and table["./x/images/a.png"] == 0
     assert table.get("x/images/missing.png") is None
+    # Keys relative to a data root match any path that ends with them.
+    write_modality_table({"table": {"dsb/images/a.png": 1, "images/a.png": 2}},
+                         str(tmp_path / "r.json"))
+    relative = load_modality_table(str(tmp_path / "r.json"))
+    assert relative["/elsewhere/data/dsb/images/a.png"] == 1  # the longest key wins
+    assert relative["s3://bucket/other/images/a.png"] == 2
+    assert "/data/dsb/images/b.png" not in relative and "a.png" not in relative
     for bad in ({"table": {"a": "one"}}, {"sizes": {}}, [1, 2], {"table": {"a": -1}}):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="not a modality table"):
@@ -180,3 +188,18 @@ def test_training_data_takes_clusters_from_the_table(small_root: Path, tmp_path:
     written = load_modality_table(str(table))
     assert len(data.train) == 10 and len(data.held) == 2
     assert data.clusters.tolist() == [written[p.image] for p in data.train]
+
+
+def test_committed_table_covers_the_data_from_any_checkout(data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """configs/cpu_small_modalities.json was keyed by /work/main/../shared/data/...:
+    a clone elsewhere, whose ../shared is another path to the same data, found no image
+    in it. Its keys are now relative to the data root."""
+    from mediar_ray.data.mapping import load_pairs
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(data_dir)
+    table = load_modality_table(str(repo / "configs" / "cpu_small_modalities.json"))
+    images = [p.image for p in load_pairs(roots=[str(tmp_path / "shared" / "data")])]
+    assert len(images) == len(table) and all(i in table for i in images)

@@ -89,12 +89,16 @@ def test_cluster_min_keeps_integer_ids_through_yaml_and_json(tmp_path: Path) -> 
     assert again.sampling.cluster_min == {2: 75, 7: 60} and again == cfg
 
 
-def test_yaml_exponent_without_dot_is_caught(tmp_path: Path) -> None:
-    """PyYAML reads ``5e-5`` as a string: the validator must say so, not train with it."""
+def test_yaml_numbers_read_as_yaml_1_2(tmp_path: Path) -> None:
+    """``lr: 1e-3`` is a float, as YAML 1.2 (and JSON) read it; PyYAML's YAML 1.1 made
+    it the text '1e-3' and the run was refused with "optim.lr must be float"."""
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(GOOD).replace("lr: 0.001", "lr: 5e-5"))
-    with pytest.raises(ConfigError, match="optim.lr must be float"):
-        load_config(str(path))
+    text = yaml.safe_dump(GOOD).replace("lr: 0.001", "lr: 1e-3")
+    path.write_text(text.replace("optim:\n", "optim:\n  weight_decay: 5E-2\n"))
+    cfg = load_config(str(path))
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 0.05
+    assert cfg.optim.epochs == GOOD["optim"]["epochs"] and isinstance(cfg.optim.epochs, int)
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

@@ -61,11 +61,27 @@ def _states(run: Path) -> dict[int, dict]:
             for d in sorted(run.glob("checkpoint_epoch_*")) if (d / "state.json").exists()}
 
 
+def _cut_copy(run: Path, epoch: int) -> None:
+    """A copy of the checkpoint after ``epoch`` - 1 as it looks when Ray Train was killed
+    while copying the checkpoint after ``epoch`` into storage: ``state.json`` already
+    written (its epoch and step advanced), ``model.safetensors`` cut short."""
+    old = run / f"checkpoint_epoch_{epoch - 1:05d}"
+    new = run / f"checkpoint_epoch_{epoch:05d}"
+    shutil.copytree(old, new)
+    state = json.loads((new / "state.json").read_text())
+    state.update(epoch=epoch, step=state["step"] + 3)
+    (new / "state.json").write_text(json.dumps(state))
+    model = (new / "model.safetensors").read_bytes()
+    (new / "model.safetensors").write_bytes(model[: len(model) * 95 // 100])
+
+
 def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
-    from mediar_ray.train.loop import run_training
+    from mediar_ray.train.config import ConfigError
+    from mediar_ray.train.loop import prepare_data, run_training
+    from mediar_ray.train.stream import plan_stream
 
     storage = tmp_path / "runs"
-    first = run_training(_config(small_root, storage, epochs=4), max_epochs_this_run=3)
+    first = run_training(_config(small_root, storage, epochs=5), max_epochs_this_run=3)
     assert first["resumed_from"] == 0 and first["ran"] == 3
     run = storage / "ddp_test"
     states = _states(run)
@@ -83,15 +99,45 @@ def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
 
     load_model(str(last / "model.safetensors"))
 
-    second = run_training(_config(small_root, storage, epochs=4))
-    assert second["resumed_from"] == 3 and second["ran"] == 1
+    # Killed while copying the checkpoint of epoch 3 (state.json there, the model cut
+    # short). The old driver trusted the state.json and planned epochs 4..4 while the
+    # workers restored Ray's epoch-2 checkpoint and trained epoch 3 on epoch 4's batches.
+    _cut_copy(run, 3)
+    second = run_training(_config(small_root, storage, epochs=5))
+    assert second["resumed_from"] == 3 and second["ran"] == 2
     states = _states(run)
+    assert sorted(states) == [2, 3, 4]  # run.keep_checkpoints: 3
     assert states[3]["step"] == states[2]["step"] + 3 == 4 * 3
+    assert states[4]["step"] == 5 * 3
+    # epoch 3 was trained on the batches planned for epoch 3
+    cfg = _config(small_root, storage, epochs=5)
+    plan = plan_stream(cfg, prepare_data(cfg).clusters, 0, 2, 0)
+    planned = sorted(f"main:{i}" for r in plan.rows if r["epoch"] == 3
+                     for _, i in json.loads(r["items"]))
+    trained = sorted(sum((json.loads((run / "checkpoint_epoch_00003" /
+                                      f"seen_rank{r}.json").read_text()) for r in (0, 1)), []))
+    assert trained == planned
     # the resumed epoch runs at the learning rate the interrupted run would have used
     assert states[3]["lr"] == pytest.approx(states[2]["next_lr"], rel=1e-12)
-    assert states[3]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert states[3]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
     path, state = latest_checkpoint(str(run))
-    assert state["epoch"] == 3 and path.endswith("checkpoint_epoch_00003")
-    third = run_training(_config(small_root, storage, epochs=4))
+    assert state["epoch"] == 4 and path.endswith("checkpoint_epoch_00004")
+    third = run_training(_config(small_root, storage, epochs=5))
     assert third["ran"] == 0  # finished runs are not trained again
-    assert np.isfinite(states[3]["loss"])
+    assert np.isfinite(states[4]["loss"])
+    # the loss reported is the mean over the two workers, not rank 0's
+    for state in states.values():
+        assert len(state["loss_ranks"]) == 2
+        assert state["loss"] == pytest.approx(np.mean(state["loss_ranks"]), rel=1e-12)
+
+    # The same name with another config is refused before Ray Train starts (it used to
+    # resume silently); --overwrite deletes the run instead.
+    other = _config(small_root, storage, epochs=5)
+    other.augment.crop = 96
+    with pytest.raises(ConfigError, match="augment.crop.*new --name, or --overwrite"):
+        run_training(other)
+    from mediar_ray.train.preflight import check_run_name, pairs_fingerprint
+
+    train = prepare_data(other).train
+    check_run_name(str(run), other, pairs_fingerprint(train), overwrite=True)
+    assert not run.exists()

@@ -38,6 +38,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _bases(inputs: list[str]) -> list[str]:
+    """The dataset roots the table keys are made relative to: the roots given, and the
+    ``root`` each mapping records."""
+    import fsspec
+
+    bases = []
+    for item in inputs:
+        if item.lower().endswith(".json"):
+            with fsspec.open(item, "r") as f:
+                root = json.load(f).get("root")
+            if root:
+                bases.append(root)
+        else:
+            bases.append(item)
+    return bases
+
+
 def _images(inputs: list[str]) -> list[str]:
     """Image URLs of the pairs of mapping JSONs (``*.json``) and dataset roots."""
     from mediar_ray.data.mapping import load_pairs
@@ -56,7 +73,8 @@ def _model_params(value: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mediar_ray.data.modalities import discover_modalities, write_modality_table
+    from mediar_ray.data.modalities import (discover_modalities, relative_keys,
+                                            write_modality_table)
 
     if args.clusters < 1 or args.size < 1:
         log.error("--clusters and --size must be >= 1")
@@ -65,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         images = _images(args.inputs)
         doc = discover_modalities(images, args.clusters, args.checkpoint, args.seed,
                                   args.size, args.device, _model_params(args.model_config))
+        doc["table"] = relative_keys(doc["table"], _bases(args.inputs))
     except (ValueError, FileNotFoundError, KeyError) as err:
         log.error("%s", err)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from mediar_ray.commands.options import roi_size
 
@@ -89,7 +90,10 @@ def run_split(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     rows: list = []
-    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows)
+    bad: list = []
+    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows, bad=bad)
+    for pair in bad:
+        print(f"not scored: {pair.reason}", file=sys.stderr)
     report["roi_size"] = roi
     for image, source, f1, n_true, n_pred in rows:
         print(f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
@@ -105,7 +109,7 @@ def run_split(args: argparse.Namespace) -> int:
             log.error("--compare: %s", err)
             return 2
         print(f"--compare: {other_roi}-px windows")
-        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared)
+        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared, bad=[])
     try:
         groups = _read_groups(args.groups or [])
     except (ValueError, OSError) as err:

@@ -3,7 +3,10 @@
 Exit codes: 0 when every image has a readable label of the same size (and no label is
 left over); 1 when some files are unpaired or unreadable (the mapping is still written,
 with the usable pairs only, and the problems are listed on stderr and in the JSON);
-2 when the root holds no dataset or the mapping cannot be written.
+2 when the root holds no dataset or the mapping cannot be written, or with ``--strict``
+when any file is unpaired or unreadable (nothing is written then). A pair is bad when a
+file cannot be read, the label is not one plane of whole non-negative ids (integer, or
+float with whole values), or the sizes differ.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="open every pair to check it is readable (default: on)")
     p.add_argument("--decode", action="store_true",
-                   help="decode the pixels of every file, not only the headers (slower)")
+                   help="decode the pixels of every image, not only the headers (slower; "
+                   "labels are always decoded to check their ids)")
+    p.add_argument("--strict", action="store_true",
+                   help="write no mapping and exit 2 when any file is unpaired or any pair "
+                   "is bad (default: list them and write the good pairs)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +58,18 @@ def run(args: argparse.Namespace) -> int:
     from mediar_ray.data.mapping import write_mapping
 
     output = args.output or f"{args.root.rstrip('/')}/mapping.json"
+    from mediar_ray.data.mapping import map_dataset
+
     try:
+        if getattr(args, "strict", False):
+            found = problems(map_dataset(args.root, args.check, args.decode))
+            if found:
+                for path, why in found:
+                    print(f"  {why}: {path}", file=sys.stderr)
+                log.error("--strict: %d file(s) of %s are unpaired or bad (listed above); "
+                          "no mapping written: fix or remove them, or run without --strict",
+                          len(found), args.root)
+                return 2
         mapping = write_mapping(args.root, output, check=args.check, decode=args.decode)
     except (FileNotFoundError, PermissionError, OSError) as err:
         log.error("%s", err)

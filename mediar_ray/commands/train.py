@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total epochs of the schedule (at least 1)")
     p.add_argument("--max-epochs-this-run", type=positive_int, metavar="N",
                    help="stop after N epochs (at least 1); running again resumes")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="refuse to start when any image/label pair is bad (default: list "
+                   "the bad pairs and train on the good ones)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a run of this name with another config or other data exists: "
+                   "delete its checkpoints and start again (default: refuse)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,17 +46,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config file with the command-line overrides applied (and validated)."""
-    from mediar_ray.train.config import TrainConfig, load_config
+    from mediar_ray.train.config import TrainConfig, load_config, read_config_data
 
-    cfg = load_config(args.config).to_dict()
+    load_config(args.config)  # errors name the file alone when the file is at fault
+    # The file's own keys, not the filled-in defaults: model.init fills the model keys
+    # the file leaves out from the checkpoint.
+    cfg = read_config_data(args.config)
     for flag, (section, key) in {"name": (None, "name"),
                                  "storage_path": ("run", "storage_path"),
                                  "num_workers": ("run", "num_workers"),
                                  "use_gpu": ("run", "use_gpu"),
-                                 "epochs": ("optim", "epochs")}.items():
-        value = getattr(args, flag)
+                                 "epochs": ("optim", "epochs"),
+                                 "strict": ("data", "strict")}.items():
+        value = getattr(args, flag, None)
         if value is not None:
-            (cfg if section is None else cfg[section])[key] = value
+            if section is None:
+                cfg[key] = value
+            else:
+                cfg[section] = {**(cfg.get(section) or {}), key: value}
     return TrainConfig.from_dict(cfg, source=f"{args.config} (with command-line options)")
 
 
@@ -64,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     try:
-        summary = run_training(cfg, args.max_epochs_this_run)
+        summary = run_training(cfg, args.max_epochs_this_run,
+                               overwrite=getattr(args, "overwrite", False))
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # bad data roots, mappings or storage found while preparing the run
         log.error("%s: %s", args.config, err)

@@ -26,7 +26,10 @@ from typing import Iterable, Sequence
 import fsspec
 import numpy as np
 
-__all__ = ["Pair", "check_pair", "load_pairs", "map_dataset", "split_holdout", "write_mapping"]
+from mediar_ray.io import InputError
+
+__all__ = ["BadPair", "LabelError", "Pair", "check_pair", "check_pairs", "label_problem",
+           "load_pairs", "map_dataset", "read_labels", "split_holdout", "write_mapping"]
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label.tiff"
@@ -39,6 +42,66 @@ class Pair:
     image: str
     label: str
     source: str
+
+
+class LabelError(InputError):
+    """A label image that is not one plane of non-negative whole cell ids."""
+
+
+@dataclass(frozen=True)
+class BadPair:
+    """A pair left out of a run: the file at fault and why."""
+
+    path: str
+    reason: str
+
+
+def label_problem(labels: np.ndarray) -> str | None:
+    """Why ``labels`` cannot be an instance label image, or None.
+
+    An instance label image is one plane (H, W) of whole, non-negative cell ids (0 is
+    background): an integer or boolean dtype, or floats whose values are all whole
+    numbers (:func:`read_labels` converts those).
+    """
+    if labels.ndim != 2:
+        return f"label has shape {labels.shape}, expected one plane of cell ids"
+    kind = labels.dtype.kind
+    if kind == "f":
+        if not np.isfinite(labels).all():
+            return "label has NaN or infinite values; cell ids must be whole numbers"
+        if not np.array_equal(labels, np.round(labels)):
+            bad = labels[labels != np.round(labels)].flat[0]
+            return (f"label has fractional values ({labels.dtype}, e.g. {bad:g}); cell ids "
+                    "must be whole numbers (save it as uint16/uint32)")
+    elif kind not in "iub":
+        return f"label has dtype {labels.dtype}; cell ids must be integers"
+    if kind in "if" and labels.size and labels.min() < 0:
+        return f"label has negative ids (min {labels.min():g}); ids are 0 (background) or more"
+    return None
+
+
+def read_labels(url: str) -> np.ndarray:
+    """The instance label image at ``url`` as integers (H, W).
+
+    Floats with whole values are converted (int32, or int64 above 2**31 - 1 ids).
+
+    Raises
+    ------
+    LabelError
+        :func:`label_problem` finds the file unusable (the message names it).
+    ImageReadError
+        The file cannot be read.
+    """
+    from mediar_ray.io import read_image, safe_url
+
+    labels = read_image(url)
+    problem = label_problem(labels)
+    if problem:
+        raise LabelError(f"{safe_url(url)}: {problem}")
+    if labels.dtype.kind in "fb":
+        big = labels.size and labels.max() > np.iinfo(np.int32).max
+        labels = labels.astype(np.int64 if big else np.int32)
+    return labels
 
 
 def _name(path: str) -> str:
@@ -92,18 +155,28 @@ def _dims(url: str, decode: bool) -> tuple[int, int, int]:
 def check_pair(image: str, label: str, decode: bool = False) -> tuple[str, str] | None:
     """(file at fault, short reason) when the pair cannot be used, else None.
 
-    Reads the image and label headers (``decode``: decodes the whole files), and checks
-    that the label is a single plane of the image's height and width.
+    Reads the image header (``decode``: decodes the whole image) and decodes the label,
+    and checks that the label is one plane of whole, non-negative cell ids
+    (:func:`label_problem`) of the image's height and width.
     """
-    dims = []
-    for what, url in (("image", image), ("label", label)):
-        try:
-            dims.append(_dims(url, decode))
-        except Exception as err:  # any parse failure means: unreadable
-            return url, f"{what} not readable ({type(err).__name__}: {err})"
-    (ih, iw, _), (lh, lw, planes) = dims
-    if planes != 1:
-        return label, f"label has {planes} planes/channels, expected one"
+    try:
+        ih, iw, _ = _dims(image, decode)
+    except Exception as err:  # any parse failure means: unreadable
+        return image, f"image not readable ({type(err).__name__}: {err})"
+    from mediar_ray.io import read_image
+
+    try:
+        planes = _header_dims(label)[2]  # the file's own planes (decoding drops alpha)
+        labels = read_image(label)
+    except Exception as err:  # noqa: BLE001 - any parse failure means: unreadable
+        return label, f"label not readable ({type(err).__name__}: {err})"
+    if planes != 1 or (labels.ndim == 3 and labels.shape[2] != 1):
+        count = planes if planes != 1 else labels.shape[2]
+        return label, f"label has {count} planes/channels, expected one"
+    problem = label_problem(labels.reshape(labels.shape[:2]))
+    if problem:
+        return label, problem
+    lh, lw = labels.shape[:2]
     if (ih, iw) != (lh, lw):
         return image, f"image is {ih}x{iw} but its label is {lh}x{lw} pixels"
     return None
@@ -116,6 +189,19 @@ def _drop_unreadable(out: dict, decode: bool, threads: int = 8) -> None:
         found = list(pool.map(lambda p: check_pair(p["image"], p["label"], decode), pairs))
     out["pairs"] = [p for p, bad in zip(pairs, found) if bad is None]
     out["unreadable"] += [{"path": bad[0], "reason": bad[1]} for bad in found if bad]
+
+
+def check_pairs(pairs: Sequence[Pair], *, decode: bool = True, threads: int = 8
+                ) -> tuple[list[Pair], list[BadPair]]:
+    """(good pairs, bad ones with the file at fault and why), by :func:`check_pair`.
+
+    ``decode`` (default) decodes the images too, so a truncated image is found here and
+    not in the middle of an epoch.
+    """
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = list(pool.map(lambda p: check_pair(p.image, p.label, decode), pairs))
+    good = [p for p, bad in zip(pairs, found) if bad is None]
+    return good, [BadPair(*bad) for bad in found if bad]
 
 
 def _image_key(file: str) -> str | None:
@@ -208,14 +294,24 @@ def write_mapping(root: str, out_url: str, check: bool = False, decode: bool = F
     return mapping
 
 
-def load_pairs(mappings: Iterable[str] = (), roots: Iterable[str] = ()) -> list[Pair]:
-    """Pairs of the mapping JSONs and of the dataset roots (mapped on the fly)."""
+def load_pairs(mappings: Iterable[str] = (), roots: Iterable[str] = (),
+               problems: list[BadPair] | None = None) -> list[Pair]:
+    """Pairs of the mapping JSONs and of the dataset roots (mapped on the fly).
+
+    ``problems``, when given, gets the files of the roots that were left out: images
+    without a label, labels without an image, empty or ambiguous files.
+    """
     pairs = []
     for url in mappings:
         with fsspec.open(url, "r") as f:
             pairs += [Pair(**p) for p in json.load(f)["pairs"]]
     for root in roots:
-        pairs += [Pair(**p) for p in map_dataset(root)["pairs"]]
+        mapping = map_dataset(root)
+        pairs += [Pair(**p) for p in mapping["pairs"]]
+        if problems is not None:
+            problems += [BadPair(path, "label without image" if path.endswith(LABEL_SUFFIX)
+                                 else "image without label") for path in mapping["unpaired"]]
+            problems += [BadPair(u["path"], u["reason"]) for u in mapping["unreadable"]]
     return pairs
 
 

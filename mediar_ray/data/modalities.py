@@ -23,8 +23,11 @@ The modality table is JSON::
      "sizes": {"0": images in cluster 0, ...}, "unreadable": [{"image", "reason"}],
      "table": {image URL: cluster id}}
 
-The image URLs are those of the pairs (:func:`mediar_ray.data.mapping.load_pairs`), so a
-training config that names the same mappings or roots finds every image in the table.
+The image keys are the pairs' paths relative to the dataset root they were found under
+(the root given, or the ``root`` of a mapping; :func:`relative_keys`), e.g.
+``dsb2018/images/x.png``: a training config that names the same data from any checkout or
+folder finds every image (:class:`ModalityTable` matches a relative key against the end
+of a path). Keys outside every root stay full URLs.
 """
 
 from __future__ import annotations
@@ -293,22 +296,63 @@ def _same_file_key(url: str) -> str:
     return os.path.normpath(os.path.abspath(url.removeprefix("file://")))
 
 
+def relative_keys(table: dict[str, int], bases: Sequence[str]) -> dict[str, int]:
+    """``table`` with each image key made relative to the first of ``bases`` (dataset
+    roots, or the folders of mappings) that holds it; other keys are kept as they are.
+
+    A table keyed this way (``dsb2018/images/x.png``) is found by a config that names
+    the same data from another folder or another checkout (:class:`ModalityTable`).
+    """
+    prefixes = [_same_file_key(b).rstrip("/") + "/" for b in bases]
+    out = {}
+    for key, cluster in table.items():
+        full = _same_file_key(key)
+        base = next((p for p in prefixes if full.startswith(p)), None)
+        out[full[len(base):] if base else key] = cluster
+    return out
+
+
+def _is_relative(key: str) -> bool:
+    return "://" not in key and not os.path.isabs(key)
+
+
 class ModalityTable(dict):
     """A dict of image URL -> cluster id whose lookups (``[]``, ``in``, ``get``) treat
     different spellings of the same local path (relative, absolute, with ``..``) as one.
+
+    Keys that are relative paths (``dsb2018/images/x.png``, written relative to the data
+    root) match any image whose path ends with them, so the table works from any
+    checkout and any working folder; the longest matching key wins.
     """
 
     def __init__(self, table: dict[str, int]) -> None:
-        super().__init__({_same_file_key(k): v for k, v in table.items()})
+        super().__init__({k if _is_relative(k) else _same_file_key(k): v
+                          for k, v in table.items()})
+        self._relative = {k: v for k, v in self.items() if _is_relative(k)}
+
+    def _find(self, key: str) -> str | None:
+        full = _same_file_key(key)
+        if super().__contains__(full):
+            return full
+        parts = full.split("/")
+        for i in range(1, len(parts)):  # longest suffix first
+            tail = "/".join(parts[i:])
+            if tail in self._relative:
+                return tail
+        return None
 
     def __getitem__(self, key: str) -> int:
-        return super().__getitem__(_same_file_key(key))
+        found = self._find(key) if isinstance(key, str) else None
+        if found is None:
+            raise KeyError(key)
+        return super().__getitem__(found)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and super().__contains__(_same_file_key(key))
+        return isinstance(key, str) and self._find(key) is not None
 
     def get(self, key: str, default: Any = None) -> Any:
-        return super().get(_same_file_key(key), default)
+        found = self._find(key)
+        return default if found is None else super().__getitem__(found)
 
 
 def load_modality_table(url: str) -> dict[str, int]:

@@ -4,13 +4,20 @@ A folder holds ``model.safetensors`` (weights with the model parameters inside, 
 :func:`mediar_ray.model.load_model` and ``mediar-ray segment --weights``),
 ``optimizer.pt`` (optimizer and LR-scheduler state dicts: plain tensors and numbers, read
 back with ``torch.load(weights_only=True)``) and ``state.json`` (epoch, global step,
-learning rate, metrics, the run's config), written last.
+learning rate, metrics, the run's config, and the size in bytes of every other file),
+written last.
+
+A checkpoint counts only when it is whole: Ray Train copies the folder into storage file
+by file, so a run killed during the copy can leave ``state.json`` beside a model file cut
+short. :func:`latest_checkpoint` checks every file against the sizes in ``state.json``
+and parses the safetensors header before it calls a folder a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +26,12 @@ import torch
 
 from mediar_ray.model import load_state_dict, model_params, save_model
 
-__all__ = ["checkpoint_dir_name", "latest_checkpoint", "load_training_state",
-           "save_training_state"]
+__all__ = ["checkpoint_dir_name", "checkpoint_epoch", "latest_checkpoint",
+           "load_training_state", "save_training_state", "whole_checkpoint"]
 
 _DIR = re.compile(r"checkpoint_epoch_(\d+)$")
+#: The files of a checkpoint whose sizes ``state.json`` records.
+_FILES = ("model.safetensors", "optimizer.pt")
 
 
 def checkpoint_dir_name(epoch: int) -> str:
@@ -39,7 +48,9 @@ def save_training_state(folder: str | Path, model: torch.nn.Module,
     save_model(model, str(folder / "model.safetensors"), metadata={"training": state})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                folder / "optimizer.pt")
-    (folder / "state.json").write_text(json.dumps(state, indent=1, default=str))
+    sizes = {name: (folder / name).stat().st_size for name in _FILES}
+    (folder / "state.json").write_text(json.dumps({**state, "files": sizes}, indent=1,
+                                                  default=str))
 
 
 def load_training_state(folder: str | Path, model: torch.nn.Module,
@@ -63,23 +74,49 @@ def load_training_state(folder: str | Path, model: torch.nn.Module,
     return json.loads((folder / "state.json").read_text())
 
 
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch in a checkpoint folder's name (``.../checkpoint_epoch_00003`` -> 3)."""
+    m = _DIR.search(str(path).rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def whole_checkpoint(fs: Any, path: str) -> dict[str, Any] | None:
+    """The state of the checkpoint folder ``path`` of ``fs`` when it is whole, else None.
+
+    Whole: ``state.json`` parses, every file it lists has the recorded size, and the
+    safetensors header of the model parses (a folder cut short while it was copied
+    fails one of these). Folders written before sizes were recorded are taken when
+    their model header parses.
+    """
+    try:
+        with fs.open(f"{path}/state.json", "r") as f:
+            state = json.load(f)
+        sizes = state.get("files") or {name: None for name in _FILES}
+        for name, size in sizes.items():
+            if size is not None and fs.size(f"{path}/{name}") != size:
+                return None
+        with fs.open(f"{path}/model.safetensors", "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return state
+
+
 def latest_checkpoint(run_url: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest complete checkpoint folder under ``run_url`` (``storage_path/name``)
-    and its state, or None. A folder without ``state.json`` (a save cut short) is
-    passed over."""
+    """The newest whole checkpoint folder under ``run_url`` (``storage_path/name``) and
+    its state, or None. Folders that are not whole (:func:`whole_checkpoint`: a save cut
+    short) are passed over."""
     fs, root = fsspec.core.url_to_fs(run_url)
     try:
         names = fs.ls(root, detail=False)
     except FileNotFoundError:
         return None
-    found = sorted((int(m.group(1)), p) for p in names
-                   if (m := _DIR.search(p.rstrip("/"))))
+    found = sorted((epoch, p) for p in names if (epoch := checkpoint_epoch(p)) is not None)
     for _, path in reversed(found):
-        try:
-            with fs.open(f"{path}/state.json", "r") as f:
-                return path, json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
+        state = whole_checkpoint(fs, path)
+        if state is not None:
+            return fs.unstrip_protocol(path) if "://" in run_url else path, state
     return None
 
 

@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 import fsspec
 from mediar_ray.errors import UserError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "read_config_data"]
 
 
 class ConfigError(UserError):
@@ -51,6 +51,9 @@ class _Section:
             else:
                 values[name] = _check_type(value, kind, source, key)
         obj = cls(**values)
+        # The keys the file set itself (not dataclass defaults): model.init fills the
+        # others from the checkpoint (train.preflight.resolve_model_init).
+        obj._given = frozenset(data)
         for key, ok, allowed in obj._rules():
             if not ok:
                 raise ConfigError(f"{source}: {path}{key} = {getattr(obj, key)!r} is not "
@@ -97,6 +100,9 @@ class DataSection(_Section):
     public_mappings: list = field(default_factory=list)
     replay_per_batch: int = 0
     modality_table: str | None = None
+    # True: refuse to start when any pair is bad; False: list the bad pairs, train on
+    # the good ones (data.mapping.check_pairs).
+    strict: bool = False
 
     def _rules(self):
         return [("holdout_every", self.holdout_every >= 0 and self.holdout_every != 1,
@@ -222,6 +228,9 @@ class RunSection(_Section):
     validate_max_images: int = 0
     validate_roi: int = 512
     max_steps_per_epoch: int = 0
+    # On a cluster with an autoscaler: seconds to wait for the nodes the workers need
+    # before giving up (a fixed cluster that cannot give them is refused at once).
+    resource_timeout: float = 600.0
 
     def _rules(self):
         return [("num_workers", self.num_workers >= 1, ">= 1"),
@@ -235,7 +244,8 @@ class RunSection(_Section):
                 ("validate_max_images", self.validate_max_images >= 0, ">= 0 (0 = all)"),
                 ("validate_roi", self.validate_roi % 32 == 0 and self.validate_roi > 0,
                  "a positive multiple of 32"),
-                ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = no limit)")]
+                ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = no limit)"),
+                ("resource_timeout", self.resource_timeout >= 0, ">= 0 seconds")]
 
 
 @dataclass
@@ -258,8 +268,30 @@ class TrainConfig(_Section):
                  "a non-empty run name of letters, digits, '.', '_' or '-'")]
 
 
-def load_config(path_or_url: str) -> TrainConfig:
-    """Read a YAML or JSON training config (any fsspec URL) and validate it."""
+def _yaml12_loader() -> Any:
+    """A safe YAML loader that reads numbers as YAML 1.2 does.
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent:
+    ``1e-3`` and ``5e5`` are read as text there. YAML 1.2's core schema reads them as
+    floats, as every other YAML 1.2 and JSON reader does.
+    """
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+                   r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def read_config_data(path_or_url: str) -> dict[str, Any]:
+    """The plain mapping of a YAML or JSON config file (any fsspec URL), unvalidated."""
     import yaml
 
     try:
@@ -269,7 +301,12 @@ def load_config(path_or_url: str) -> TrainConfig:
         raise ConfigError(f"config file {path_or_url} not found") from None
     try:
         data = (json.loads(text) if str(path_or_url).endswith(".json")
-                else yaml.safe_load(text))
+                else yaml.load(text, Loader=_yaml12_loader()))
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path_or_url}: not valid YAML/JSON ({err})") from None
-    return TrainConfig.from_dict(data or {}, source=str(path_or_url))
+    return data or {}
+
+
+def load_config(path_or_url: str) -> TrainConfig:
+    """Read a YAML or JSON training config (any fsspec URL) and validate it."""
+    return TrainConfig.from_dict(read_config_data(path_or_url), source=str(path_or_url))

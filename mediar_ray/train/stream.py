@@ -153,13 +153,14 @@ class BatchMaker:
 
     def _load(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """(normalised image (3, H, W) float32, labels (H, W)) of ``pair``, cached."""
+        from mediar_ray.data.mapping import read_labels
         from mediar_ray.io import read_image
         from mediar_ray.preprocess import normalize
 
         if pair.image in self.cache:
             self.cache.move_to_end(pair.image)
             return self.cache[pair.image]
-        item = (normalize(read_image(pair.image)), read_image(pair.label))
+        item = (normalize(read_image(pair.image)), read_labels(pair.label))
         if item[0].shape[1:] != item[1].shape:
             raise ValueError(f"{pair.image} {item[0].shape[1:]} and its labels {pair.label} "
                              f"{item[1].shape} differ in size")
