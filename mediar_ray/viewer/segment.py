@@ -12,6 +12,7 @@ removed afterwards, and the labels and cell rows are read back lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import tempfile
 from dataclasses import dataclass, field
@@ -125,12 +126,15 @@ def _tiled(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | Widget
     from mediar_ray.pipeline import SlideOptions, run_slides
     from mediar_ray.segment import resolve_weights
 
+    extra: dict[str, Any] = {}
+    if "precision" in {f.name for f in dataclasses.fields(SlideOptions)}:
+        extra["precision"] = req.precision
+    elif req.precision not in ("auto", "float32"):
+        raise UserError(f"precision {req.precision!r}: the slide job of this mediar_ray "
+                        "runs the network in float32 only; choose auto or float32")
     opts = SlideOptions(weights=resolve_weights(req.weights or None), tta=req.tta,
                         roi_size=req.roi_size, tile=req.tile, tissue="off",
-                        device=req.device)
-    if req.precision not in ("auto", "float32"):
-        raise UserError(f"precision {req.precision!r}: the tiled path of the slide job "
-                        "runs in float32 here; choose auto or float32")
+                        device=req.device, **extra)
     with tempfile.TemporaryDirectory(prefix="mediar_napari_") as tmp:
         yield Progress(1, 4, "writing the layer as a tiled TIFF")
         path = f"{tmp}/layer.tif"
