@@ -16,7 +16,6 @@ import pytest
 import shapely
 import zarr
 from skimage.draw import polygon2mask
-
 from slide_output import MPP, build
 
 pytestmark = pytest.mark.slow  # the shared job output takes about a minute to make
@@ -29,7 +28,7 @@ def export(tmp_path_factory, data_dir) -> tuple[Path, Path, dict]:
     dest = tmp_path_factory.mktemp("sd") / "he_sd.zarr"
     cmd = [sys.executable, "-c", "from mediar_ray.cli import main; raise SystemExit(main())",
            "to-spatialdata", str(job), str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return job, dest, json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -128,8 +127,8 @@ def test_refuses_an_existing_destination(export, tmp_path):
     job, dest, _ = export
     cmd = [sys.executable, "-c", "from mediar_ray.cli import main; raise SystemExit(main())",
            "to-spatialdata", str(job), str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--overwrite" in done.stderr
     inside = [*cmd[:-1], str(job / "sd.zarr")]
-    done = subprocess.run(inside, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(inside, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "inside the slide output" in done.stderr

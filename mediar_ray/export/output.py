@@ -115,7 +115,7 @@ def open_output(url: str) -> SlideOutput:
         raise OutputError(f"{safe_url(url)}: the slide is not complete (no .mediar_complete); "
                           "wait for the job, or rerun mediar-ray segment-slides on it")
     name = root_url.rsplit("/", 1)[-1]
-    name = name[: -len(".zarr")] if name.endswith(".zarr") else name
+    name = name.removesuffix(".zarr")
     image = _pyramid(group, url)
     labels = {}
     names = dict(group["labels"].attrs).get("ome", {}).get("labels", []) \

@@ -8,7 +8,8 @@ layers line up with each other and with the cell table's ``*_um`` columns.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dask.array as da
 
@@ -26,7 +27,7 @@ def _is_output(path: str) -> bool:
 
     try:
         return "mediar_ray" in zarr.open_group(path, mode="r", zarr_format=3).attrs
-    except Exception:  # not a zarr v3 group: not ours
+    except Exception:  # noqa: BLE001 - anything zarr cannot open as a v3 group: not ours
         return False
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd

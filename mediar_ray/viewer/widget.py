@@ -12,12 +12,27 @@ from __future__ import annotations
 from typing import Any
 
 from qtpy.QtWidgets import (
-    QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-    QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
 
-from mediar_ray.viewer.segment import PRECISIONS, Progress, SegmentRequest, WidgetResult, \
-    run_segmentation
+from mediar_ray.viewer.segment import (
+    PRECISIONS,
+    Progress,
+    SegmentRequest,
+    WidgetResult,
+    run_segmentation,
+)
 
 __all__ = ["SegmentWidget"]
 
