@@ -180,7 +180,9 @@ def test_a_large_layer_goes_through_the_slide_jobs_tiled_path(data_dir, tmp_path
 
     image = read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))[:512, :640]
     req = SegmentRequest(tile=256, max_side=300)
-    result = [item for item in run_segmentation(image, req)][-1]
+    # A lazy layer (dask, as the reader gives): read tile by tile into the job's input.
+    lazy = da.from_array(image, chunks=200)
+    result = list(run_segmentation(lazy, req))[-1]
     assert isinstance(result, WidgetResult) and result.tiled
     path = tmp_path / "phase.tif"
     tifffile.imwrite(path, image, tile=(256, 256))

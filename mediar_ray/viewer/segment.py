@@ -6,8 +6,9 @@ An image up to :data:`WHOLE_IMAGE_MAX_SIDE` pixels a side goes through
 normalisation, windows, TTA and flow tracking), then :mod:`mediar_ray.cells.measure`
 measures its cells as the slide job does. A larger one goes through the slide job itself
 (:func:`mediar_ray.pipeline.run_slides` on a local Ray, tiles of ``tile`` pixels with
-halos, stitched): the image is written as a tiled TIFF into a temporary folder that is
-removed afterwards, and the labels and cell rows are read back lazily.
+halos, stitched): the image is written tile by tile as a tiled TIFF into a temporary
+folder (a dask layer is never loaded whole), and the labels (as a numpy array, the
+layer's size in uint32) and the cell rows are read back before the folder is removed.
 """
 
 from __future__ import annotations
@@ -66,14 +67,23 @@ class WidgetResult:
     tiled: bool
 
 
-def _image_2d(image: np.ndarray, rgb: bool) -> np.ndarray:
-    """A napari image layer's data as :func:`mediar_ray.io.read_image` returns images:
+def _check_2d(image: Any, rgb: bool) -> None:
+    """A napari image layer's data must be what :func:`mediar_ray.io.read_image` returns:
     (H, W) or (H, W, C)."""
-    arr = np.asarray(image)
-    if arr.ndim == 2 or (arr.ndim == 3 and rgb):
-        return arr
-    raise UserError(f"image layer of shape {arr.shape}: the widget segments a 2-D image "
-                    "(grey, or RGB); pick a 2-D layer or slice out one plane")
+    if not (image.ndim == 2 or (image.ndim == 3 and rgb)):
+        raise UserError(f"image layer of shape {image.shape}: the widget segments a 2-D "
+                        "image (grey, or RGB); pick a 2-D layer or slice out one plane")
+
+
+def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
+    """The image's tiles in TIFF order (rows of tiles), each read on its own (a dask
+    layer is never loaded whole) and zero-padded to ``tile`` x ``tile``."""
+    h, w = image.shape[:2]
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            block = np.asarray(image[y:y + tile, x:x + tile])
+            pad = [(0, tile - block.shape[0]), (0, tile - block.shape[1])]
+            yield np.pad(block, pad + [(0, 0)] * (block.ndim - 2))
 
 
 def _precision_kwargs(precision: str) -> dict[str, Any]:
@@ -116,7 +126,7 @@ def _whole(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | Widget
                        tiled=False)
 
 
-def _tiled(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
+def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
     import logging
 
     import ray
@@ -139,7 +149,8 @@ def _tiled(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | Widget
     with tempfile.TemporaryDirectory(prefix="mediar_napari_") as tmp:
         yield Progress(1, 4, "writing the layer as a tiled TIFF")
         path = f"{tmp}/layer.tif"
-        tifffile.imwrite(path, image, tile=(256, 256),
+        tifffile.imwrite(path, _tiles(image, 256), shape=image.shape, dtype=image.dtype,
+                         tile=(256, 256),
                          photometric="rgb" if image.ndim == 3 else "minisblack")
         yield Progress(2, 4, "running the slide job's tiled path on a local Ray")
         started = not ray.is_initialized()
@@ -162,23 +173,24 @@ def _tiled(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | Widget
     yield WidgetResult(labels, features, tiled=True)
 
 
-def run_segmentation(image: np.ndarray, req: SegmentRequest, *,
+def run_segmentation(image: Any, req: SegmentRequest, *,
                      rgb: bool = False) -> Iterator[Progress | WidgetResult]:
     """Segment a napari image layer's data, yielding :class:`Progress` between steps
     (where a napari worker may stop) and the :class:`WidgetResult` last.
 
     Parameters
     ----------
-    image : ndarray, (H, W) or (H, W, C)
-        The layer's data (RGB when ``rgb``), any real dtype.
+    image : array-like, (H, W) or (H, W, C)
+        The layer's data (RGB when ``rgb``), any real dtype: numpy, or dask (a large
+        layer is then read tile by tile into the slide job's input).
     req : SegmentRequest
         Model, TTA, precision, window size, device.
     rgb : bool
         The layer is RGB(A): its last axis is channels.
     """
-    img = _image_2d(image, rgb)
-    if max(img.shape[:2]) <= req.max_side:
-        yield from _whole(img, req)
+    _check_2d(image, rgb)
+    if max(image.shape[:2]) <= req.max_side:
+        yield from _whole(np.asarray(image), req)
     else:
-        yield from _tiled(img, req)
+        yield from _tiled(image, req)
 
