@@ -197,3 +197,18 @@ def test_a_large_layer_goes_through_the_slide_jobs_tiled_path(data_dir, tmp_path
     np.testing.assert_array_equal(result.labels, expected)
     np.testing.assert_array_equal(np.sort(result.features["index"].to_numpy()),
                                   np.unique(expected[expected > 0]))
+
+
+@pytest.mark.slow  # uses the shared job output
+def test_reader_shows_labels_without_features_when_there_is_no_cell_table(
+        plugin, job_output, tmp_path):
+    """An output written with --no-cells (here: the real output copied without its
+    OUTPUT/cells/) still opens: the same layers, the cells without features."""
+    import shutil
+
+    copy = tmp_path / "out" / job_output.name
+    shutil.copytree(job_output, copy)
+    viewer = ViewerModel()
+    viewer.open(str(copy), plugin="mediar-ray")
+    assert [layer.name for layer in viewer.layers] == ["he image", "he tissue", "he cells"]
+    assert viewer.layers["he cells"].features.shape[1] == 0

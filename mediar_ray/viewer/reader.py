@@ -8,14 +8,23 @@ layers line up with each other and with the cell table's ``*_um`` columns.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import dask.array as da
 
-from mediar_ray.export.output import Pyramid, SlideOutput, open_output, read_cells
+from mediar_ray.export.output import (
+    OutputError,
+    Pyramid,
+    SlideOutput,
+    open_output,
+    read_cells,
+)
 
 __all__ = ["layer_data", "napari_get_reader", "read_output"]
+
+log = logging.getLogger("mediar_ray.viewer")
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -64,12 +73,17 @@ def layer_data(out: SlideOutput) -> list[LayerData]:
         t = out.labels["tissue"]
         layers.append((t.levels, {"name": f"{out.name} tissue", "opacity": 0.25,
                                   **_placement(t)}, "labels"))
-    features = read_cells(out)
-    # napari maps a label value to its feature row through the "index" column.
-    features.insert(0, "index", features["id"].astype("int64"))
     c = out.cells
-    layers.append((c.levels, {"name": f"{out.name} cells", "features": features,
-                              **_placement(c)}, "labels"))
+    meta: dict[str, Any] = {"name": f"{out.name} cells", **_placement(c)}
+    try:
+        features = read_cells(out)
+    except OutputError as err:  # e.g. a job run with --no-cells: show the labels alone
+        log.warning("%s: cells shown without features: %s", out.name, err)
+    else:
+        # napari maps a label value to its feature row through the "index" column.
+        features.insert(0, "index", features["id"].astype("int64"))
+        meta["features"] = features
+    layers.append((c.levels, meta, "labels"))
     return layers
 
 
