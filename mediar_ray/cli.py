@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "map_dataset",
     "discover_modalities",
     "train",
+    "to_spatialdata",
 )
 
 
