@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "slide; default: on)")
     p.add_argument("--geojson", action="store_true",
                    help="also write OUTPUT/<name>.geojson.gz: cell outlines for QuPath")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="arithmetic of the model's forward pass (default auto: bf16 on GPUs "
+                   "that have it, else fp32); part of a slide's result")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+                   help="windows per forward pass (default 0: the device's default)")
     p.add_argument("--reader", default="auto",
                    help="slide reader: auto (by content and name) or a reader's name "
                    "(tifffile, openslide, wsidicom, ome-zarr, pillow)")
@@ -101,8 +106,8 @@ def options_from_args(args: argparse.Namespace):
         cpus_per_task=args.cpus_per_task, resource_timeout=args.resource_timeout,
         target_mpp=args.target_mpp, mpp=args.mpp, mpp_csv=args.mpp_csv, tissue=args.tissue,
         copy_image=args.copy_image, labels_level0=args.labels_level0, cells=args.cells,
-        geojson=args.geojson,
-    ).validate()
+        geojson=args.geojson, precision=args.precision, batch_size=args.batch_size,
+    )
 
 
 def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
 from mediar_ray.errors import UserError
 
 __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
@@ -12,7 +14,19 @@ __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
 #: reused only when all of them (and the input and the weights) are unchanged.
 RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "flow_params",
                   "target_mpp", "mpp", "tissue", "copy_image", "labels_level0", "cells",
-                  "geojson")
+                  "geojson", "precision")
+
+#: Arithmetic of the model's forward pass (``--precision``): auto is bf16 on GPUs that
+#: have it, else fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Largest pixel size accepted (um): coarser than any microscope objective's field of a
+#: cell; a value above it is a typo (an area in um^2, a magnification).
+MAX_MPP = 1000.0
+
+
+def _pixel_size(value: float | None) -> bool:
+    """None, or a finite positive pixel size of at most :data:`MAX_MPP` um."""
+    return value is None or (math.isfinite(value) and 0 < value <= MAX_MPP)
 
 
 class OptionError(UserError):
@@ -38,6 +52,10 @@ class SlideOptions:
 
     ``roi_size`` None: the weights' own window size
     (:func:`mediar_ray.weights.window_size`), set when the job resolves its weights.
+
+    Model: ``precision`` is the forward pass's arithmetic (:data:`PRECISIONS`; part of
+    the result), ``batch_size`` the windows per forward pass (0: the device's default;
+    not part of the result).
 
     Cells: ``cells`` writes the slide's partition of the per-cell Parquet table
     (``OUTPUT/cells``), ``geojson`` also ``OUTPUT/<name>.geojson.gz`` for QuPath.
@@ -67,6 +85,11 @@ class SlideOptions:
     labels_level0: bool = False
     cells: bool = True
     geojson: bool = False
+    precision: str = "auto"
+    batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()  # options out of range never exist, whoever makes them
 
     def validate(self) -> "SlideOptions":
         """Raise :class:`OptionError` for the first option out of range; else ``self``."""
@@ -86,6 +109,13 @@ class SlideOptions:
              self.num_gpus_per_worker >= 0, ">= 0"),
             ("--device", self.device, self.device in ("cpu", "cuda") or
              self.device.startswith("cuda:"), "cpu or cuda"),
+            ("--device", self.device, self.device == "cpu" or self.gpu,
+             "cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
+             "GPUs); use --device cpu, or add --num-gpus-per-worker 1"),
+            ("--precision", self.precision, self.precision in PRECISIONS,
+             f"one of {', '.join(PRECISIONS)}"),
+            ("--batch-size", self.batch_size, 0 <= self.batch_size <= 1024,
+             "windows per forward pass from 1 to 1024, or 0 for the device's default"),
             ("--reader", self.reader, self.reader in READERS, f"one of {', '.join(READERS)}"),
             ("--max-slides-in-flight", self.max_slides_in_flight,
              self.max_slides_in_flight >= 0, "an integer >= 1, or 0 for the default"),
@@ -94,10 +124,10 @@ class SlideOptions:
             ("--cpus-per-task", self.cpus_per_task, self.cpus_per_task > 0, "> 0"),
             ("--resource-timeout", self.resource_timeout, self.resource_timeout > 0,
              "> 0 seconds"),
-            ("--target-mpp", self.target_mpp, self.target_mpp is None or self.target_mpp > 0,
-             "a positive pixel size in micrometres"),
-            ("--mpp", self.mpp, self.mpp is None or self.mpp > 0,
-             "a positive pixel size in micrometres"),
+            ("--target-mpp", self.target_mpp, _pixel_size(self.target_mpp),
+             f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}"),
+            ("--mpp", self.mpp, _pixel_size(self.mpp),
+             f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}"),
             ("--tissue", self.tissue, bool(self.tissue), "auto, off, or the URL of a mask image"),
             ("--geojson", self.geojson, self.cells or not self.geojson,
              "only with the cell table (not with --no-cells)"),

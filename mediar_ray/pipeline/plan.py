@@ -23,7 +23,8 @@ from mediar_ray.pipeline.stages import (SlidePlan, create_arrays, measure_tiles,
 from mediar_ray.pipeline.tasks import fan_out
 from mediar_ray.sources import open_slide
 
-__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan"]
+__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan",
+           "remove_slide_outputs"]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -93,8 +94,9 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
         discarded = diff
         log.info("%s: discarding unfinished state from another run (%s differ)", name,
                  ", ".join(diff))
-    if _exists(layout.root):  # unfinished, from another run or from before its plan
-        _remove(layout.root)
+    # Unfinished, from another run or from before its plan: nothing of an earlier run
+    # (its table rows, its GeoJSON) may outlive it beside the new one.
+    remove_slide_outputs(output, name)
     plan = _new_plan(url, layout, opts, fingerprint, mpp)
     return _planned(plan, opts, discarded=discarded)
 
@@ -181,7 +183,9 @@ def store_tissue(plan: SlidePlan, mask: np.ndarray | None) -> bool:
 
 
 def read_marker(layout: SlideLayout) -> dict | None:
-    """The completion marker of a slide's output, or None if it is not complete."""
+    """The completion marker of a slide's output, or None if the slide is not complete:
+    no marker, or one that is empty or unreadable (a write cut short by an earlier
+    version, a disk that filled up): such a slide is redone, never skipped."""
     try:
         with fsspec.open(layout.marker, "r") as f:
             text = f.read()
@@ -190,8 +194,25 @@ def read_marker(layout: SlideLayout) -> dict | None:
     try:
         marker = json.loads(text)
     except ValueError:
-        marker = {}
-    return marker if isinstance(marker, dict) else {}
+        log.warning("%s: its completion marker is empty or unreadable: redone", layout.stem)
+        return None
+    return marker if isinstance(marker, dict) and marker.get("complete") else None
+
+
+def remove_slide_outputs(output: str, name: str) -> list[str]:
+    """Remove every artefact of slide ``name``'s earlier runs under ``output``: its
+    ``<name>.zarr`` (labels, level-0 labels, tissue mask, scratch), its partition of the
+    cell table and its GeoJSON. Returns the URLs removed."""
+    from mediar_ray.cells.table import partition_url
+
+    root = output.rstrip("/")
+    removed = []
+    for url in (SlideLayout(output, name).root, partition_url(output, name),
+                f"{root}/{name}.geojson.gz"):
+        if _exists(url):
+            _remove(url)
+            removed.append(url)
+    return removed
 
 
 def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
@@ -214,7 +235,7 @@ def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
     marker = read_marker(layout)
     if marker is not None and opts.overwrite:
         log.info("%s: complete, redone (--overwrite)", name)
-        _remove(layout.root)
+        remove_slide_outputs(output, name)
     elif marker is not None and "fingerprint" not in marker:
         return {"kind": "skip", "note": "complete from an earlier version that did not "
                 "record its inputs and options; --overwrite redoes it"}
