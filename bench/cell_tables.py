@@ -205,7 +205,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
                         workers=args.workers)
-    hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
+    opts, hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for size in args.sizes:

@@ -39,8 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 def plan_as_job(image: Path, out: Path, opts: SlideOptions):
     """Plan a slide exactly as the job would (same fingerprint), so that a following
     run_slides reuses what the test puts into its scratch."""
-    fp = slide_fingerprint(str(image), opts, check_weights(opts), opts.mpp)
-    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp, opts.mpp).plan
+    resolved, hashes = check_weights(opts)
+    fp = slide_fingerprint(str(image), resolved, hashes, opts.mpp)
+    return plan_slide(str(image), image.name.split(".")[0], str(out), resolved, fp,
+                      opts.mpp).plan
 
 
 def infer_in_process(plan, opts: SlideOptions) -> None:

@@ -110,13 +110,15 @@ def _planned(plan: SlidePlan, opts: SlideOptions, reused: bool = False,
 
 def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,
               mpp: float | None) -> SlidePlan:
-    from mediar_ray.scale import choose_level, processing_shape, slide_mpp
+    from mediar_ray.scale import check_processing_size, choose_level, processing_shape, slide_mpp
 
     with open_slide(url, opts.reader) as source:
         mpp0 = slide_mpp(source, url, mpp)
         level, scale = choose_level(source.levels, mpp0, opts.target_mpp, slide=url)
         lv = source.levels[level]
         shape = processing_shape(lv.shape, scale)
+        check_processing_size(source.levels[0], shape, target_mpp=opts.target_mpp, mpp0=mpp0,
+                              slide=url)
         tile = min(opts.tile, max(shape))  # a small image is one chunk of its own size
         plan = SlidePlan(url, layout, shape, source.channels,
                          str(source.dtype), tile, opts.halo, roi_size=opts.roi_size,
