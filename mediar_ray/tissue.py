@@ -358,4 +358,26 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"{safe_url(url)}: the tissue mask has shape {mask.shape}; expected a "
                          "2-D image (y, x)")
+    check_aspect(mask.shape, shape, url)
     return resize_mask(mask, shape)
+
+
+#: Largest relative difference between a mask's aspect ratio and the slide's (beyond the
+#: rounding of one pixel of either): a mask that differs more is of another slide.
+ASPECT_TOLERANCE = 0.05
+
+
+def check_aspect(mask_shape: tuple[int, int], shape: tuple[int, int], url: str = "") -> None:
+    """Raise ValueError when a mask of ``mask_shape`` cannot span a slide whose mask grid
+    is ``shape`` (aspect ratios, height / width, differ by more than
+    :data:`ASPECT_TOLERANCE` plus a pixel's rounding): it would be stretched."""
+    from mediar_ray.io import safe_url
+
+    (mh, mw), (h, w) = mask_shape, shape
+    a, b = mh / mw, h / w
+    slack = ASPECT_TOLERANCE + 1.0 / min(mh, mw) + 1.0 / min(h, w)
+    if abs(a / b - 1.0) > slack:
+        raise ValueError(
+            f"{safe_url(url)}: the tissue mask is {mh} x {mw} px (aspect {a:.3g}) but the "
+            f"slide's grid is {h} x {w} (aspect {b:.3g}): it would be stretched; give a mask "
+            "of the whole slide")

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "slide; default: on)")
     p.add_argument("--geojson", action="store_true",
                    help="also write OUTPUT/<name>.geojson.gz: cell outlines for QuPath")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
                    help="arithmetic of the model's forward pass (default auto: bf16 on GPUs "
                    "that have it, else fp32); part of a slide's result")
     p.add_argument("--batch-size", type=int, default=0, metavar="N",
@@ -111,23 +111,35 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
-    """Run the slide job and report; exit code 1 if any slide failed."""
-    from mediar_ray.pipeline import run_slides
-    from mediar_ray.io import safe_url
+    """Run the slide job and report; exit code 1 if any slide failed, 2 for bad options,
+    inputs or outputs found before any slide was touched. Every line it prints has the
+    credentials of the URLs it was given blanked (:func:`mediar_ray.io.redact`)."""
+    import traceback
 
+    from mediar_ray.io import redact, safe_url, url_secrets
+    from mediar_ray.pipeline import run_slides
     from mediar_ray.pipeline.cluster import ResourceError
 
+    secrets = url_secrets([*inputs, output, getattr(args, "mpp_csv", None) or "",
+                           getattr(args, "tissue", None) or "", *(args.weights or [])])
     try:
         opts = options_from_args(args)
         report = run_slides(inputs, output, opts)
     except (ValueError, ResourceError, PermissionError, FileNotFoundError) as err:
         # Bad options, weights or inputs, an unwritable output, missing GPUs: found
         # before any slide was touched.
-        log.error("%s", err)
+        log.error("%s", redact(err, *secrets))
         return 2
-    print(json.dumps({k: report[k] for k in ("done", "skipped", "failed")}, indent=1))
+    except Exception:  # noqa: BLE001 - a fault of ours: its trace, without credentials
+        log.error("the job stopped: %s", redact(traceback.format_exc(), *secrets))
+        return 1
+    print(json.dumps({k: report[k] for k in ("done", "skipped", "failed", "elsewhere")},
+                     indent=1))
     print(f"outputs: {safe_url(output)}/<slide>.zarr (labels at labels/cells/0); "
           f"run summary: {safe_url(output)}/run_summary.json")
+    if report["elsewhere"]:
+        log.info("%d slide(s) in progress in another job on this output root: %s",
+                 len(report["elsewhere"]), ", ".join(report["elsewhere"]))
     if report["failed"]:
         log.error("%d slide(s) failed: %s", len(report["failed"]), ", ".join(report["failed"]))
         return 1

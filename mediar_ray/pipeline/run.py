@@ -118,9 +118,17 @@ def check_tissue_masks(names: list[str], opts: SlideOptions) -> None:
 
 def find_inputs(inputs: list[str]) -> list[str]:
     """Slide URLs of files, folders and globs (:func:`mediar_ray.sources.discover.find_slides`)."""
+    from mediar_ray.errors import UserError
+    from mediar_ray.io import InputError, describe_error
     from mediar_ray.sources.discover import find_slides
 
-    return find_slides(inputs)
+    try:
+        return find_slides(inputs)
+    except (UserError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as err:  # an object store's own error (bad bucket, no access)
+        raise InputError(f"cannot list the inputs {', '.join(map(safe_url, inputs))} "
+                         f"({describe_error(err)})") from None
 
 
 def own_outputs(urls: list[str], output: str) -> list[str]:
