@@ -438,3 +438,45 @@ def test_a_live_lease_is_left_to_its_job_and_a_stale_one_taken_over(tmp_path):
     assert mine.claim("slide") is None and mine.read("slide")["job"] == mine.job
     mine.release_all()
     assert not Path(mine.url("slide")).exists()
+
+
+# -------------------------------------------------------------- the slide job (Ray)
+
+FLAGS = ["--no-tta", "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
+
+
+@pytest.mark.slow  # three small slide jobs: about 40 s on 2 cores
+def test_overwrite_leaves_nothing_of_the_earlier_run_and_a_held_slide_is_left(
+        local_ray, tmp_path):
+    """Row 4: `--overwrite --no-cells` (or without --geojson) on a slide done before with
+    them kept the old table partition and GeoJSON. Row 10: a slide another live job
+    holds is reported "in progress elsewhere", not failed, and left alone."""
+    from mediar_ray.pipeline.lease import Leases
+
+    field = read_image(str(DEMO))[:256, :320]
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(field).save(src / "tissue.png")
+    out = tmp_path / "out"
+
+    def run(*flags: str) -> tuple[int, dict]:
+        code = main(["segment-slides", str(src), str(out), *FLAGS, *flags])
+        return code, json.loads((out / "run_summary.json").read_text())
+
+    code, report = run("--geojson")
+    assert code == 0 and "tissue" in report["done"]
+    assert list((out / "cells" / "slide=tissue").glob("part-*.parquet"))
+    assert (out / "tissue.geojson.gz").exists()
+    code, report = run("--overwrite", "--no-cells")
+    assert code == 0 and "tissue" in report["done"]
+    assert not (out / "cells" / "slide=tissue").exists()
+    assert not (out / "tissue.geojson.gz").exists()
+    marker = (out / "tissue.zarr" / ".mediar_complete").read_text()
+
+    other = Leases(str(out))  # another job, alive, working on the slide
+    assert other.claim("tissue") is None
+    code, report = run("--overwrite")
+    assert code == 0 and report["failed"] == {} and report["done"] == {}
+    assert report["elsewhere"] == {"tissue": other.job}
+    assert (out / "tissue.zarr" / ".mediar_complete").read_text() == marker
+    other.release_all()
