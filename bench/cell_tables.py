@@ -203,7 +203,7 @@ def main() -> None:
     from mediar_ray.pipeline.run import check_weights
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
                         workers=args.workers)
     opts, hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
     rows = []

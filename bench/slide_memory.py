@@ -206,7 +206,7 @@ def main() -> None:
     from mediar_ray.pipeline import SlideOptions
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
                         workers=args.workers)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

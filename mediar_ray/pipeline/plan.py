@@ -62,6 +62,18 @@ def _remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _upgraded(fp: dict | None) -> dict | None:
+    """A fingerprint recorded by an earlier version, its options named as today's
+    (:meth:`.options.SlideOptions.upgrade_result_options`), so that a rename or a new
+    option at its default does not make every finished slide look stale."""
+    if not fp or not isinstance(fp.get("options"), dict):
+        return fp
+    options = SlideOptions.upgrade_result_options(fp["options"])
+    if "mpp" in fp["options"]:
+        options["mpp"] = fp["options"]["mpp"]  # the slide's own override, not the flag
+    return {**fp, "options": options}
+
+
 def read_plan(layout: SlideLayout) -> SlidePlan | None:
     """The plan in a slide's scratch, or None if there is none or it cannot be read
     (an interrupted write, or an earlier version's format)."""
@@ -88,7 +100,7 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
     old = read_plan(layout)
     discarded = None
     if old is not None:
-        diff = differences(old.fingerprint, fingerprint) if fingerprint else []
+        diff = differences(_upgraded(old.fingerprint), fingerprint) if fingerprint else []
         if not diff:
             return _planned(old, opts, reused=True)
         discarded = diff
@@ -242,7 +254,7 @@ def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
         return {"kind": "skip", "note": "complete from an earlier version that did not "
                 "record its inputs and options; --overwrite redoes it"}
     elif marker is not None:
-        diff = differences(marker["fingerprint"], fp)
+        diff = differences(_upgraded(marker["fingerprint"]), fp)
         if not diff:
             return {"kind": "skip"}
         return {"kind": "stale", "reason": (
