@@ -292,7 +292,14 @@ def _tiff_to_yxc(tif: tifffile.TiffFile, url: str) -> np.ndarray:
     if "Y" not in axes or "X" not in axes:
         raise ImageReadError(f"{url}: no Y/X image axes found (axes {axes!r})")
     order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
-    return np.ascontiguousarray(np.transpose(data, order))
+    data = np.transpose(data, order)
+    # ExtraSamples 1 (associated, premultiplied) or 2 (unassociated) alpha: onto white,
+    # as the slide reader composites it, so that both paths see the same pixels.
+    alpha = tuple(getattr(level.keyframe, "extrasamples", ()) or ())
+    if data.ndim == 3 and data.shape[2] in (2, 4) and alpha and alpha[-1] in (1, 2):
+        data = _onto_white(data, premultiplied=alpha[-1] == 1)
+        data = data[:, :, 0] if data.shape[2] == 1 else data
+    return np.ascontiguousarray(data)
 
 
 def _read_tiff(data: bytes, url: str) -> np.ndarray:
@@ -325,16 +332,18 @@ def _read_pillow(data: bytes, url: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _onto_white(region: np.ndarray) -> np.ndarray:
-    """(h, w, C + 1) colour + straight alpha -> (h, w, C) composited onto white, the
-    region's dtype: transparent pixels are white (glass), as the slide readers give them
-    (:func:`mediar_ray.sources.base.composite_alpha`), so both paths see the same pixels."""
+def _onto_white(region: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """(h, w, C + 1) colour + alpha (straight, or ``premultiplied``) -> (h, w, C) composited
+    onto white, the region's dtype: transparent pixels are white (glass), as the slide
+    readers give them (:func:`mediar_ray.sources.base.composite_alpha`), so both paths
+    see the same pixels."""
     full = float(np.iinfo(region.dtype).max) if np.issubdtype(region.dtype, np.integer) else 1.0
     color, alpha = region[..., :-1], region[..., -1:]
     if np.all(alpha == full):
         return color
     a = alpha.astype(np.float32) / full
-    blend = color.astype(np.float32) * a + full * (1.0 - a)
+    color = color.astype(np.float32)
+    blend = (color if premultiplied else color * a) + full * (1.0 - a)
     if np.issubdtype(region.dtype, np.integer):
         blend = np.clip(np.rint(blend), 0, full)
     return blend.astype(region.dtype)

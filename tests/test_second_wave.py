@@ -115,7 +115,12 @@ def test_real_pyramid_levels_are_still_used(svs, tmp_path):
 def test_adding_inputs_keeps_the_names_earlier_runs_gave(data_dir, tmp_path):
     """Row 3: `a/` then `a/ b/` with slide.png in both renamed the first run's slide to
     slide-<hash>, doubling it in the output root and the cell table."""
-    from mediar_ray.pipeline.layout import stable_output_names
+    from mediar_ray.pipeline.layout import record_output_names, stable_output_names
+
+    def names(urls: list[str]) -> dict[str, str]:  # one run: named, then recorded
+        given = stable_output_names(urls, str(out))
+        record_output_names(given, str(out))
+        return given
 
     image = read_image(str(data_dir / NUINSSEG))
     a = tmp_path / "a"
@@ -124,13 +129,13 @@ def test_adding_inputs_keeps_the_names_earlier_runs_gave(data_dir, tmp_path):
         Image.fromarray(image).save(tmp_path / folder / "slide.png")
     out = tmp_path / "out"
     out.mkdir()
-    first = stable_output_names([str(a / "slide.png")], str(out))
-    second = stable_output_names([str(a / "slide.png"), str(tmp_path / "b/slide.png")], str(out))
+    first = names([str(a / "slide.png")])
+    second = names([str(a / "slide.png"), str(tmp_path / "b/slide.png")])
     assert first == {str(a / "slide.png"): "slide"}
     assert second[str(a / "slide.png")] == "slide"
     assert second[str(tmp_path / "b/slide.png")].startswith("slide-")
     # A third run naming only b keeps b's name too.
-    assert stable_output_names([str(tmp_path / "b/slide.png")], str(out)) == {
+    assert names([str(tmp_path / "b/slide.png")]) == {
         str(tmp_path / "b/slide.png"): second[str(tmp_path / "b/slide.png")]}
 
 
@@ -297,13 +302,16 @@ def test_transparent_pixels_are_white_in_both_paths(data_dir, tmp_path):
     rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
     rgba[:, 200:300, 3] = 0  # a transparent strip over real cells
     rgba[:, 300:320, 3] = 128  # and a half-transparent one
-    path = tmp_path / "strip.png"
-    Image.fromarray(rgba, "RGBA").save(path)
-    single = read_image(str(path))
-    with open_slide(str(path)) as source:
-        slide = source.read_region(0, 0, *source.shape[:1], 0, source.shape[1])
-    np.testing.assert_array_equal(single, slide)
-    assert (single[:, 200:300] == 255).all()
+    png, tif = tmp_path / "strip.png", tmp_path / "strip.tif"
+    Image.fromarray(rgba, "RGBA").save(png)
+    tifffile.imwrite(tif, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    for path in (png, tif):
+        single = read_image(str(path))
+        with open_slide(str(path)) as source:
+            slide = source.read_region(0, 0, source.shape[0], 0, source.shape[1])
+        assert single.shape == image.shape
+        np.testing.assert_array_equal(single, slide)
+        assert (single[:, 200:300] == 255).all()
 
 
 def test_nan_pixels_are_left_out_of_cell_intensities(data_dir):

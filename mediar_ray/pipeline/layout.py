@@ -24,8 +24,8 @@ from typing import Sequence
 
 import fsspec
 
-__all__ = ["NAMES_FILE", "SlideLayout", "Tile", "axes", "multiscales", "stable_output_names",
-           "tile_grid"]
+__all__ = ["NAMES_FILE", "SlideLayout", "Tile", "axes", "multiscales", "record_output_names",
+           "stable_output_names", "tile_grid"]
 
 COMPLETE_MARKER = ".mediar_complete"
 #: The output names the output root gave its inputs (input identity -> name).
@@ -53,15 +53,15 @@ def stable_output_names(urls: Sequence[str], output: str) -> dict[str, str]:
     by its absolute path or URL without credentials) keeps that name, so adding inputs
     never renames, and so never doubles, earlier slides. New inputs are named by
     :func:`mediar_ray.io.output_names`; one whose name another input already holds in
-    this root gets the ``<name>-<hash>`` form instead. The record is updated (written
-    whole, atomically).
+    this root gets the ``<name>-<hash>`` form instead. Nothing is written:
+    :func:`record_output_names` records the names.
 
     Returns
     -------
     dict
         input URL -> output name.
     """
-    from mediar_ray.io import _identity, atomic_open, output_names, safe_url
+    from mediar_ray.io import _identity, output_names, safe_url
 
     def key(url: str) -> str:
         return safe_url(_identity(url))
@@ -78,11 +78,21 @@ def stable_output_names(urls: Sequence[str], output: str) -> dict[str, str]:
             name = output_names([url, f"{url}#other"])[url]
         names[url] = name
         taken[name.casefold()] = key(url)
-    record = {**known, **{key(u): n for u, n in names.items()}}
+    return {u: names[u] for u in urls}
+
+
+def record_output_names(names: dict[str, str], output: str) -> None:
+    """Add ``names`` (input URL -> output name, from :func:`stable_output_names`) to the
+    output root's record, written whole and atomically. The job calls it once its checks
+    have passed, right before it touches the first slide: a job stopped by a bad option
+    names nothing."""
+    from mediar_ray.io import _identity, atomic_open, safe_url
+
+    known = read_names(output)
+    record = {**known, **{safe_url(_identity(u)): n for u, n in names.items()}}
     if record != known:
         with atomic_open(_names_url(output), "w", encoding="utf-8") as f:
             json.dump({"names": record}, f, indent=1, sort_keys=True)
-    return {u: names[u] for u in urls}
 
 
 @dataclass(frozen=True)

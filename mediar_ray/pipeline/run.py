@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mediar_ray.io import redact, safe_url, url_secrets
 from mediar_ray.pipeline.cluster import check_resources, ensure_ray
 from mediar_ray.pipeline.engine import ArchiveRun
-from mediar_ray.pipeline.layout import stable_output_names
+from mediar_ray.pipeline.layout import record_output_names, stable_output_names
 from mediar_ray.pipeline.lease import Leases
 from mediar_ray.pipeline.options import OptionError, SlideOptions
 from mediar_ray.pipeline.plan import plan_slide
@@ -208,6 +208,7 @@ def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
     ensure_ray(dashboard=False)
     wait = check_resources(opts)
     opts, hashes = check_weights(opts)
+    record_output_names(names, output)  # every check passed: the slides get these names
     slides = [(url, names[url], mpps[url]) for url in urls]
     run = ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
     run.leases = Leases(output)
