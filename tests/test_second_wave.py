@@ -203,6 +203,10 @@ def test_credentials_in_urls_never_reach_the_output(data_dir, tmp_path, caplog, 
     shown = redact(text, *url_secrets([url]))
     assert SECRET not in shown and ACCESS not in shown and "abcdef123456" not in shown
     assert "s3://bucket/slides/a.svs" in shown
+    # Summaries, markers and plans record the options: the mask and table URLs too.
+    opts = SlideOptions(tissue=url.replace("a.svs", "{name}.png"), mpp_csv=url)
+    recorded = json.dumps([opts.public(), opts.result_options()])
+    assert SECRET not in recorded and ACCESS not in recorded
     for argv in (
         ["segment-slides", f"s3://{ACCESS}:{SECRET}@no-such-bucket/a.svs", str(tmp_path / "o")],
         ["segment-slides", str(data_dir / NUINSSEG), f"s3://{ACCESS}:{SECRET}@no-such-bucket/o"],

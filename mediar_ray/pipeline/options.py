@@ -205,8 +205,19 @@ class SlideOptions:
 
     def result_options(self) -> dict[str, Any]:
         """The options that change a slide's result (:data:`RESULT_OPTIONS`)."""
-        d = asdict(self)
+        d = self._shown()
         return {k: d[k] for k in RESULT_OPTIONS}
+
+    def _shown(self) -> dict[str, Any]:
+        """The fields with the URLs a user gave (mask, pixel-size table) without
+        credentials: they are written into summaries, markers and plans."""
+        from mediar_ray.io import safe_url
+
+        d = asdict(self)
+        for key in ("tissue", "mpp_csv"):
+            if d[key] is not None:
+                d[key] = safe_url(d[key])
+        return d
 
     @staticmethod
     def upgrade_result_options(old: dict[str, Any]) -> dict[str, Any]:
@@ -218,4 +229,4 @@ class SlideOptions:
 
     def public(self) -> dict[str, Any]:
         """All options except the weights' URLs (which may carry credentials)."""
-        return {k: v for k, v in asdict(self).items() if k != "weights"}
+        return {k: v for k, v in self._shown().items() if k != "weights"}
