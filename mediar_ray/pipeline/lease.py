@@ -143,10 +143,18 @@ class Leases:
         every lease this job holds."""
         stop = threading.Event()
 
+        def names() -> list[str]:
+            for _ in range(10):  # the driver may change the dict while it is copied
+                try:
+                    return list(active())
+                except RuntimeError:
+                    continue
+            return list(self.held)  # keep everything alive this round
+
         def loop() -> None:
             while not stop.wait(every):
                 try:
-                    self.beat(list(active()))
+                    self.beat(names())
                 except Exception as err:  # noqa: BLE001 - a missed beat is retried
                     log.warning("lease heartbeat failed (%s); retrying", type(err).__name__)
 
