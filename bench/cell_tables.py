@@ -206,10 +206,10 @@ def main() -> None:
     from mediar_ray.pipeline.run import check_weights
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
                         roi_size=args.roi_size,
                         workers=args.workers)
-    hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
+    opts, hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for size in args.sizes:

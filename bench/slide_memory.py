@@ -209,7 +209,7 @@ def main() -> None:
     from mediar_ray.pipeline import SlideOptions
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile=args.tile,
+    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
                         roi_size=args.roi_size,
                         workers=args.workers)
     rows = []

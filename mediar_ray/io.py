@@ -7,10 +7,12 @@ uint16 when every id fits, else uint32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
+import uuid
 from collections import Counter
 from pathlib import PurePosixPath
 from typing import Sequence
@@ -24,6 +26,9 @@ from mediar_ray.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "atomic_open",
+    "redact",
+    "url_secrets",
     "ImageReadError",
     "InputError",
     "describe_error",
@@ -185,6 +190,76 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+#: A URL with a scheme inside free text (an error message, a traceback line).
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},]+")
+#: Signed-URL and credential parameters that may appear without their URL.
+_SECRET_PARAMS = re.compile(
+    r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|sig|AWSAccessKeyId|"
+    r"access_token|token|key|secret)=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def redact(text: object, *secrets: str) -> str:
+    """``text`` (a message, a traceback) with every URL in it shown by :func:`safe_url`
+    (no user info, query or fragment), signed-URL parameters blanked, and each of
+    ``secrets`` (e.g. the user info of the URLs a command was given, which an fsspec or
+    s3fs error may repeat without its URL) replaced by ``***``.
+
+    Examples
+    --------
+    >>> redact("cannot open s3://KEY:SECRET@bucket/a.svs: denied", "KEY:SECRET")
+    'cannot open s3://bucket/a.svs: denied'
+    """
+    out = _URL_IN_TEXT.sub(lambda m: safe_url(m.group(0)), str(text))
+    out = _SECRET_PARAMS.sub(r"\1***", out)
+    for secret in secrets:
+        if secret:
+            out = out.replace(secret, "***")
+    return out
+
+
+def url_secrets(urls: Sequence[str]) -> list[str]:
+    """The user info of ``urls`` (``KEY:SECRET``, and each of its parts) and their query
+    strings: what :func:`redact` must blank wherever it appears."""
+    found: list[str] = []
+    for url in urls:
+        parts = urlsplit(str(url))
+        if not parts.scheme or len(parts.scheme) == 1:
+            continue
+        userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+        found += [userinfo, *userinfo.split(":")] if userinfo else []
+        found += [parts.query] if parts.query else []
+    # Longest first: "KEY:SECRET" before "KEY".
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb", **kwargs):
+    """Open ``url`` for writing so that its final path only ever holds a complete file.
+
+    On a local disk the data goes to a hidden temporary file beside it (``.<name>.tmp-*``,
+    which table and GeoJSON readers skip), renamed over ``url`` once closed without error;
+    a killed writer leaves only the hidden file. Object stores (S3, GCS, ...) publish an
+    object only when its upload completes, so there ``url`` is written directly.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, mode, **kwargs) as f:
+            yield f
+        return
+    folder, _, name = path.rpartition("/")
+    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+    fs.makedirs(folder or ".", exist_ok=True)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _read_bytes(url: str) -> bytes:
     try:
         with fsspec.open(url, "rb") as f:
@@ -217,7 +292,14 @@ def _tiff_to_yxc(tif: tifffile.TiffFile, url: str) -> np.ndarray:
     if "Y" not in axes or "X" not in axes:
         raise ImageReadError(f"{url}: no Y/X image axes found (axes {axes!r})")
     order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
-    return np.ascontiguousarray(np.transpose(data, order))
+    data = np.transpose(data, order)
+    # ExtraSamples 1 (associated, premultiplied) or 2 (unassociated) alpha: onto white,
+    # as the slide reader composites it, so that both paths see the same pixels.
+    alpha = tuple(getattr(level.keyframe, "extrasamples", ()) or ())
+    if data.ndim == 3 and data.shape[2] in (2, 4) and alpha and alpha[-1] in (1, 2):
+        data = _onto_white(data, premultiplied=alpha[-1] == 1)
+        data = data[:, :, 0] if data.shape[2] == 1 else data
+    return np.ascontiguousarray(data)
 
 
 def _read_tiff(data: bytes, url: str) -> np.ndarray:
@@ -244,10 +326,27 @@ def _read_pillow(data: bytes, url: str) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageReadError(f"{url}: not a readable image ({err})") from None
-    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # LA / RGBA: drop alpha
-        arr = arr[:, :, : arr.shape[2] - 1]
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # LA / RGBA: onto white, as slides are
+        arr = _onto_white(arr)
         arr = arr[:, :, 0] if arr.shape[2] == 1 else arr
     return np.ascontiguousarray(arr)
+
+
+def _onto_white(region: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """(h, w, C + 1) colour + alpha (straight, or ``premultiplied``) -> (h, w, C) composited
+    onto white, the region's dtype: transparent pixels are white (glass), as the slide
+    readers give them (:func:`mediar_ray.sources.base.composite_alpha`), so both paths
+    see the same pixels."""
+    full = float(np.iinfo(region.dtype).max) if np.issubdtype(region.dtype, np.integer) else 1.0
+    color, alpha = region[..., :-1], region[..., -1:]
+    if np.all(alpha == full):
+        return color
+    a = alpha.astype(np.float32) / full
+    color = color.astype(np.float32)
+    blend = (color if premultiplied else color * a) + full * (1.0 - a)
+    if np.issubdtype(region.dtype, np.integer):
+        blend = np.clip(np.rint(blend), 0, full)
+    return blend.astype(region.dtype)
 
 
 def read_image(path_or_url: str) -> np.ndarray:

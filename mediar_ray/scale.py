@@ -29,7 +29,8 @@ import numpy as np
 from mediar_ray.sources.base import Level, SlideSource
 
 __all__ = [
-    "choose_level", "level_mpp", "load_mpp_table", "lookup_mpp", "processing_shape",
+    "check_processing_size", "choose_level", "level_mpp", "level_problem", "load_mpp_table",
+    "lookup_mpp", "match_mpp_rows", "processing_shape", "usable_levels",
     "processing_transform", "read_resampled", "slide_mpp", "thumbnail_level",
 ]
 
@@ -92,8 +93,8 @@ def choose_level(
     Returns
     -------
     level : int
-        The coarsest level whose pixel size is not coarser than the target (level 0 when
-        the target is finer than level 0).
+        The coarsest usable level (:func:`usable_levels`) whose pixel size is not coarser
+        than the target (level 0 when the target is finer than level 0).
     scale : float
         Processing pixel size / that level's pixel size: 1.0 (read the level as it is),
         > 1 (area downsampling) or < 1 (bilinear upsampling, only below level 0).
@@ -114,11 +115,107 @@ def choose_level(
         raise ValueError(f"{_safe(slide) or 'slide'}: its pixel size is unknown (no pixel size "
                          f"in the file's metadata), so --target-mpp {target:g} cannot be "
                          f"applied; {MPP_FIX}")
+    pair = _as_pair(mpp0)
+    usable = usable_levels(levels, square=abs(pair[0] - pair[1]) <= tolerance * max(pair),
+                           slide=slide)
     sizes = [level_mpp(mpp0, lv) for lv in levels]
-    fine_enough = [k for k, size in enumerate(sizes) if size <= target * (1 + tolerance)]
+    fine_enough = [k for k, size in enumerate(sizes)
+                   if k in usable and size <= target * (1 + tolerance)]
     level = max(fine_enough, key=lambda k: sizes[k]) if fine_enough else 0
     scale = target / sizes[level]
     return level, 1.0 if abs(scale - 1.0) <= tolerance else scale
+
+
+def level_problem(level0: Level, level: Level, *, square: bool = True) -> str | None:
+    """Why a pyramid level cannot stand for level 0 resampled, or None if it can.
+
+    A level must cover level 0's extent within one of its own pixels on each axis, be no
+    finer than level 0, and, when level 0's pixels are square (``square``), have one
+    downsample factor for both axes up to the rounding of its shape (a level whose
+    shape is not level 0's scaled down shows another region, or is corrupt).
+    """
+    (h0, w0), (h, w) = level0.shape, level.shape
+    dy, dx = level.downsample
+    if not (math.isfinite(dy) and math.isfinite(dx) and dy >= 1 - 1e-9 and dx >= 1 - 1e-9):
+        return f"downsample {dy:g} x {dx:g} is finer than level 0"
+    if abs(h * dy - h0) > dy + 1e-6 or abs(w * dx - w0) > dx + 1e-6:
+        return (f"{h} x {w} px at downsample {dy:g} x {dx:g} covers "
+                f"{h * dy:.0f} x {w * dx:.0f} level-0 px, not level 0's {h0} x {w0}")
+    # Shapes are whole pixels: each axis's factor may differ from the other's by the
+    # rounding of one pixel on either.
+    slack = max(dy, dx) * (1.0 / h + 1.0 / w) + MPP_TOLERANCE * max(dy, dx)
+    if square and abs(dy - dx) > slack:
+        return (f"downsample {dy:g} x {dx:g} differs between the axes: non-square pixels, "
+                "or another region than level 0")
+    return None
+
+
+def usable_levels(levels: Sequence[Level], *, square: bool = True, slide: str = "") -> list[int]:
+    """Indices of the levels that may stand for level 0 resampled (:func:`level_problem`);
+    level 0 always. The others are logged and never read."""
+    import logging
+
+    usable = [0]
+    for k, level in enumerate(levels[1:], start=1):
+        problem = level_problem(levels[0], level, square=square)
+        if problem is None:
+            usable.append(k)
+        else:
+            logging.getLogger("mediar_ray.slides").warning(
+                "%s: pyramid level %d not used (%s); a finer level is resampled instead",
+                _safe(slide) or "slide", k, problem)
+    return usable
+
+
+#: Largest processing image, as a multiple of level 0's area: resampling a slide to 8x
+#: its resolution per side is beyond any optics; more is a mistyped --target-mpp.
+MAX_UPSAMPLED_AREA = 64
+
+
+def check_processing_size(level0: Level, shape: tuple[int, int], *, target_mpp: float | None,
+                          mpp0: float | Sequence[float] | None, slide: str = "") -> None:
+    """Raise ValueError when the processing image ``shape`` (px) exceeds
+    :data:`MAX_UPSAMPLED_AREA` times level 0's area; the message names --target-mpp,
+    the size it would have and the slide's own pixel size."""
+    h0, w0 = level0.shape
+    ratio = shape[0] * shape[1] / max(1, h0 * w0)
+    if ratio <= MAX_UPSAMPLED_AREA:
+        return
+    own = f" (its level 0: {level_mpp(mpp0, Level(level0.shape, (1.0, 1.0))):.3g} um)" \
+        if mpp0 is not None else ""
+    raise ValueError(
+        f"{_safe(slide) or 'slide'}: --target-mpp {target_mpp:g} would make a processing "
+        f"image of {shape[0]:,} x {shape[1]:,} px, {ratio:,.0f} times level 0's area "
+        f"{h0:,} x {w0:,} (at most {MAX_UPSAMPLED_AREA}){own}; give a pixel size nearer "
+        "the slide's own")
+
+
+def match_mpp_rows(table: dict[str, float], urls: Sequence[str]
+                   ) -> tuple[dict[str, float | None], list[str]]:
+    """Each input's pixel size from a ``--mpp-csv`` table, and the rows no input uses.
+
+    A slide may match several rows (``nompp`` and ``nompp.tif``); when they disagree
+    there is no right answer, so ValueError names the slide and the rows.
+
+    Returns
+    -------
+    found : dict
+        URL -> pixel size (um) or None (no row: the file's own metadata is used).
+    unmatched : list of str
+        Row keys that match no input, in table order.
+    """
+    found: dict[str, float | None] = {}
+    used: set[str] = set()
+    for url in urls:
+        keys = [k for k in _candidates(url) if k in table]
+        values = {table[k] for k in keys}
+        if len(values) > 1:
+            rows = ", ".join(f"{k},{table[k]:g}" for k in keys)
+            raise ValueError(f"rows {rows} all match {_safe(url)} with different pixel sizes; "
+                             "keep one")
+        used.update(keys)
+        found[url] = table[keys[0]] if keys else None
+    return found, [k for k in table if k not in used]
 
 
 def thumbnail_level(

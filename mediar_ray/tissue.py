@@ -27,6 +27,13 @@ Kind = Literal["auto", "brightfield", "fluorescence"]
 #: lands inside the tissue when a thumbnail holds little glass; the cap keeps pale tissue.
 OD_CAP = 0.1
 
+#: Least optical density above the glass's that counts as tissue: white-balance drift and
+#: dust on clean glass stay below it, pale eosin-only stroma (0.1 and up) is above.
+MIN_OD_STEP = 0.03
+#: Least correlation of neighbouring thumbnail pixels of a slide with tissue or cells
+#: (:func:`_has_signal`): noise gives about 0, real slides 0.5 and more.
+MIN_CORRELATION = 0.2
+
 _IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
@@ -85,6 +92,25 @@ def _threshold(score: np.ndarray) -> float:
     return 0.5 * (otsu + background)
 
 
+def _has_signal(score: np.ndarray) -> bool:
+    """Whether ``score`` shows structure rather than noise: the correlation of
+    neighbouring pixels (along y and x, averaged) is at least :data:`MIN_CORRELATION`.
+
+    A thumbnail pixel averages many slide pixels, so camera noise and grain on blank,
+    black or noisy glass leave neighbours uncorrelated (about 0), whatever the noise's
+    level or quantisation; tissue, and cells on glass, make neighbours alike (0.5 and
+    more). A constant thumbnail has no structure either.
+    """
+    if score.min() == score.max() or min(score.shape) < 2:
+        return False
+    rho = []
+    for a, b in ((score[1:], score[:-1]), (score[:, 1:], score[:, :-1])):
+        a, b = a - a.mean(), b - b.mean()
+        denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+        rho.append(float((a * b).sum()) / denom if denom > 0 else 0.0)
+    return float(np.mean(rho)) >= MIN_CORRELATION
+
+
 def _remove_small(mask: np.ndarray, min_size: int, structure: np.ndarray) -> np.ndarray:
     """``mask`` without the connected components of fewer than ``min_size`` pixels."""
     labels, n = ndi.label(mask, structure=structure)
@@ -123,8 +149,9 @@ def tissue_mask(
        scaling each channel to its own range (:func:`_fluorescence_score`).
     2. Threshold: halfway between the background's median score and Otsu's threshold
        (below Otsu, to keep dim cells and pale tissue); for brightfield at most
-       :data:`OD_CAP`. A thumbnail of one constant value cannot be split and is all
-       tissue.
+       :data:`OD_CAP` and at least :data:`MIN_OD_STEP` above the glass. A thumbnail with
+       no structure (:func:`_has_signal`: one constant value, blank or black glass,
+       camera noise) has no tissue.
     3. Components (8-connected) under ``min_size`` pixels are removed as specks (dust,
        noise), holes of up to ``max_hole`` pixels are filled, and the mask is dilated by
        ``margin`` pixels (Euclidean) so that cells at the tissue edge stay inside.
@@ -156,11 +183,12 @@ def tissue_mask(
         score = _brightfield_score(img, np.asarray(thumbnail).dtype)
     else:
         score = _fluorescence_score(img)
-    if score.min() == score.max():
-        return np.ones(score.shape, bool)
+    if not _has_signal(score):
+        return np.zeros(score.shape, bool)  # blank, black or noisy glass: no window to run
     threshold = _threshold(score)
     if kind == "brightfield":
-        threshold = min(threshold, OD_CAP)
+        threshold = max(min(threshold, OD_CAP),
+                        float(np.median(score[score <= threshold_otsu(score)])) + MIN_OD_STEP)
     mask = score > threshold
     mask = _remove_small(mask, min_size, np.ones((3, 3), bool))
     mask = _fill_small_holes(mask, max_hole)
@@ -350,4 +378,26 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"{safe_url(url)}: the tissue mask has shape {mask.shape}; expected a "
                          "2-D image (y, x)")
+    check_aspect(mask.shape, shape, url)
     return resize_mask(mask, shape)
+
+
+#: Largest relative difference between a mask's aspect ratio and the slide's (beyond the
+#: rounding of one pixel of either): a mask that differs more is of another slide.
+ASPECT_TOLERANCE = 0.05
+
+
+def check_aspect(mask_shape: tuple[int, int], shape: tuple[int, int], url: str = "") -> None:
+    """Raise ValueError when a mask of ``mask_shape`` cannot span a slide whose mask grid
+    is ``shape`` (aspect ratios, height / width, differ by more than
+    :data:`ASPECT_TOLERANCE` plus a pixel's rounding): it would be stretched."""
+    from mediar_ray.io import safe_url
+
+    (mh, mw), (h, w) = mask_shape, shape
+    a, b = mh / mw, h / w
+    slack = ASPECT_TOLERANCE + 1.0 / min(mh, mw) + 1.0 / min(h, w)
+    if abs(a / b - 1.0) > slack:
+        raise ValueError(
+            f"{safe_url(url)}: the tissue mask is {mh} x {mw} px (aspect {a:.3g}) but the "
+            f"slide's grid is {h} x {w} (aspect {b:.3g}): it would be stretched; give a mask "
+            "of the whole slide")

@@ -25,7 +25,7 @@ DEMO = REPO / "mediar_ray" / "assets" / "demo" / "images"
 
 def small_opts(**kw) -> SlideOptions:
     """The bundled model on 256-px windows and tiles: several tiles per demo image."""
-    return SlideOptions(tta=False, roi_size=256, tile=256, halo=64, **kw)
+    return SlideOptions(tta=False, roi_size=256, tile_size=256, halo=64, **kw)
 
 
 def labels_of(out: Path, name: str) -> np.ndarray:

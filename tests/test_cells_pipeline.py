@@ -91,7 +91,7 @@ def mosaic_run(cluster, tiny, dsb_pairs, tmp_path_factory):
     path = tmp / "mosaic.tif"
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb")
     out = tmp / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=TILE, halo=128,
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=TILE, halo=128,
                         tissue="off")
     run_with_injected_flows(path, out, opts, truth, logit)
     return out, image, logit
@@ -235,7 +235,7 @@ def test_geojson_in_level0_pixels(cluster, tiny, dsb_pairs, tmp_path):
     tifffile.imwrite(path, image[src[:, None], src[None, :]], tile=(256, 256),
                      photometric="rgb")
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=256, halo=96,
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=256, halo=96,
                         tissue="off", mpp=0.5, target_mpp=0.8, labels_level0=True,
                         geojson=True)
     run_with_injected_flows(path, out, opts, truth, cell_logit(truth, image))
@@ -259,7 +259,7 @@ def test_geojson_of_the_svs_slide_with_the_model(cluster, data_dir, tmp_path):
     slide = tmp_path / "he.tif"
     tifffile.imwrite(slide, fine, tile=(256, 256), photometric="rgb")
     out = tmp_path / "out"
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=512, halo=128,
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=512, halo=128,
                         workers=2, tissue="off", target_mpp=0.4, mpp=0.25,
                         labels_level0=True, geojson=True)
     report = run_slides([str(slide)], str(out), opts)
@@ -314,7 +314,7 @@ def test_archive_tables_on_s3_read_alike_and_rerun_replaces_one(cluster, data_di
     client, env = cluster
     put_slides(client, data_dir, tmp_path)
     out = "s3://results/archive"
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=256, halo=64,
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=256, halo=64,
                         workers=2, roi_size=512)  # one window per small slide: faster
     report = run_slides(["s3://lab/archive/"], out, opts)
     assert report["failed"] == {} and sorted(report["done"]) == sorted(SLIDES3)

@@ -54,6 +54,7 @@ def test_channels_first_ome_tiff_and_float(tmp_path):
 
 def test_rgba_png_and_bmp_jpeg(tmp_path):
     rgba = np.random.default_rng(0).integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 255  # opaque: the colour itself (transparency: test_second_wave)
     Image.fromarray(rgba).save(tmp_path / "a.png")
     Image.fromarray(rgba[:, :, :3]).save(tmp_path / "a.bmp")
     Image.fromarray(rgba[:, :, :3]).save(tmp_path / "a.jpg")

@@ -39,8 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 def plan_as_job(image: Path, out: Path, opts: SlideOptions):
     """Plan a slide exactly as the job would (same fingerprint), so that a following
     run_slides reuses what the test puts into its scratch."""
-    fp = slide_fingerprint(str(image), opts, check_weights(opts), opts.mpp)
-    return plan_slide(str(image), image.name.split(".")[0], str(out), opts, fp, opts.mpp).plan
+    resolved, hashes = check_weights(opts)
+    fp = slide_fingerprint(str(image), resolved, hashes, opts.mpp)
+    return plan_slide(str(image), image.name.split(".")[0], str(out), resolved, fp,
+                      opts.mpp).plan
 
 
 def infer_in_process(plan, opts: SlideOptions) -> None:
@@ -79,7 +81,7 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tiny, tmp_path
     image = tmp_path / "mosaic.tif"
     tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200, tile=(256, 256))
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=512, halo=128)
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=512, halo=128)
     plan = plan_as_job(image, out, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     for tile in tile_grid(plan.shape, plan.tile):  # stage 2 replaced by the true flows
@@ -113,7 +115,7 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     whole = predict_raw(normalize(read_image(svs)), models, tta=False)
     out = tmp_path / "out"
     # tissue off: every window runs, as in whole-image inference; the full image copied
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=512, halo=128, workers=2,
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=512, halo=128, workers=2,
                         tissue="off", copy_image=True)
     plan = plan_as_job(Path(svs), out, opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 30
@@ -147,7 +149,7 @@ def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir,
     image = tmp_path / "phase.tif"
     tifffile.imwrite(image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700])
     opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
-                        tile=256, workers=1)
+                        tile_size=256, workers=1)
     plan = plan_as_job(image, tmp_path / "out", opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 9
     infer_in_process(plan, opts)
@@ -177,7 +179,7 @@ def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
     image = tmp_path / "s.tif"
     tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200)
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile=256)
+    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=256)
     plan = plan_as_job(image, out, opts)
     raw = np.concatenate([labels_to_flows(truth) * 5, np.where(truth > 0, 5.0, -5.0)[None]])
     open_array(plan.layout.scratch + "/flows", mode="r+")[:] = raw.astype(np.float32)

@@ -36,7 +36,7 @@ def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog, tmp_path):
     client, env = s3
     client.put_object(Bucket="lab", Key="slides/nuclei.tif", Body=slide_bytes[0])
     # The bundled model: it finds the nuclei, so equal labels mean something.
-    opts = SlideOptions(tta=False, tile=256, halo=64, copy_image=True)
+    opts = SlideOptions(tta=False, tile_size=256, halo=64, copy_image=True)
     report = run_slides(["s3://lab/slides/"], "s3://results/mediar", opts)
     assert report["failed"] == {}
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]}
@@ -60,7 +60,7 @@ def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog, tmp_path):
 def test_missing_bucket_is_a_clear_failure(s3, slide_bytes, ref_dir, caplog):
     client, env = s3
     client.put_object(Bucket="lab", Key="one/nuclei.tif", Body=slide_bytes[0])
-    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile=256)
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile_size=256)
     with pytest.raises(Exception) as err:
         run_slides(["s3://lab/one/"], "s3://no-such-bucket/out", opts)
     assert "no-such-bucket" in str(err.value) or "NoSuchBucket" in repr(err.value)
@@ -75,7 +75,7 @@ def test_missing_credentials_are_a_clear_failure(s3, ref_dir, caplog, tmp_path):
     none = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
             "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
             "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
-    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile=256)
+    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile_size=256)
     with environment(none):
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.pop(key)
@@ -97,7 +97,7 @@ def test_awkward_names_on_s3(s3, slide_bytes, ref_dir):
     client.put_object(Bucket="lab", Key="awk/._my slide [1].tif", Body=b"\x00\x05\x16\x07" * 8)
     params = json.loads((ref_dir / "index.json").read_text())["model_params"]
     opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], model_config=params,
-                        tta=False, roi_size=256, tile=256, halo=64)
+                        tta=False, roi_size=256, tile_size=256, halo=64)
     report = run_slides(["s3://lab/awk/"], "s3://results/awk", opts)
     assert sorted(report["inputs"][n] for n in report["done"]) == [
         "s3://lab/awk/my slide (2).tif", "s3://lab/awk/my slide [1].tif"]

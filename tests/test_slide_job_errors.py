@@ -110,11 +110,11 @@ def test_changed_options_do_not_reuse_a_finished_slide(job, local_ray, crops, tm
     code, summary = run(job, [src], out, "--tile-size", "512")
     assert code == 1 and summary["skipped"] == []
     reason = summary["failed"]["cells"]
-    assert "options tile" in reason and "--overwrite" in reason
+    assert "options tile_size" in reason and "--overwrite" in reason
     code, summary = run(job, [src], out, "--tile-size", "512", "--overwrite")
     assert code == 0 and list(summary["done"]) == ["cells"]
     written = json.loads((out / "cells.zarr/summary.json").read_text())
-    assert written["options"]["tile"] == 512
+    assert written["options"]["tile_size"] == 512
     # A slide smaller than a tile is one chunk of its own size (256 x 320 here).
     chunks = zarr.open_array(str(out / "cells.zarr/labels/cells/0"), mode="r").chunks
     assert chunks == (320, 320)

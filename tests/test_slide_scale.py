@@ -50,7 +50,7 @@ def slides(tmp_path_factory):
 
 
 def segment(slide: Path, output: Path, **options) -> dict:
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile=TILE, halo=HALO,
+    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=TILE, halo=HALO,
                         roi_size=ROI, workers=2, **options)
     report = run_slides([str(slide)], str(output), opts)
     assert report["failed"] == {}

@@ -38,7 +38,7 @@ SVS_NAME = "CMU-1-Small-Region"
 # and the full image is copied into the output, which a later run reads as its input.
 # 512-px windows: one per small slide, a quarter of the bundled model's own 256-px
 # windows' work; what these tests compare (formats, readers) does not depend on it.
-COMMON = {"tta": False, "roi_size": 512, "tile": 512, "halo": 128, "tissue": "off",
+COMMON = {"tta": False, "roi_size": 512, "tile_size": 512, "halo": 128, "tissue": "off",
           "copy_image": True}
 JOB_FLAGS = ["--no-tta", "--roi-size", "512", "--tile-size", "512", "--halo", "128",
              "--tissue", "off", "--copy-image"]

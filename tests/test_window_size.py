@@ -78,7 +78,7 @@ def test_slide_job_resolves_the_window_with_its_weights(ref_dir):
     for argv, roi in (([], 256), (["--weights", str(ref_dir / "model_a.pth")], 512),
                       (["--roi-size", "128"], 128)):
         opts = options_from_args(parser.parse_args(argv))
-        check_weights(opts)
+        opts, _ = check_weights(opts)
         assert opts.roi_size == roi and opts.result_options()["roi_size"] == roi
 
 

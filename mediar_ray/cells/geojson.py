@@ -129,8 +129,10 @@ def write_piece(url: str, texts: Iterable[str]) -> int:
 def write_feature_collection(url: str, pieces: Iterable[str]) -> None:
     """Stream the staged pieces (URLs, in order) into one FeatureCollection at ``url``
     (gzip-compressed, level 6, when it ends with ``.gz``), one piece at a time."""
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "wb") as raw, contextlib.ExitStack() as stack:
+    from mediar_ray.io import atomic_open
+
+    # A killed writer leaves no truncated file at ``url`` (readers would fail on it).
+    with atomic_open(url, "wb") as raw, contextlib.ExitStack() as stack:
         binary = raw
         if url.endswith(".gz"):  # level 6: a third of level 9's time, nearly its size
             binary = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6))

@@ -67,8 +67,11 @@ class CellPartials:
     logit_max : (k,) float64
         Largest logit (NaN when no logit was given).
     int_sum, int_min, int_max : (k, C) float64
-        Per image channel: sum, minimum and maximum of the pixel values (C = 0 when no
-        image was given).
+        Per image channel: sum, minimum and maximum of the finite pixel values (C = 0
+        when no image was given; min and max NaN when a channel has none).
+    int_count : (k, C) int64
+        Per image channel: how many of the cell's pixels are finite (NaN and infinite
+        pixels, e.g. a float image's masked areas, are left out of the intensities).
     """
 
     ids: np.ndarray
@@ -80,6 +83,7 @@ class CellPartials:
     int_sum: np.ndarray
     int_min: np.ndarray
     int_max: np.ndarray
+    int_count: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -98,7 +102,8 @@ class CellPartials:
                    bbox=np.zeros((0, 4), np.int64), moments=np.zeros((0, 5), np.int64),
                    prob_sum=np.zeros(0), logit_max=np.zeros(0),
                    int_sum=np.zeros((0, channels)), int_min=np.zeros((0, channels)),
-                   int_max=np.zeros((0, channels)))
+                   int_max=np.zeros((0, channels)),
+                   int_count=np.zeros((0, channels), np.int64))
 
 
 def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,14 +177,21 @@ def measure_chunk(labels: np.ndarray, origin: tuple[int, int],
         logit_max = np.maximum.reduceat(values, starts)
     if img is None:
         int_sum = int_min = int_max = np.zeros((k, 0))
+        int_count = np.zeros((k, 0), np.int64)
     else:
-        pixels = img[ys, xs]  # (n, C), native dtype
-        int_sum = np.add.reduceat(pixels.astype(np.float64), starts, axis=0)
-        int_min = np.minimum.reduceat(pixels, starts, axis=0).astype(np.float64)
-        int_max = np.maximum.reduceat(pixels, starts, axis=0).astype(np.float64)
+        pixels = img[ys, xs].astype(np.float64)  # (n, C)
+        finite = np.isfinite(pixels)
+        # Non-finite pixels count nowhere: 0 in the sum, NaN (ignored by fmin/fmax) in
+        # the extremes, and not in the count the mean divides by.
+        int_sum = np.add.reduceat(np.where(finite, pixels, 0.0), starts, axis=0)
+        masked = np.where(finite, pixels, np.nan)
+        int_min = np.fmin.reduceat(masked, starts, axis=0)
+        int_max = np.fmax.reduceat(masked, starts, axis=0)
+        int_count = np.add.reduceat(finite.astype(np.int64), starts, axis=0)
     return CellPartials(ids=pixel_ids[starts].astype(np.uint32), count=count.astype(np.int64),
                         bbox=bbox, moments=moments, prob_sum=prob_sum, logit_max=logit_max,
-                        int_sum=int_sum, int_min=int_min, int_max=int_max)
+                        int_sum=int_sum, int_min=int_min, int_max=int_max,
+                        int_count=int_count)
 
 
 def merge_partials(parts: Iterable[CellPartials]) -> CellPartials:
@@ -220,8 +232,9 @@ def merge_partials(parts: Iterable[CellPartials]) -> CellPartials:
         prob_sum=np.add.reduceat(cat.prob_sum, starts),
         logit_max=np.maximum.reduceat(cat.logit_max, starts),
         int_sum=_reduce(np.add, cat.int_sum, starts),
-        int_min=_reduce(np.minimum, cat.int_min, starts),
-        int_max=_reduce(np.maximum, cat.int_max, starts),
+        int_min=_reduce(np.fmin, cat.int_min, starts),
+        int_max=_reduce(np.fmax, cat.int_max, starts),
+        int_count=_reduce(np.add, cat.int_count, starts).astype(np.int64),
     )
 
 
@@ -319,7 +332,7 @@ def finalize(partials: CellPartials, scale: tuple[float, float] = (1.0, 1.0),
         orientation = np.where(num_xx == num_yy, np.where(b < 0, math.pi / 4, -math.pi / 4),
                                0.5 * np.arctan2(-2 * b, c - a))
         prob_mean = p.prob_sum / nf
-        int_mean = p.int_sum / nf[:, None]
+        int_mean = p.int_sum / p.int_count  # finite pixels only (NaN: none finite)
     sy_, sx_ = float(scale[0]), float(scale[1])
     ly, lx = (cy + 0.5) * sy_ - 0.5, (cx + 0.5) * sx_ - 0.5
     if pixel_size_um is None:

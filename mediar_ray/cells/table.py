@@ -35,6 +35,7 @@ import uuid
 from typing import Any, Iterable, Sequence
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -232,7 +233,7 @@ def _write_run(fs: fsspec.AbstractFileSystem, root: str, names: list[str],
     seen = 0
     for k, name in enumerate(names):
         schema = cells_schema({**base, "file": k})
-        with fs.open(f"{root}/{name}", "wb") as f, \
+        with _open_final(fs, f"{root}/{name}") as f, \
                 pq.ParquetWriter(f, schema, compression="zstd") as writer:
             if total == 0:
                 writer.write_table(schema.empty_table())
@@ -246,6 +247,14 @@ def _write_run(fs: fsspec.AbstractFileSystem, root: str, names: list[str],
     if seen != total or next(pieces, None) is not None:
         raise RuntimeError(f"the staged cell parts of slide {base['slide']} do not hold the "
                            f"{total} rows announced; the old partition was kept")
+
+
+def _open_final(fs: fsspec.AbstractFileSystem, path: str):
+    """Write ``path`` so that a killed writer never leaves a partial part file there
+    (:func:`mediar_ray.io.atomic_open`): readers of the table skip the hidden temporary."""
+    from mediar_ray.io import atomic_open
+
+    return atomic_open(path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path))
 
 
 def _listing(fs: fsspec.AbstractFileSystem, root: str, detail: bool = False) -> list:

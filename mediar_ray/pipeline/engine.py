@@ -106,7 +106,9 @@ class ArchiveRun:
         self.active: dict[str, _Slide] = {}
         self.queue: deque[tuple[str, str]] = deque()  # (slide name, tile JSON)
         self.pending: dict[Any, tuple] = {}             # ObjectRef -> what it is
-        self.report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "notes": {}}
+        self.report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "notes": {},
+                                       "elsewhere": {}}
+        self.leases = None  # a .lease.Leases: slides another live job holds are left to it
         self.intervals: list[list[tuple[float, float]]] = []
         self.nodes: set[str] = set()
         self.tiles_done = 0
@@ -191,6 +193,11 @@ class ArchiveRun:
         preparing = sum(s.state == "preparing" for s in self.active.values())
         while self.waiting and len(self.active) < limit and len(self.queue) + preparing < lookahead:
             url, name, mpp = self.waiting.popleft()
+            holder = self.leases.claim(name) if self.leases is not None else None
+            if holder is not None:
+                log.info("%s: in progress elsewhere (job %s holds it), left to it", name, holder)
+                self.report["elsewhere"][name] = holder
+                continue
             self.active[name] = _Slide(url, name)
             ref = self.prepare_task.remote(url, name, self.output, self.opts,
                                            self.weight_hashes, mpp)
@@ -335,7 +342,7 @@ class ArchiveRun:
     # -- reporting --------------------------------------------------------------------
     def _count_ended(self) -> int:
         r = self.report
-        return len(r["done"]) + len(r["skipped"]) + len(r["failed"])
+        return len(r["done"]) + len(r["skipped"]) + len(r["failed"]) + len(r["elsewhere"])
 
     def _progress(self, force: bool = False) -> None:
         now = time.perf_counter()

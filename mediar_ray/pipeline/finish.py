@@ -32,7 +32,11 @@ log = logging.getLogger("mediar_ray.slides")
 
 
 def _write_json(url: str, obj: dict) -> None:
-    with fsspec.open(url, "w") as f:
+    """Write ``obj`` as JSON; the file at ``url`` is never partial (a kill leaves the old
+    file or none: the completion marker in particular)."""
+    from mediar_ray.io import atomic_open
+
+    with atomic_open(url, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, default=str)
 
 

@@ -17,12 +17,82 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
-__all__ = ["SlideLayout", "Tile", "axes", "multiscales", "tile_grid"]
+import fsspec
+
+__all__ = ["NAMES_FILE", "SlideLayout", "Tile", "axes", "multiscales", "record_output_names",
+           "stable_output_names", "tile_grid"]
 
 COMPLETE_MARKER = ".mediar_complete"
+#: The output names the output root gave its inputs (input identity -> name).
+NAMES_FILE = ".mediar_names.json"
+
+
+def _names_url(output: str) -> str:
+    return f"{output.rstrip('/')}/{NAMES_FILE}"
+
+
+def read_names(output: str) -> dict[str, str]:
+    """The names recorded in ``output`` (:data:`NAMES_FILE`; empty when none)."""
+    try:
+        with fsspec.open(_names_url(output), "r") as f:
+            names = json.loads(f.read()).get("names", {})
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+
+def stable_output_names(urls: Sequence[str], output: str) -> dict[str, str]:
+    """Each input's output name, stable across runs on the same output root.
+
+    An input the root has named before (recorded in ``OUTPUT/.mediar_names.json``, keyed
+    by its absolute path or URL without credentials) keeps that name, so adding inputs
+    never renames, and so never doubles, earlier slides. New inputs are named by
+    :func:`mediar_ray.io.output_names`; one whose name another input already holds in
+    this root gets the ``<name>-<hash>`` form instead. Nothing is written:
+    :func:`record_output_names` records the names.
+
+    Returns
+    -------
+    dict
+        input URL -> output name.
+    """
+    from mediar_ray.io import _identity, output_names, safe_url
+
+    def key(url: str) -> str:
+        return safe_url(_identity(url))
+
+    known = read_names(output)
+    taken = {n.casefold(): k for k, n in known.items()}
+    names = {u: known[key(u)] for u in urls if key(u) in known}
+    new = [u for u in urls if u not in names]
+    fresh = output_names(new)
+    for url in new:
+        name = fresh[url]
+        if name.casefold() in taken and taken[name.casefold()] != key(url):
+            # Held by another input of an earlier run: as if both had been in one run.
+            name = output_names([url, f"{url}#other"])[url]
+        names[url] = name
+        taken[name.casefold()] = key(url)
+    return {u: names[u] for u in urls}
+
+
+def record_output_names(names: dict[str, str], output: str) -> None:
+    """Add ``names`` (input URL -> output name, from :func:`stable_output_names`) to the
+    output root's record, written whole and atomically. The job calls it once its checks
+    have passed, right before it touches the first slide: a job stopped by a bad option
+    names nothing."""
+    from mediar_ray.io import _identity, atomic_open, safe_url
+
+    known = read_names(output)
+    record = {**known, **{safe_url(_identity(u)): n for u, n in names.items()}}
+    if record != known:
+        with atomic_open(_names_url(output), "w", encoding="utf-8") as f:
+            json.dump({"names": record}, f, indent=1, sort_keys=True)
 
 
 @dataclass(frozen=True)

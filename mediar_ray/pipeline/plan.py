@@ -23,7 +23,8 @@ from mediar_ray.pipeline.stages import (SlidePlan, create_arrays, measure_tiles,
 from mediar_ray.pipeline.tasks import fan_out
 from mediar_ray.sources import open_slide
 
-__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan"]
+__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan",
+           "remove_slide_outputs"]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -61,6 +62,18 @@ def _remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _upgraded(fp: dict | None) -> dict | None:
+    """A fingerprint recorded by an earlier version, its options named as today's
+    (:meth:`.options.SlideOptions.upgrade_result_options`), so that a rename or a new
+    option at its default does not make every finished slide look stale."""
+    if not fp or not isinstance(fp.get("options"), dict):
+        return fp
+    options = SlideOptions.upgrade_result_options(fp["options"])
+    if "mpp" in fp["options"]:
+        options["mpp"] = fp["options"]["mpp"]  # the slide's own override, not the flag
+    return {**fp, "options": options}
+
+
 def read_plan(layout: SlideLayout) -> SlidePlan | None:
     """The plan in a slide's scratch, or None if there is none or it cannot be read
     (an interrupted write, or an earlier version's format)."""
@@ -87,14 +100,15 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
     old = read_plan(layout)
     discarded = None
     if old is not None:
-        diff = differences(old.fingerprint, fingerprint) if fingerprint else []
+        diff = differences(_upgraded(old.fingerprint), fingerprint) if fingerprint else []
         if not diff:
             return _planned(old, opts, reused=True)
         discarded = diff
         log.info("%s: discarding unfinished state from another run (%s differ)", name,
                  ", ".join(diff))
-    if _exists(layout.root):  # unfinished, from another run or from before its plan
-        _remove(layout.root)
+    # Unfinished, from another run or from before its plan: nothing of an earlier run
+    # (its table rows, its GeoJSON) may outlive it beside the new one.
+    remove_slide_outputs(output, name)
     plan = _new_plan(url, layout, opts, fingerprint, mpp)
     return _planned(plan, opts, discarded=discarded)
 
@@ -108,13 +122,15 @@ def _planned(plan: SlidePlan, opts: SlideOptions, reused: bool = False,
 
 def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,
               mpp: float | None) -> SlidePlan:
-    from mediar_ray.scale import choose_level, processing_shape, slide_mpp
+    from mediar_ray.scale import check_processing_size, choose_level, processing_shape, slide_mpp
 
     with open_slide(url, opts.reader) as source:
         mpp0 = slide_mpp(source, url, mpp)
         level, scale = choose_level(source.levels, mpp0, opts.target_mpp, slide=url)
         lv = source.levels[level]
         shape = processing_shape(lv.shape, scale)
+        check_processing_size(source.levels[0], shape, target_mpp=opts.target_mpp, mpp0=mpp0,
+                              slide=url)
         tile = min(opts.tile, max(shape))  # a small image is one chunk of its own size
         plan = SlidePlan(url, layout, shape, source.channels,
                          str(source.dtype), tile, opts.halo, roi_size=opts.roi_size,
@@ -181,7 +197,9 @@ def store_tissue(plan: SlidePlan, mask: np.ndarray | None) -> bool:
 
 
 def read_marker(layout: SlideLayout) -> dict | None:
-    """The completion marker of a slide's output, or None if it is not complete."""
+    """The completion marker of a slide's output, or None if the slide is not complete:
+    no marker, or one that is empty or unreadable (a write cut short by an earlier
+    version, a disk that filled up): such a slide is redone, never skipped."""
     try:
         with fsspec.open(layout.marker, "r") as f:
             text = f.read()
@@ -190,8 +208,25 @@ def read_marker(layout: SlideLayout) -> dict | None:
     try:
         marker = json.loads(text)
     except ValueError:
-        marker = {}
-    return marker if isinstance(marker, dict) else {}
+        log.warning("%s: its completion marker is empty or unreadable: redone", layout.stem)
+        return None
+    return marker if isinstance(marker, dict) and marker.get("complete") else None
+
+
+def remove_slide_outputs(output: str, name: str) -> list[str]:
+    """Remove every artefact of slide ``name``'s earlier runs under ``output``: its
+    ``<name>.zarr`` (labels, level-0 labels, tissue mask, scratch), its partition of the
+    cell table and its GeoJSON. Returns the URLs removed."""
+    from mediar_ray.cells.table import partition_url
+
+    root = output.rstrip("/")
+    removed = []
+    for url in (SlideLayout(output, name).root, partition_url(output, name),
+                f"{root}/{name}.geojson.gz"):
+        if _exists(url):
+            _remove(url)
+            removed.append(url)
+    return removed
 
 
 def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
@@ -214,12 +249,12 @@ def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
     marker = read_marker(layout)
     if marker is not None and opts.overwrite:
         log.info("%s: complete, redone (--overwrite)", name)
-        _remove(layout.root)
+        remove_slide_outputs(output, name)
     elif marker is not None and "fingerprint" not in marker:
         return {"kind": "skip", "note": "complete from an earlier version that did not "
                 "record its inputs and options; --overwrite redoes it"}
     elif marker is not None:
-        diff = differences(marker["fingerprint"], fp)
+        diff = differences(_upgraded(marker["fingerprint"]), fp)
         if not diff:
             return {"kind": "skip"}
         return {"kind": "stale", "reason": (

@@ -28,31 +28,46 @@ def _modified(info: dict[str, Any]) -> str:
     return ""
 
 
+def _folder_digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """Total size and a hash of a folder slide's every file: its path inside the folder,
+    size and modification stamp (mtime or ETag), and the content of its metadata files
+    (array shapes, chunking, dtypes, scales). Pixels rewritten in place change a chunk's
+    stamp (and mostly its size), so the slide is never taken as unchanged."""
+    digest = hashlib.sha256()
+    files = fs.find(path, detail=True, withdirs=False)
+    size = 0
+    prefix = path.rstrip("/") + "/"
+    for name in sorted(files):
+        info = files[name]
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        size += int(info.get("size") or 0)
+        digest.update(f"{rel}\t{info.get('size')}\t{_modified(info)}\n".encode())
+        if rel.rsplit("/", 1)[-1] in _FOLDER_METADATA:
+            with fs.open(name, "rb") as f:
+                digest.update(f.read(HEAD_BYTES))
+    return size, digest.hexdigest()
+
+
 def input_identity(url: str) -> dict[str, Any]:
     """Size, modification stamp (mtime or ETag) and a hash of the start of ``url``.
 
-    For a folder slide (OME-Zarr, DICOM WSI) the size is the sum over its top-level
-    entries and the hash covers their names and sizes and its metadata files.
+    For a folder slide (OME-Zarr, DICOM WSI) the size is the sum over all its files and
+    the hash covers every file's relative path, size and modification stamp and the
+    content of its metadata files (:func:`_folder_digest`).
     """
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)  # another process may have rewritten it since the last look
     info = fs.info(path)
-    digest = hashlib.sha256()
     if info.get("type") == "directory":
-        entries = sorted(fs.ls(path, detail=True), key=lambda e: e["name"])
-        size = 0
-        for entry in entries:
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            size += int(entry.get("size") or 0)
-            digest.update(f"{name}\t{entry.get('size')}\n".encode())
-            if name in _FOLDER_METADATA and entry.get("type") == "file":
-                with fs.open(entry["name"], "rb") as f:
-                    digest.update(f.read(HEAD_BYTES))
+        size, head = _folder_digest(fs, path)
     else:
         size = int(info.get("size") or 0)
+        digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
             digest.update(f.read(HEAD_BYTES))
+        head = digest.hexdigest()
     return {"url": safe_url(url), "size": size, "modified": _modified(info),
-            "head_sha256": digest.hexdigest()}
+            "head_sha256": head}
 
 
 def fingerprint(identity: dict[str, Any], options: dict[str, Any],

@@ -12,6 +12,7 @@ logged and reported in ``OUTPUT/run_summary.json``; the others finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,11 +21,12 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mediar_ray.io import output_names
+from mediar_ray.io import redact, safe_url, url_secrets
 from mediar_ray.pipeline.cluster import check_resources, ensure_ray
 from mediar_ray.pipeline.engine import ArchiveRun
-from mediar_ray.io import safe_url
-from mediar_ray.pipeline.options import SlideOptions
+from mediar_ray.pipeline.layout import record_output_names, stable_output_names
+from mediar_ray.pipeline.lease import Leases
+from mediar_ray.pipeline.options import OptionError, SlideOptions
 from mediar_ray.pipeline.plan import plan_slide
 from mediar_ray.pipeline.provenance import fingerprint, input_identity
 from mediar_ray.pipeline.report import write_report
@@ -52,11 +54,11 @@ def check_output_root(output: str) -> None:
         ) from None
 
 
-def check_weights(opts: SlideOptions) -> list[str]:
-    """The SHA-256 hashes of the checkpoints (part of every slide's fingerprint), after
-    resolving ``opts.weights`` (none: the bundled model) and ``opts.roi_size`` (None: the
-    weights' own window size); raises
-    a :class:`~mediar_ray.weights.CheckpointError` naming a file that cannot be read.
+def check_weights(opts: SlideOptions) -> tuple[SlideOptions, list[str]]:
+    """``opts`` with the weights resolved (none: the bundled model) and ``roi_size`` set
+    (None: the weights' own window size), and the SHA-256 hashes of the checkpoints
+    (part of every slide's fingerprint); raises a
+    :class:`~mediar_ray.weights.CheckpointError` naming a file that cannot be read.
 
     Whether they fit the model (strict keys and shapes) is checked by the model actors
     as they load them, before any slide is planned (:class:`.engine.ArchiveRun`): the
@@ -64,9 +66,10 @@ def check_weights(opts: SlideOptions) -> list[str]:
     """
     from mediar_ray.weights import checkpoint_sha256, resolve_weights, window_size
 
-    opts.weights = resolve_weights(opts.weights)
-    opts.roi_size = opts.roi_size or window_size(opts.weights)
-    return [checkpoint_sha256(w) for w in opts.weights]
+    weights = resolve_weights(opts.weights)
+    opts = dataclasses.replace(opts, weights=weights,
+                               roi_size=opts.roi_size or window_size(weights))
+    return opts, [checkpoint_sha256(w) for w in weights]
 
 
 def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str],
@@ -78,20 +81,56 @@ def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str],
 
 
 def pixel_size_overrides(urls: list[str], opts: SlideOptions) -> dict[str, float | None]:
-    """Each slide's pixel-size override: ``--mpp`` for all, else its ``--mpp-csv`` row."""
-    from mediar_ray.scale import load_mpp_table, lookup_mpp
+    """Each slide's pixel-size override: ``--mpp`` for all, else its ``--mpp-csv`` row.
+
+    Raises :class:`OptionError` when two rows of the table match one slide with
+    different pixel sizes; rows that match no input are listed in a warning.
+    """
+    from mediar_ray.scale import load_mpp_table, match_mpp_rows
 
     if opts.mpp is not None or not opts.mpp_csv:
         return {url: opts.mpp for url in urls}
     table = load_mpp_table(opts.mpp_csv)
-    return {url: lookup_mpp(table, url) for url in urls}
+    try:
+        found, unmatched = match_mpp_rows(table, urls)
+    except ValueError as err:
+        raise OptionError(f"--mpp-csv {safe_url(opts.mpp_csv)}: {err}") from None
+    if unmatched:
+        log.warning("--mpp-csv %s: %d row(s) match no input and are not used: %s",
+                    safe_url(opts.mpp_csv), len(unmatched), ", ".join(unmatched))
+    return found
+
+
+def check_tissue_masks(names: list[str], opts: SlideOptions) -> None:
+    """``--tissue MASK_URL``: every slide's mask exists (``{name}``: each slide's own)."""
+    if opts.tissue in ("auto", "off"):
+        return
+    urls = dict.fromkeys(opts.tissue.replace("{name}", n) for n in names)
+    missing = []
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            missing.append(safe_url(url))
+    if missing:
+        raise OptionError(
+            f"--tissue: {len(missing)} mask(s) not found: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; give an existing mask image "
+            "({name} stands for each slide's output name), or --tissue auto")
 
 
 def find_inputs(inputs: list[str]) -> list[str]:
     """Slide URLs of files, folders and globs (:func:`mediar_ray.sources.discover.find_slides`)."""
+    from mediar_ray.errors import UserError
+    from mediar_ray.io import InputError, describe_error
     from mediar_ray.sources.discover import find_slides
 
-    return find_slides(inputs)
+    try:
+        return find_slides(inputs)
+    except (UserError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as err:  # an object store's own error (bad bucket, no access)
+        raise InputError(f"cannot list the inputs {', '.join(map(safe_url, inputs))} "
+                         f"({describe_error(err)})") from None
 
 
 def own_outputs(urls: list[str], output: str) -> list[str]:
@@ -109,9 +148,32 @@ def own_outputs(urls: list[str], output: str) -> list[str]:
     return own
 
 
-def _write_json(url: str, obj: dict) -> None:
-    with fsspec.open(url, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+def write_summary(output: str, report: dict[str, Any]) -> bool:
+    """Write ``OUTPUT/run_summary.json`` (atomically); on failure log one line saying
+    why and return False (the slides' own outputs are written already)."""
+    from mediar_ray.io import atomic_open, describe_error
+
+    url = f"{output.rstrip('/')}/run_summary.json"
+    try:
+        with atomic_open(url, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=str)
+    except Exception as err:  # noqa: BLE001 - reported, the job's results stand
+        log.error("cannot write the run summary %s (%s); the slides' outputs are in place",
+                  safe_url(url), describe_error(err))
+        return False
+    return True
+
+
+class _Redact(logging.Filter):
+    """Blank the job's URL credentials in every line its log shows."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), *self.secrets), None
+        return True
 
 
 def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, Any]:
@@ -122,35 +184,53 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
     ------
     OptionError, ResourceError, PermissionError, FileNotFoundError, CheckpointError
         Before any slide is touched: bad options, resources the cluster cannot provide,
-        an unwritable output root, no inputs, unreadable weights.
+        an unwritable output root, no inputs, unreadable weights. The checks that need
+        no cluster run before Ray starts.
     """
+    secrets = url_secrets([*inputs, output, opts.mpp_csv or "", opts.tissue, *opts.weights])
+    redacting = _Redact(secrets)
+    log.addFilter(redacting)
+    try:
+        return _run_slides(inputs, output, opts.validate(), secrets)
+    finally:
+        log.removeFilter(redacting)
+
+
+def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
+                secrets: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
-    opts.validate()
-    ensure_ray(dashboard=False)
     check_output_root(output)
-    wait = check_resources(opts)
-    hashes = check_weights(opts)
     urls = find_inputs(inputs)
     ignored = own_outputs(urls, output)
     for url in ignored:
         log.info("%s: an output of this job, not an input: ignored", safe_url(url))
     urls = [u for u in urls if u not in ignored]
-    names = output_names(urls)
+    names = stable_output_names(urls, output)
     mpps = pixel_size_overrides(urls, opts)
+    check_tissue_masks([names[u] for u in urls], opts)
+    ensure_ray(dashboard=False)
+    wait = check_resources(opts)
+    opts, hashes = check_weights(opts)
+    record_output_names(names, output)  # every check passed: the slides get these names
     slides = [(url, names[url], mpps[url]) for url in urls]
     run = ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
+    run.leases = Leases(output)
+    stop_leases = run.leases.keep_alive(lambda: list(run.active))
     try:
         report = run.run()
     except RuntimeError as err:  # the pool itself is lost: report every slide not ended
         report = run.report
         for url, name, _ in slides:
-            if not any(name in report[k] for k in ("done", "skipped", "failed")):
+            if not any(name in report[k] for k in ("done", "skipped", "failed", "elsewhere")):
                 report["failed"][name] = str(err)
+    finally:
+        stop_leases()
+    report["failed"] = {k: redact(v, *secrets) for k, v in report["failed"].items()}
     report["inputs"] = {name: safe_url(url) for url, name, _ in slides}
     report["ignored"] = [safe_url(u) for u in ignored]
     report["output"] = safe_url(output)
     report["wall_s"] = round(time.perf_counter() - started, 3)
-    _write_json(f"{output.rstrip('/')}/run_summary.json", report)
+    report["summary_written"] = write_summary(output, report)
     try:
         log.info("run report: %s", safe_url(write_report(output)))
     except Exception as err:  # noqa: BLE001 - the report never costs the job its result

@@ -137,15 +137,9 @@ def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]
     from mediar_ray.pipeline import SlideOptions, run_slides
     from mediar_ray.segment import resolve_weights
 
-    extra: dict[str, Any] = {}
-    if "precision" in {f.name for f in dataclasses.fields(SlideOptions)}:
-        extra["precision"] = req.precision
-    elif req.precision not in ("auto", "float32"):
-        raise UserError(f"precision {req.precision!r}: the slide job of this mediar_ray "
-                        "runs the network in float32 only; choose auto or float32")
     opts = SlideOptions(weights=resolve_weights(req.weights or None), tta=req.tta,
-                        roi_size=req.roi_size, tile=req.tile, tissue="off",
-                        device=req.device, **extra)
+                        roi_size=req.roi_size, tile_size=req.tile, tissue="off",
+                        device=req.device, precision=req.precision)
     with tempfile.TemporaryDirectory(prefix="mediar_napari_") as tmp:
         yield Progress(1, 4, "writing the layer as a tiled TIFF")
         path = f"{tmp}/layer.tif"
