@@ -67,6 +67,9 @@ class SlideOptions:
     labels_level0: bool = False
     cells: bool = True
     geojson: bool = False
+    # Added minimally by issue 42 (the network forward); issue 39 owns the flags.
+    precision: str = "auto"
+    batch_size: int = 0
 
     def validate(self) -> "SlideOptions":
         """Raise :class:`OptionError` for the first option out of range; else ``self``."""

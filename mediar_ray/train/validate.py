@@ -16,7 +16,8 @@ __all__ = ["validate"]
 
 def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequence[Any],
              max_images: int = 0, roi_size: int | None = None, tta: bool = False,
-             per_image: list | None = None) -> dict[str, float]:
+             per_image: list | None = None, *, precision: str = "auto",
+             sw_batch_size: int | None = None) -> dict[str, float]:
     """Segment held-out images as ``mediar-ray segment`` would and score them.
 
     Parameters
@@ -33,6 +34,8 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
         Test-time augmentation (flips), as ``mediar-ray segment`` does by default.
     per_image : list, optional
         Gets one (image URL, source, F1, true cells, predicted cells) tuple per image.
+    precision, sw_batch_size
+        Of the network forward, as :func:`mediar_ray.segment.segment_image`.
 
     Returns
     -------
@@ -50,7 +53,8 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
     try:
         for pair in chosen:
             labels = segment_image(read_image(pair.image), models, tta=tta,
-                                   roi_size=roi_size, device=device).labels
+                                   roi_size=roi_size, device=device, precision=precision,
+                                   sw_batch_size=sw_batch_size).labels
             score = cellseg_f1(read_image(pair.label), labels)
             scores.setdefault(pair.source, []).append(score.f1)
             if per_image is not None:
