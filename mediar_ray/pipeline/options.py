@@ -12,7 +12,7 @@ __all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
 #: reused only when all of them (and the input and the weights) are unchanged.
 RESULT_OPTIONS = ("tta", "roi_size", "tile", "halo", "reader", "model_config", "flow_params",
                   "target_mpp", "mpp", "tissue", "copy_image", "labels_level0", "cells",
-                  "geojson")
+                  "geojson", "precision")
 
 
 class OptionError(UserError):
