@@ -43,7 +43,16 @@ def test_ray_task_uses_its_assigned_cpus(local_ray, data_dir):
     import ray
 
     raw = _raw(data_dir)
-    track = ray.remote(_track)
+
+    def tracked(raw):  # defined here: Ray ships it by value (the test module is not importable)
+        import numba
+
+        from mediar_ray.dynamics import flows_to_labels
+
+        labels = flows_to_labels(raw)
+        return numba.get_num_threads(), labels
+
+    track = ray.remote(tracked)
     quarter = track.options(num_cpus=0.25).remote(raw)
     both = track.options(num_cpus=2).remote(raw)
     (n_quarter, labels_quarter), (n_both, labels_both) = ray.get([quarter, both])

@@ -4,8 +4,6 @@ out-of-memory error or fault does to a forward and to a model actor."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -50,13 +48,13 @@ def test_fp16_on_a_cpu_and_unknown_precisions_are_user_errors():
         resolve_precision("fp64", "cpu")
 
 
-def test_segment_refuses_fp16_on_a_cpu_with_exit_2(data_dir, tmp_path):
+def test_segment_refuses_fp16_on_a_cpu_with_exit_2(data_dir, tmp_path, caplog):
+    from mediar_ray.cli import main
+
     image = sorted((data_dir / "dsb2018/images").glob("*.png"))[0]
-    run = subprocess.run([sys.executable, "-m", "mediar_ray.cli", "segment", str(image),
-                          "--output", str(tmp_path), "--device", "cpu", "--precision", "fp16"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2, run.stderr
-    assert "--precision fp16" in run.stderr and "Traceback" not in run.stderr
+    code = main(["segment", str(image), "--output", str(tmp_path), "--device", "cpu",
+                 "--precision", "fp16"])
+    assert code == 2 and "--precision fp16" in caplog.text
     assert not list(tmp_path.glob("*_label.tiff"))
 
 
@@ -91,8 +89,10 @@ def test_bf16_error_against_the_original_fixtures(ref_dir, reference_models, nam
     The fixture models have random weights (outputs near zero, so the relative error is
     large; trained weights agree far better, see the label test below): bound 0.1."""
     image = normalize(read_image(str(ref_dir / f"{name}.tif")))
-    for kind, models, tta in [("single", reference_models[:1], False),
-                              ("ensemble_tta", reference_models, True)]:
+    cases = [("single", reference_models[:1], False)]
+    if name == "tissue_rgb_uint8":  # the small image: the ensemble with TTA too
+        cases.append(("ensemble_tta", reference_models, True))
+    for kind, models, tta in cases:
         out = predict_raw(image, models, tta=tta, precision="bf16")
         error = rel_l2(out, np.load(ref_dir / f"{name}.{kind}.npy"))
         print(f"{name} {kind}: bf16 relative L2 error against the original {error:.2e}")
@@ -140,13 +140,13 @@ class _OomAbove(torch.nn.Module):
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_result(reference_models, data_dir):
     image = normalize(read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))
-                      [:300, :400])
+                      [:160, :200])
     model = reference_models[0]
     with exact_fp32():
-        ref = predict_raw(image, [model], tta=False, roi_size=128, sw_batch_size=1,
+        ref = predict_raw(image, [model], tta=False, roi_size=64, sw_batch_size=1,
                           precision="fp32")
         small = _OomAbove(model, limit=2)
-        out = predict_raw(image, [small], tta=False, roi_size=128, sw_batch_size=8,
+        out = predict_raw(image, [small], tta=False, roi_size=64, sw_batch_size=8,
                           precision="fp32")
     assert 8 in small.sizes and max(s for s in small.sizes if s <= 2) == 2
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
@@ -159,15 +159,15 @@ def test_actor_retries_a_tile_with_smaller_batches(reference_models, data_dir):
     fails like a GPU out of memory outside the forward (e.g. the tile's canvas) above
     2 windows per forward."""
     image = normalize(read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))
-                      [:200, :260])
+                      [:160, :200])
     tried = []
 
     def step(batch: int) -> np.ndarray:
         tried.append(batch)
         if batch > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (200, 260),
-                               (0, 128, 0, 128), reference_models[:1], tta=False, roi_size=64,
+        return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (160, 200),
+                               (0, 96, 0, 96), reference_models[:1], tta=False, roi_size=64,
                                sw_batch_size=batch, precision="fp32")
 
     died = []
