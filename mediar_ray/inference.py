@@ -25,7 +25,6 @@ windows that ran reach keep exactly the sums they had without it.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
+from mediar_ray.precision import (autocast, default_batch_size, free_device_cache, is_oom,
+                                  resolve_precision)
 from mediar_ray.weights import DEFAULT_ROI_SIZE, common_window
 from mediar_ray.windows import frames as tta_frames
 from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_extent,
@@ -41,6 +42,7 @@ from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_e
 __all__ = [
     "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "models_window", "predict_raw",
     "predict_region", "predict_partial", "partial_extent", "window_starts", "resolve_device",
+    "forward_windows",
 ]
 
 #: read(y0, y1, x0, x1) -> (3, y1 - y0, x1 - x0) float32, normalised pixels of the image.
@@ -58,11 +60,12 @@ def _overlapping(starts: list[int], roi: int, lo: int, hi: int) -> list[int]:
     return [s for s in starts if s < hi and s + roi > lo]
 
 
-def _importance(roi: int) -> torch.Tensor:
-    """(roi, roi) float32 Gaussian importance map (MONAI's, sigma = 0.125 x roi)."""
+def _importance(roi: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(roi, roi) float32 Gaussian importance map (MONAI's, sigma = 0.125 x roi), on
+    ``device``."""
     return compute_importance_map(
         (roi, roi), mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32
-    )
+    ).to(device)
 
 
 def _add_window(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> None:
@@ -86,9 +89,9 @@ def _coverage(
     ``ys``/``xs`` are window starts, ``origin`` the canvas's top-left in the same
     coordinates, ``shape`` its (h, w). Windows are added in C order (MONAI's), so each
     pixel's value does not depend on which other windows are listed. Returns (h, w)
-    float32.
+    float32 on ``weight``'s device.
     """
-    count = torch.zeros(shape, dtype=torch.float32)
+    count = torch.zeros(shape, dtype=torch.float32, device=weight.device)
     for y in ys:
         for x in xs:
             _add_window(count, weight, y - origin[0], x - origin[1])
@@ -122,6 +125,15 @@ def _flipped_reader(read: Reader, shape: tuple[int, int], fy: bool, fx: bool) ->
     return read_flipped
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float32 array as a tensor on ``device``: on CUDA through pinned memory with a
+    non-blocking copy (the host goes on preparing while the copy runs)."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _windowed(
     read: Reader,
     shape: tuple[int, int],
@@ -131,12 +143,14 @@ def _windowed(
     overlap: float,
     sw_batch_size: int,
     device: torch.device,
-    amp: bool,
+    precision: str,
 ) -> np.ndarray:
     """Sliding-window prediction of ``region``, summed over ``models``.
 
-    Returns (3, ry1 - ry0, rx1 - rx0) float32: for each model, the Gaussian-weighted
-    average of the windows covering each pixel, summed over the models.
+    The canvas, the weights and the sums live on ``device`` in float32: one copy there
+    per region and one back. Returns (3, ry1 - ry0, rx1 - rx0) float32: for each model,
+    the Gaussian-weighted average of the windows covering each pixel, summed over the
+    models.
     """
     h, w = shape
     ry0, ry1, rx0, rx1 = region
@@ -152,48 +166,89 @@ def _windowed(
     canvas[:, iy0 + py - ey0 : iy1 + py - ey0, ix0 + px - ex0 : ix1 + px - ex0] = read(
         iy0, iy1, ix0, ix1
     )
-    image = torch.from_numpy(canvas)
-    weight = _importance(roi)
-    total = torch.zeros((3,) + canvas.shape[1:], dtype=torch.float32)
+    image = _to_device(canvas, device)
+    weight = _importance(roi, device)
+    total = torch.zeros((3,) + canvas.shape[1:], dtype=torch.float32, device=device)
     count = _coverage(ys, xs, weight, (ey0, ex0), canvas.shape[1:])
     starts = [(y, x) for y in ys for x in xs]  # C order, as MONAI iterates
     for model in models:
         out = torch.zeros_like(total)
         for batch in _batches(starts, sw_batch_size):
-            pred = _forward(model, _crops(image, batch, (ey0, ex0), roi), device, amp)
+            pred = _forward(model, _crops(image, batch, (ey0, ex0), roi), device, precision)
             for (y, x), p in zip(batch, pred):
                 _add_window(out, weight * p, y - ey0, x - ex0)
         total += out / count.clamp_min(torch.finfo(torch.float32).tiny)
     oy, ox = ry0 + py - ey0, rx0 + px - ex0
-    return total[:, oy : oy + ry1 - ry0, ox : ox + rx1 - rx0].numpy()
+    return total[:, oy : oy + ry1 - ry0, ox : ox + rx1 - rx0].cpu().numpy()
+
+
+def forward_windows(
+    forward: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor
+) -> torch.Tensor:
+    """``forward(crops)``; on a device out-of-memory error, the device cache freed and
+    the batch run as two halves (recursively, down to one window, which re-raises).
+
+    Parameters
+    ----------
+    forward : callable
+        (N, C, r, r) -> (N, C', r, r), e.g. a network forward on the device.
+    crops : Tensor, (N, C, r, r)
+        The batch.
+
+    Returns
+    -------
+    Tensor, (N, C', r, r)
+        The outputs, in the order of ``crops``.
+    """
+    try:
+        return forward(crops)
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_oom(err) or crops.shape[0] <= 1:
+            raise
+    free_device_cache()  # outside the handler: the traceback no longer pins tensors
+    half = (crops.shape[0] + 1) // 2
+    return torch.cat([forward_windows(forward, crops[:half]),
+                      forward_windows(forward, crops[half:])])
 
 
 def _forward(
-    model: torch.nn.Module, crops: torch.Tensor, device: torch.device, amp: bool
+    model: torch.nn.Module, crops: torch.Tensor, device: torch.device, precision: str
 ) -> torch.Tensor:
-    """Model outputs for a batch of windows, float32 on the CPU."""
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16)
-        if amp and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    """Model outputs for a batch of windows, float32 on ``device``.
+
+    ``precision`` is resolved ("fp32", "bf16", "fp16"): only the forward runs in it; the
+    output is cast to float32 at once, so the blending after it is float32.
+    """
     # Channels-last activations: oneDNN's fast convolution layout on CPUs (a 512-px window
     # of the bundled model 1.23x faster on one thread, 1.27x on two: bench/forward_layout.py)
     # and the tensor-core layout on GPUs; :func:`_prepare_models` puts the weights in it.
-    crops = crops.to(device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast:
-        return model(crops).float().cpu()
+    crops = crops.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision, device):
+            return model(batch).float()
+
+    return forward_windows(run, crops)
 
 
 def _prepare_models(
-    models: Sequence[torch.nn.Module] | torch.nn.Module, device: str | torch.device | None
-) -> tuple[list[torch.nn.Module], torch.device]:
-    """The models as a non-empty list, in eval mode on the resolved device."""
+    models: Sequence[torch.nn.Module] | torch.nn.Module, device: str | torch.device | None,
+    precision: str = "auto", sw_batch_size: int | None = None,
+) -> tuple[list[torch.nn.Module], torch.device, str, int]:
+    """The models as a non-empty list, in eval mode on the resolved device; the resolved
+    precision (:func:`mediar_ray.precision.resolve_precision`) and batch size (the
+    device's default when None)."""
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     if not models:
         raise ValueError("inference needs at least one model")
     dev = resolve_device(device)
-    return [m.to(dev, memory_format=torch.channels_last).eval() for m in models], dev
+    prec = resolve_precision(precision, dev)
+    if sw_batch_size is not None and sw_batch_size < 0:
+        raise ValueError(f"sw_batch_size must be at least 1 (0: the device's default), "
+                         f"got {sw_batch_size}")
+    batch = sw_batch_size or default_batch_size(dev)
+    return ([m.to(dev, memory_format=torch.channels_last).eval() for m in models], dev,
+            prec, batch)
 
 
 def _check_region(
@@ -220,9 +275,10 @@ def predict_region(
     tta: bool = True,
     roi_size: int = 512,
     overlap: float = 0.6,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     device: str | torch.device | None = None,
-    amp: bool = False,
+    *,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Predict (dy, dx, cell logit) on a region of an image, as whole-image inference would.
 
@@ -241,19 +297,25 @@ def predict_region(
         MEDIARFormer-like networks, (N, 3, roi, roi) -> (N, 3, roi, roi); averaged.
     tta : bool
         Average identity, horizontal and vertical flips (flow signs corrected).
-    roi_size, overlap, sw_batch_size
-        Sliding-window parameters (MEDIAR: 512, 0.6, 4).
+    roi_size, overlap
+        Sliding-window parameters (MEDIAR: 512, 0.6).
+    sw_batch_size : int, optional
+        Windows per forward; None or 0: the device's default
+        (:func:`mediar_ray.precision.default_batch_size`: 4 on CPUs, 32 on CUDA). A device
+        out-of-memory error halves a batch (:func:`forward_windows`).
     device : str, torch.device or None
         Where the networks run; None picks CUDA when available. Models are moved there.
-    amp : bool
-        float16 autocast on CUDA (ignored on CPU).
+    precision : str
+        "fp32", "bf16", "fp16" or "auto" (:func:`mediar_ray.precision.resolve_precision`):
+        the network forward runs in it, the rest in float32. On CUDA, fp32 uses TF32
+        tensor cores except inside :func:`mediar_ray.precision.exact_fp32`.
 
     Returns
     -------
     ndarray, (3, y1 - y0, x1 - x0) float32
         dy, dx (flows x 5, pixels) and the cell logit.
     """
-    models, dev = _prepare_models(models, device)
+    models, dev, prec, batch = _prepare_models(models, device, precision, sw_batch_size)
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     result = np.zeros((3, y1 - y0, x1 - x0), dtype=np.float32)
     for fy, fx in tta_frames(tta):
@@ -262,7 +324,7 @@ def predict_region(
         fregion = fregion[:2] + ((w - x1, w - x0) if fx else fregion[2:])
         pred = _windowed(
             _flipped_reader(read, (h, w), fy, fx), (h, w), fregion, models,
-            roi_size, overlap, sw_batch_size, dev, amp,
+            roi_size, overlap, batch, dev, prec,
         )
         axes = [a for a, f in ((1, fy), (2, fx)) if f]
         pred = np.flip(pred, axis=axes) if axes else pred
@@ -323,11 +385,12 @@ def predict_partial(
     tta: bool = True,
     roi_size: int = 512,
     overlap: float = 0.6,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     device: str | torch.device | None = None,
-    amp: bool = False,
     skip: SkipWindow | None = None,
     return_counts: bool = False,
+    *,
+    precision: str = "auto",
 ) -> np.ndarray | tuple[np.ndarray, WindowCounts]:
     """A region's share of whole-image inference: the windows it owns, each run once.
 
@@ -356,8 +419,9 @@ def predict_partial(
         As :func:`predict_region`; called once, with the image part of the owned windows
         that run (within :func:`partial_extent` of the region), and not at all when none
         runs.
-    image_shape, region, models, tta, roi_size, overlap, sw_batch_size, device, amp
-        As :func:`predict_region`.
+    image_shape, region, models, tta, roi_size, overlap, sw_batch_size, device, precision
+        As :func:`predict_region`. The canvas, weights and sums stay on ``device``
+        (float32); one copy there and one back per call.
     skip : callable, optional
         ``skip(y0, y1, x0, x1) -> bool``, asked once per owned window of every frame with
         the image pixels the window covers (half-open, image coordinates, clipped to the
@@ -373,7 +437,8 @@ def predict_partial(
     counts : WindowCounts
         Only with ``return_counts``.
     """
-    models, dev = _prepare_models(models, device)
+    models, dev, prec, sw_batch_size = _prepare_models(models, device, precision,
+                                                        sw_batch_size)
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     roi = roi_size
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
@@ -386,17 +451,16 @@ def predict_partial(
         kept += k
     ran = [s for f in frames for batch in f[4] for s in batch]
     counts = WindowCounts(len(ran), sum(len(f[5]) for f in frames), kept)
-    result = torch.zeros((3, ey1 - ey0, ex1 - ex0), dtype=torch.float32)
+    result = torch.zeros((3, ey1 - ey0, ex1 - ex0), dtype=torch.float32, device=dev)
     if ran:  # one read: the image part of every window that runs, zero-padded like MONAI
         cy0, cy1 = min(y for y, _ in ran), max(y for y, _ in ran) + roi
         cx0, cx1 = min(x for _, x in ran), max(x for _, x in ran) + roi
         iy0, iy1, ix0, ix1 = max(cy0, 0), min(cy1, h), max(cx0, 0), min(cx1, w)
-        canvas = torch.zeros((3, cy1 - cy0, cx1 - cx0), dtype=torch.float32)
-        canvas[:, iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0] = torch.from_numpy(
-            np.ascontiguousarray(read(iy0, iy1, ix0, ix1), dtype=np.float32)
-        )
-    weight = _importance(roi)
-    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
+        canvas = np.zeros((3, cy1 - cy0, cx1 - cx0), dtype=np.float32)
+        canvas[:, iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0] = read(iy0, iy1, ix0, ix1)
+        canvas = _to_device(canvas, dev)
+    weight = _importance(roi, dev)
+    background = torch.tensor(BACKGROUND, dtype=torch.float32, device=dev)[:, None, None]
     for fy, fx, ys_all, xs_all, run, skipped in frames:
         if not run and not skipped:
             continue
@@ -412,14 +476,14 @@ def predict_partial(
         glass = flip(weight) * background
         for model in models:
             for batch in run:
-                pred = _forward(model, flip(_crops(canvas, batch, (cy0, cx0), roi)), dev, amp)
+                pred = _forward(model, flip(_crops(canvas, batch, (cy0, cx0), roi)), dev, prec)
                 for (y, x), p in zip(batch, pred):
                     _add_window(acc, flip(weight * p), y - ey0, x - ex0)
             for y, x in skipped:  # after the windows that ran: their pixels' sums unchanged
                 _add_window(acc, glass, y - ey0, x - ex0)
-        sign = torch.from_numpy(_flow_sign(fy, fx))[:, None, None]
+        sign = torch.from_numpy(_flow_sign(fy, fx)).to(dev)[:, None, None]
         result += acc / count.clamp_min(torch.finfo(torch.float32).tiny) * sign
-    partial = (result / np.float32(len(models) * len(frames))).numpy()
+    partial = (result / np.float32(len(models) * len(frames))).cpu().numpy()
     return (partial, counts) if return_counts else partial
 
 
@@ -438,9 +502,10 @@ def predict_raw(
     tta: bool = True,
     roi_size: int | None = None,
     overlap: float = 0.6,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     device: str | torch.device | None = None,
-    amp: bool = False,
+    *,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Whole-image MEDIAR inference.
 
@@ -448,7 +513,7 @@ def predict_raw(
     ----------
     image_chw : ndarray, (3, H, W) float32
         Normalised image (:func:`mediar_ray.preprocess.normalize`).
-    models, tta, overlap, sw_batch_size, device, amp
+    models, tta, overlap, sw_batch_size, device, precision
         As :func:`predict_region`.
     roi_size : int, optional
         As :func:`predict_region`; None: the size the models were trained for
@@ -471,4 +536,4 @@ def predict_raw(
         models = [models]
     return predict_region(read, (h, w), (0, h, 0, w), models, tta,
                           roi_size or models_window(models), overlap, sw_batch_size, device,
-                          amp)
+                          precision=precision)

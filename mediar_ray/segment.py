@@ -81,10 +81,11 @@ def segment_image(
     models: Sequence[torch.nn.Module],
     tta: bool = True,
     device: str | torch.device | None = None,
-    amp: bool = False,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     roi_size: int | None = None,
     postprocess: bool = True,
+    *,
+    precision: str = "auto",
     **flow_params: Any,
 ) -> SegmentResult:
     """Segment one whole image.
@@ -95,19 +96,24 @@ def segment_image(
         As returned by :func:`mediar_ray.io.read_image`.
     models : sequence of MEDIARFormer
         Ensemble; outputs are averaged.
-    tta, device, amp, sw_batch_size
-        See :func:`mediar_ray.inference.predict_raw`.
+    tta, device, sw_batch_size
+        See :func:`mediar_ray.inference.predict_raw` (``sw_batch_size`` None or 0: the
+        device's default, 4 windows on a CPU, 32 on a CUDA GPU).
     roi_size : int, optional
         Sliding-window size (px); None: the one the models were trained for
         (:func:`mediar_ray.inference.models_window`).
     postprocess : bool
         Run flow tracking to labels (else ``labels`` is None).
+    precision : str
+        "auto" (default), "fp32", "bf16" or "fp16": the network forward only
+        (:func:`mediar_ray.precision.resolve_precision`; "auto" is bfloat16 on CPUs with
+        bf16 units and CUDA GPUs from compute capability 8.0).
     **flow_params
         Passed to :func:`mediar_ray.dynamics.flows_to_labels`.
     """
     raw = predict_raw(
-        normalize(image), models, tta=tta, roi_size=roi_size, device=device, amp=amp,
-        sw_batch_size=sw_batch_size,
+        normalize(image), models, tta=tta, roi_size=roi_size, device=device,
+        sw_batch_size=sw_batch_size, precision=precision,
     )
     labels = None
     if postprocess:

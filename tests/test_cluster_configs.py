@@ -3,6 +3,7 @@ manifests name the image, the entry point and their autoscaling settings."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -104,3 +105,72 @@ def test_rayjob_entrypoint_parses_with_its_job(path):
                for g in spec["workerGroupSpecs"])
     assert args.num_workers <= gpus
     assert doc["spec"]["backoffLimit"] >= 1  # a retried job resumes from the checkpoints
+
+
+def _gpu_groups(doc: dict) -> int:
+    """GPUs the manifest's worker groups can grow to."""
+    return sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]
+                                      ["limits"].get("nvidia.com/gpu", 0))
+               for g in _cluster_spec(doc)["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CLUSTER / "kuberay").glob("rayjob-segment*.yaml")), ids=lambda p: p.name
+)
+def test_gpu_slide_job_names_the_released_ensemble(path, ref_dir, monkeypatch):
+    """A GPU RayJob must segment with MEDIAR's released weights, not the bundled demo
+    model: its entry point (with its config file) names both released checkpoints as
+    URLs the workers can read, with the model parameters that build the released
+    architecture (checked against the released state dict's shapes), one GPU per actor."""
+    from mediar_ray.model import build_model
+    from mediar_ray.weights import parse_model_config
+
+    doc = yaml.safe_load(path.read_text())
+    assert _gpu_groups(doc) >= 1, "a slide job manifest here is a GPU job"
+    entry = doc["spec"]["entrypoint"].split()
+    monkeypatch.chdir(CLUSTER.parent)  # the job runs from the working dir: configs/...
+    spec = importlib.util.spec_from_file_location("job_script", CLUSTER.parent / entry[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(entry[2:])
+    assert args.config and (CLUSTER.parent / args.config).is_file()
+    assert args.num_gpus_per_worker == 1 and args.workers <= _gpu_groups(doc)
+    assert [w.rsplit("/", 1)[-1] for w in args.weights] == ["from_phase1.pth",
+                                                            "from_phase2.pth"]
+    assert all(w.split("://", 1)[0] in ("s3", "gs", "https") for w in args.weights)
+    assert not any("your-bucket" in w or "example" in w for w in args.weights)
+    assert args.tta is True
+    params = parse_model_config(args.model_config)
+    expected = json.loads((ref_dir / "mit_b5_state_dict_shapes.json").read_text())
+    built = {k: list(v.shape) for k, v in build_model(**params).state_dict().items()}
+    assert built == expected
+
+
+def test_nodes_install_nothing_and_the_image_pins_torch_and_cuda():
+    """Nodes of different days must run the same software: the launcher runs the built
+    image and installs nothing at node start; the image pins one torch/CUDA pair, checks
+    it at build time and compiles the numba kernels into the image."""
+    import re
+
+    from mediar_ray.dynamics.warm import warm
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    assert config["docker"]["image"].endswith("mediar-ray:0.1.0")
+    commands = [c for key in ("setup_commands", "head_setup_commands",
+                              "worker_setup_commands", "initialization_commands",
+                              "head_start_ray_commands", "worker_start_ray_commands")
+                for c in config.get(key, [])]
+    commands += [c for t in config["available_node_types"].values()
+                 for key in ("worker_setup_commands", "initialization_commands")
+                 for c in t.get(key, [])]
+    assert not any("pip" in c or "conda" in c for c in commands), commands
+    assert "file_mounts" not in config or not config["file_mounts"]
+    docker = (CLUSTER / "Dockerfile").read_text()
+    torch_pin = re.search(r"^ARG TORCH=(\d+\.\d+\.\d+)$", docker, re.M)
+    cuda_pin = re.search(r"^ARG CUDA=(cu\d{3})$", docker, re.M)
+    assert torch_pin and cuda_pin and re.search(r"^ARG TORCHVISION=\d+\.\d+\.\d+$", docker,
+                                                re.M)
+    assert 'whl/${CUDA}' in docker and '"torch==${TORCH}"' in docker
+    assert "torch.version.cuda" in docker  # the build fails on a torch without this CUDA
+    assert "python -m mediar_ray.dynamics.warm" in docker
+    assert warm() == 2  # the build step works: two touching cells found

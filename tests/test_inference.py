@@ -15,9 +15,32 @@ from mediar_ray.inference import (partial_extent, predict_partial, predict_raw, 
 from mediar_ray.io import read_image
 from mediar_ray.model import load_model
 from mediar_ray.pipeline.layout import tile_grid
+from mediar_ray.precision import exact_fp32
 from mediar_ray.preprocess import normalize
 
 FIXTURE_IMAGES = ["phase_gray_uint16", "tissue_rgb_uint8"]
+
+
+# Parity with the original MEDIAR and the exact tiling identities hold in IEEE float32:
+# every call here runs fp32 (the default "auto" is bf16 on CPUs with bf16 units), and the
+# module runs inside exact_fp32() (no TF32 on a GPU, "highest" float32 matmuls).
+def raw32(*args, **kwargs):
+    return predict_raw(*args, precision="fp32", **kwargs)
+
+
+def region32(*args, **kwargs):
+    return predict_region(*args, precision="fp32", **kwargs)
+
+
+def partial32(*args, **kwargs):
+    return predict_partial(*args, precision="fp32", **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _exact_fp32():
+    with exact_fp32():
+        yield
+
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,9 +57,9 @@ def models(ref_dir):
 def test_single_tta_and_ensemble_match_original(ref_dir, models, name):
     image = normalize(read_image(str(ref_dir / f"{name}.tif")))
     cases = {
-        "single": predict_raw(image, models[:1], tta=False),
-        "tta": predict_raw(image, models[:1], tta=True),
-        "ensemble_tta": predict_raw(image, models, tta=True),
+        "single": raw32(image, models[:1], tta=False),
+        "tta": raw32(image, models[:1], tta=True),
+        "ensemble_tta": raw32(image, models, tta=True),
     }
     for kind, out in cases.items():
         ref = np.load(ref_dir / f"{name}.{kind}.npy")
@@ -57,7 +80,7 @@ def test_regions_equal_whole_image_with_tta(models):
     rng = np.random.default_rng(0)
     image = rng.random((3, 700, 900)).astype(np.float32)  # > 1 window each way
     small = [m for m in models[:1]]
-    whole = predict_raw(image, small, tta=True, roi_size=256)
+    whole = raw32(image, small, tta=True, roi_size=256)
     reads = []
 
     def read(y0, y1, x0, x1):
@@ -65,7 +88,7 @@ def test_regions_equal_whole_image_with_tta(models):
         return image[:, y0:y1, x0:x1]
 
     for y0, y1, x0, x1 in [(0, 300, 0, 300), (300, 700, 300, 900), (123, 456, 789, 900)]:
-        part = predict_region(read, (700, 900), (y0, y1, x0, x1), small, tta=True, roi_size=256)
+        part = region32(read, (700, 900), (y0, y1, x0, x1), small, tta=True, roi_size=256)
         np.testing.assert_allclose(part, whole[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
     # A region reads at most one window of context around itself, never the whole image.
     assert max(reads) < 700 * 900
@@ -73,7 +96,7 @@ def test_regions_equal_whole_image_with_tta(models):
 
 def test_bad_input_shape_is_refused(models):
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
-        predict_raw(np.zeros((64, 64), np.float32), models[:1])
+        raw32(np.zeros((64, 64), np.float32), models[:1])
 
 
 def _forward_counter(monkeypatch) -> list[int]:
@@ -81,9 +104,9 @@ def _forward_counter(monkeypatch) -> list[int]:
     seen = [0]
     forward = inference._forward
 
-    def counting(model, crops, device, amp):
+    def counting(model, crops, device, precision):
         seen[0] += crops.shape[0]
-        return forward(model, crops, device, amp)
+        return forward(model, crops, device, precision)
 
     monkeypatch.setattr(inference, "_forward", counting)
     return seen
@@ -113,12 +136,12 @@ def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypa
     h, w = image.shape[1:]
     assert h % tile and w % tile and (h > tile and w > tile)
     seen = _forward_counter(monkeypatch)
-    whole = predict_raw(image, models, tta=True, roi_size=roi)
+    whole = raw32(image, models, tta=True, roi_size=roi)
     whole_windows, seen[0] = seen[0], 0
     total = np.zeros_like(whole)
     for t in tile_grid((h, w), tile):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part = predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w), region,
+        part = partial32(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w), region,
                                models, tta=True, roi_size=roi)
         y0, y1, x0, x1 = partial_extent((h, w), region, roi)
         assert part.shape == (3, y1 - y0, x1 - x0) and part.dtype == np.float32
@@ -134,7 +157,7 @@ def _tiled_partials(image, models, roi, tile, sw_batch_size, skip=None):
     total, counts = np.zeros((3, h, w), np.float32), inference.WindowCounts()
     for t in tile_grid((h, w), tile):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part, c = predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w),
+        part, c = partial32(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w),
                                   region, models, roi_size=roi, sw_batch_size=sw_batch_size,
                                   skip=skip, return_counts=True)
         y0, y1, x0, x1 = partial_extent((h, w), region, roi)
@@ -202,7 +225,7 @@ def test_all_windows_skipped_reads_nothing_and_gives_background(models):
     total = np.zeros((3, h, w), np.float32)
     for t in tile_grid((h, w), 250):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part, counts = predict_partial(read, (h, w), region, models, roi_size=256,
+        part, counts = partial32(read, (h, w), region, models, roi_size=256,
                                        skip=lambda *_: True, return_counts=True)
         assert counts.run == 0
         y0, y1, x0, x1 = partial_extent((h, w), region, 256)

@@ -49,7 +49,7 @@ def infer_in_process(plan, opts: SlideOptions) -> None:
     """Stage 2 without Ray: the functions the model actors and gather tasks run."""
     models = load_models(opts.weights, opts.model_config, "cpu")
     for tile in tile_grid(plan.shape, plan.tile):
-        infer_partial(plan, tile, models, opts.tta, "cpu")
+        infer_partial(plan, tile, models, opts.tta, "cpu", precision=opts.precision)
     for tile in tile_grid(plan.shape, plan.tile):
         gather_tile(plan, tile)
 
@@ -112,11 +112,13 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     # The bundled trained model, so the slide has many cells (nuclei) to cut at seams.
     svs = str(data_dir / "slides/CMU-1-Small-Region.svs")
     models = load_models(resolve_weights(None), {}, "cpu")
-    whole = predict_raw(normalize(read_image(svs)), models, tta=False)
+    # Tiles against the whole image: an identity of float32 sums, so both in fp32 (bf16's
+    # outputs can change with the batch a window is in).
+    whole = predict_raw(normalize(read_image(svs)), models, tta=False, precision="fp32")
     out = tmp_path / "out"
     # tissue off: every window runs, as in whole-image inference; the full image copied
     opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=512, halo=128, workers=2,
-                        tissue="off", copy_image=True)
+                        tissue="off", copy_image=True, precision="fp32")
     plan = plan_as_job(Path(svs), out, opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 30
     infer_in_process(plan, opts)
@@ -149,14 +151,14 @@ def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir,
     image = tmp_path / "phase.tif"
     tifffile.imwrite(image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700])
     opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
-                        tile_size=256, workers=1)
+                        tile_size=256, workers=1, precision="fp32")
     plan = plan_as_job(image, tmp_path / "out", opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 9
     infer_in_process(plan, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     first = np.asarray(flows[:])
     whole = predict_raw(normalize(read_image(str(image))), load_model(weights, **params),
-                        tta=True, roi_size=256)
+                        tta=True, roi_size=256, precision="fp32")
     assert np.linalg.norm(first - whole) / np.linalg.norm(whole) < 1e-5
     done = Path(plan.layout.scratch) / "done"
     assert len(list((done / "windows").iterdir())) == 9

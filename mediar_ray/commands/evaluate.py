@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from mediar_ray.commands.options import roi_size
+from mediar_ray.commands.options import add_precision_options, roi_size
 
 log = logging.getLogger("mediar_ray.evaluate")
 
@@ -54,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     held.add_argument("--groups", action="append", metavar="CSV",
                       help="CSV of image name -> group (columns: stem, group; e.g. "
                       "dsb2018/categories.csv, nuinsseg/organs.csv): adds a row per group")
+    add_precision_options(held)
     p.set_defaults(func=run)
 
 
@@ -63,6 +64,7 @@ def run_split(args: argparse.Namespace) -> int:
 
     import fsspec
 
+    from mediar_ray.precision import resolve_precision
     from mediar_ray.segment import load_models, models_window, parse_model_config
     from mediar_ray.train.config import load_config
     from mediar_ray.train.loop import split_config_pairs
@@ -84,6 +86,7 @@ def run_split(args: argparse.Namespace) -> int:
                   cfg.data.holdout_every)
         return 1
     try:
+        resolve_precision(args.precision, "cpu")  # fp16 on a CPU: exit 2 before any work
         models = load_models(args.weights, parse_model_config(args.model_config), "cpu")
         roi = args.roi_size or models_window(models)
     except (ValueError, FileNotFoundError) as err:
@@ -91,7 +94,8 @@ def run_split(args: argparse.Namespace) -> int:
         return 2
     rows: list = []
     bad: list = []
-    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows, bad=bad)
+    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows, bad=bad,
+                      precision=args.precision, sw_batch_size=args.batch_size)
     for pair in bad:
         print(f"not scored: {pair.reason}", file=sys.stderr)
     report["roi_size"] = roi
@@ -109,7 +113,8 @@ def run_split(args: argparse.Namespace) -> int:
             log.error("--compare: %s", err)
             return 2
         print(f"--compare: {other_roi}-px windows")
-        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared, bad=[])
+        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared, bad=[],
+                 precision=args.precision, sw_batch_size=args.batch_size)
     try:
         groups = _read_groups(args.groups or [])
     except (ValueError, OSError) as err:

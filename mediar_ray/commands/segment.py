@@ -16,7 +16,7 @@ import os
 import posixpath
 import time
 
-from mediar_ray.commands.options import batch_size, roi_size
+from mediar_ray.commands.options import add_precision_options, roi_size
 
 log = logging.getLogger("mediar_ray.segment")
 
@@ -52,9 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-raw", action="store_true",
                    help="also write <name>_raw.npy: the (3, H, W) float32 dy, dx, logit")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
-    p.add_argument("--sw-batch-size", type=batch_size, default=4,
-                   help="windows per forward pass (1 to 1024)")
+    add_precision_options(p)
     p.add_argument("--roi-size", type=roi_size, default=None,
                    help="sliding-window size in pixels, a multiple of 32 from 32 to 4096 "
                    "(default: the crop size the weights were trained on, as stored in "
@@ -158,8 +156,9 @@ def _segment_one(url: str, name: str, out: str, models, args: argparse.Namespace
         if missing:
             log.warning("%s: %d NaN/infinite value(s) treated as background",
                         safe_url(url), missing)
-    result = segment_image(image, models, tta=args.tta, device=device, amp=args.amp,
-                           sw_batch_size=args.sw_batch_size, roi_size=args.roi_size)
+    result = segment_image(image, models, tta=args.tta, device=device,
+                           sw_batch_size=args.batch_size, roi_size=args.roi_size,
+                           precision=args.precision)
     write_labels_tiff(result.labels, f"{out}/{name}{LABEL_SUFFIX}")
     if args.save_raw:
         _save_npy(result.raw, f"{out}/{name}{RAW_SUFFIX}")
@@ -170,11 +169,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mediar_ray.io import find_inputs, image_name, safe_url, output_names, safe_name
+    from mediar_ray.precision import resolve_precision
     from mediar_ray.segment import check_device, load_models, models_window, parse_model_config
 
     out = args.output.rstrip("/") or args.output
     try:
         device = check_device(args.device)
+        log.info("network forward in %s on %s", resolve_precision(args.precision, device),
+                 device)
         prepare_output(out)
         models = load_models(args.weights, parse_model_config(args.model_config), device)
         args.roi_size = args.roi_size or models_window(models)

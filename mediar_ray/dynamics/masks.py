@@ -41,6 +41,7 @@ from scipy.ndimage import maximum_filter1d
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from mediar_ray.dynamics.heat import labels_to_flows, renumber
+from mediar_ray.dynamics.threads import limit_threads
 from mediar_ray.dynamics.tracking import follow_flows
 
 __all__ = ["cluster_ends", "flow_errors", "flows_to_labels", "foreground", "merge_fragments"]
@@ -207,6 +208,8 @@ def flows_to_labels(
     flow_threshold: float = 0.4,
     niter: int = 200,
     min_size: int = 16,
+    *,
+    threads: float | None = None,
 ) -> np.ndarray:
     """MEDIAR post-processing: network output -> instance labels.
 
@@ -223,12 +226,16 @@ def flows_to_labels(
         Maximum tracking steps (pixels move about one pixel per step).
     min_size : int
         Foreground holes and objects smaller than this (pixels) are removed first.
+    threads : float, optional
+        CPUs the numba kernels may use; None: those Ray assigned to the running task or
+        actor (:func:`mediar_ray.dynamics.threads.limit_threads`), all outside Ray.
 
     Returns
     -------
     ndarray uint32, (H, W)
         0 = background, cells 1..N.
     """
+    limit_threads(threads)
     raw = np.asarray(raw, np.float32)
     if raw.ndim != 3 or raw.shape[0] != 3:
         raise ValueError(f"expected (3, H, W) network output, got shape {raw.shape}")

@@ -128,7 +128,9 @@ class ArchiveRun:
             max_task_retries=-1, scheduling_strategy="SPREAD")
         device = "cuda" if opts.gpu else opts.device
         self._new_actor = lambda: actor.remote(opts.weights, opts.model_config, opts.tta,
-                                               device, max(1, round(cpus)))
+                                               device, max(1, round(cpus)),
+                                               precision=opts.precision,
+                                               batch_size=opts.batch_size)
         self.actors = [self._new_actor() for _ in range(opts.workers)]
         self.generation = [0] * len(self.actors)
         self.load = [0] * len(self.actors)

@@ -224,11 +224,14 @@ def _tissue_tiles(root: str, key: str, shape: tuple[int, int], tile: int, halo: 
 
 
 def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
-                  sw_batch_size: int = 4) -> dict[str, int]:
+                  sw_batch_size: int | None = None, *,
+                  precision: str = "auto") -> dict[str, int]:
     """Run the windows ``tile`` owns (those touching tissue, when the slide has a tissue
     mask); write their partial sum as chunk (ty, tx) of ``.scratch/partials`` ((3,
     *partial_shape) float32 from the tile's top-left corner, zero-padded), then a
-    ``windows`` done record. Returns the windows run and skipped (per TTA frame)."""
+    ``windows`` done record. Returns the windows run and skipped (per TTA frame).
+    ``sw_batch_size`` (None or 0: the device's default) and ``precision`` are those of
+    :func:`mediar_ray.inference.predict_partial`."""
     from mediar_ray.inference import predict_partial  # torch: only model actors import it
     from mediar_ray.pipeline.view import read_processing
 
@@ -239,7 +242,8 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
     region = (tile.y0, tile.y1, tile.x0, tile.x1)
     part, counts = predict_partial(read, plan.shape, region, models, tta=tta,
                                    roi_size=plan.roi_size, sw_batch_size=sw_batch_size,
-                                   device=device, skip=skip, return_counts=True)
+                                   device=device, skip=skip, return_counts=True,
+                                   precision=precision)
     chunk = np.zeros((3, *plan.partial_shape), np.float32)
     chunk[:, : part.shape[1], : part.shape[2]] = part
     partials = open_array(plan.layout.scratch + "/partials", mode="r+")

@@ -18,7 +18,8 @@ __all__ = ["validate"]
 
 def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequence[Any],
              max_images: int = 0, roi_size: int | None = None, tta: bool = False,
-             per_image: list | None = None, bad: list | None = None) -> dict[str, float]:
+             per_image: list | None = None, bad: list | None = None, *,
+             precision: str = "auto", sw_batch_size: int | None = None) -> dict[str, float]:
     """Segment held-out images as ``mediar-ray segment`` would and score them.
 
     Parameters
@@ -39,6 +40,8 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
         Gets a :class:`mediar_ray.data.mapping.BadPair` for every pair that cannot be
         scored (unreadable image, label not of whole non-negative ids, sizes differ);
         the other pairs are still scored. Without it such a pair raises.
+    precision, sw_batch_size
+        Of the network forward, as :func:`mediar_ray.segment.segment_image`.
 
     Returns
     -------
@@ -68,8 +71,8 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
                 bad.append(BadPair(pair.label if isinstance(err, LabelError)
                                    else pair.image, str(err)))
                 continue
-            labels = segment_image(image, models, tta=tta,
-                                   roi_size=roi_size, device=device).labels
+            labels = segment_image(image, models, tta=tta, roi_size=roi_size, device=device,
+                                   precision=precision, sw_batch_size=sw_batch_size).labels
             score = cellseg_f1(truth, labels)
             scores.setdefault(pair.source, []).append(score.f1)
             if per_image is not None:
