@@ -492,3 +492,20 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_and_a_held_slide_is_left(
     assert report["elsewhere"] == {"tissue": other.job}
     assert (out / "tissue.zarr" / ".mediar_complete").read_text() == marker
     other.release_all()
+
+
+def test_fingerprints_of_the_earlier_version_still_match():
+    """Renaming ``tile`` to ``tile_size`` and adding ``precision`` must not make every
+    slide finished by the earlier version look stale on a rerun."""
+    from mediar_ray.pipeline.plan import _upgraded
+    from mediar_ray.pipeline.provenance import differences, fingerprint
+
+    opts = SlideOptions(tile_size=512, roi_size=256)
+    new = fingerprint({"size": 1}, {**opts.result_options(), "mpp": None}, ["w"])
+    old_options = {("tile" if k == "tile_size" else k): v for k, v in new["options"].items()
+                   if k != "precision"}
+    old = {"input": {"size": 1}, "options": old_options, "weights": ["w"]}
+    assert differences(_upgraded(old), new) == []
+    changed = SlideOptions(tile_size=1024, roi_size=256, precision="bf16")
+    newer = fingerprint({"size": 1}, {**changed.result_options(), "mpp": None}, ["w"])
+    assert differences(_upgraded(old), newer) == ["options precision", "options tile_size"]
