@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem

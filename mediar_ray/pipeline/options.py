@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mediar_ray.errors import UserError
 
-__all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
+__all__ = ["ADDED_OPTIONS", "LEGACY_NAMES", "PRECISIONS", "RESULT_OPTIONS", "OptionError",
+           "SlideOptions"]
 
 #: Options that change a slide's result: a slide's scratch state or finished output is
 #: reused only when all of them (and the input and the weights) are unchanged.
@@ -77,10 +78,10 @@ class SlideOptions:
     (``OUTPUT/cells``), ``geojson`` also ``OUTPUT/<name>.geojson.gz`` for QuPath.
     """
 
-    weights: list[str] = _flag(
+    weights: list[str] = _flag(  # noqa: RUF009 - a Field with a default_factory
         list, "checkpoint path or URL; repeat for an ensemble (default: bundled model)",
         metavar="CKPT", action="append")
-    model_config: dict[str, Any] = _flag(
+    model_config: dict[str, Any] = _flag(  # noqa: RUF009 - as above
         dict, "model parameters (file or inline JSON)", metavar="JSON")
     tta: bool = _flag(True, "test-time augmentation (default: on)")
     roi_size: int | None = _flag(
@@ -161,8 +162,8 @@ class SlideOptions:
             ("--device", self.device, self.device in ("cpu", "cuda") or
              self.device.startswith("cuda:"), "cpu or cuda"),
             ("--device", self.device, self.device == "cpu" or self.gpu,
-             "cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
-             "GPUs); use --device cpu, or add --num-gpus-per-worker 1"),
+             ("cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
+              "GPUs); use --device cpu, or add --num-gpus-per-worker 1")),
             ("--precision", self.precision, self.precision in PRECISIONS,
              f"one of {', '.join(PRECISIONS)}"),
             ("--batch-size", self.batch_size, 0 <= self.batch_size <= 1024,

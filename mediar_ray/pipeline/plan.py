@@ -68,10 +68,7 @@ def _upgraded(fp: dict | None) -> dict | None:
     option at its default does not make every finished slide look stale."""
     if not fp or not isinstance(fp.get("options"), dict):
         return fp
-    options = SlideOptions.upgrade_result_options(fp["options"])
-    if "mpp" in fp["options"]:
-        options["mpp"] = fp["options"]["mpp"]  # the slide's own override, not the flag
-    return {**fp, "options": options}
+    return {**fp, "options": SlideOptions.upgrade_result_options(fp["options"])}
 
 
 def read_plan(layout: SlideLayout) -> SlidePlan | None:

@@ -39,7 +39,7 @@ def _folder_digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     prefix = path.rstrip("/") + "/"
     for name in sorted(files):
         info = files[name]
-        rel = name[len(prefix):] if name.startswith(prefix) else name
+        rel = name.removeprefix(prefix)
         size += int(info.get("size") or 0)
         digest.update(f"{rel}\t{info.get('size')}\t{_modified(info)}\n".encode())
         if rel.rsplit("/", 1)[-1] in _FOLDER_METADATA:
