@@ -204,7 +204,7 @@ def test_precision_and_batch_options_of_segment_and_evaluate():
 
     parser = build_parser()
     args = parser.parse_args(["segment", "x.png", "-o", "out"])
-    assert (args.precision, args.batch_size) == ("auto", 0)
+    assert (args.precision, args.batch_size) == ("auto", None)  # None: the device's default
     args = parser.parse_args(["segment", "x.png", "-o", "out", "--sw-batch-size", "8",
                               "--amp"])
     assert (args.precision, args.batch_size) == ("fp16", 8)
