@@ -206,8 +206,8 @@ def train_resume(params: dict, device, roi: int, tmp: Path) -> dict:
 def oom_tile(model, device, roi: int) -> dict:
     """A tile whose forward runs out of memory, through the model actor's retry path
     (:func:`mediar_ray.pipeline.actors.run_with_smaller_batches` around the tile): on
-    CUDA a batch far beyond the card, on a CPU (no allocator limit) a forward that fails
-    above 2 windows as CUDA would. Reports the forwards that ran and the tile's result
+    CUDA with the allocator capped at 3 GB (a real out-of-memory error), on a CPU (no
+    allocator limit) a forward that fails above 2 windows as CUDA would. Reports the forwards that ran and the tile's result
     against a batch that fits."""
     import torch
 
@@ -215,7 +215,7 @@ def oom_tile(model, device, roi: int) -> dict:
     from mediar_ray.pipeline.actors import run_with_smaller_batches
     from mediar_ray.preprocess import normalize
 
-    image = normalize(_mosaic(4 * roi))
+    image = normalize(_mosaic(6 * roi))
     sizes: list[int] = []
     limit = None if device.type == "cuda" else 2
 
@@ -232,15 +232,23 @@ def oom_tile(model, device, roi: int) -> dict:
             return out
 
     net = Recorded()
-    start = 2048 if device.type == "cuda" else 16
+    start = 64 if device.type == "cuda" else 16
 
     def step(batch):
         return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
-                               image.shape[1:], (0, 2 * roi, 0, 2 * roi), [net], tta=False,
+                               image.shape[1:], (0, 4 * roi, 0, 4 * roi), [net], tta=False,
                                roi_size=roi, sw_batch_size=batch, device=device,
                                precision="fp32")
 
-    out, used = run_with_smaller_batches(step, start)
+    if device.type == "cuda":  # a real out-of-memory: the allocator capped at ~3 GB
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(3 * 2**30 / total, device)
+    try:
+        out, used = run_with_smaller_batches(step, start)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
     ran = sorted(set(sizes))
     ref = step(2)
     err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
