@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     result["fixtures_bf16_rel_l2"] = fixtures_part()
     h = result["heldout"]
     print(f"held-out images: {h['images']} {h['sources']}")
-    print(f"| | fp32 | bf16 |\n|---|---|---|")
+    print("| | fp32 | bf16 |\n|---|---|---|")
     print(f"| seconds | {h['seconds']['fp32']} | {h['seconds']['bf16']} |")
     print(f"| held-out F1 | {h['heldout_f1']['fp32']} | {h['heldout_f1']['bf16']} |")
     print(f"| cells | {h['cells']['fp32']} | {h['cells']['bf16']} |")
