@@ -204,39 +204,56 @@ def train_resume(params: dict, device, roi: int, tmp: Path) -> dict:
 
 
 def oom_tile(model, device, roi: int) -> dict:
-    """A tile whose forward runs out of memory: on CUDA a batch far beyond the card, on
-    a CPU (no allocator limit) a forward that fails above 2 windows as CUDA would."""
+    """A tile whose forward runs out of memory, through the model actor's retry path
+    (:func:`mediar_ray.pipeline.actors.run_with_smaller_batches` around the tile): on
+    CUDA with the allocator capped at 3 GB (a real out-of-memory error), on a CPU (no
+    allocator limit) a forward that fails above 2 windows as CUDA would. Reports the forwards that ran and the tile's result
+    against a batch that fits."""
     import torch
 
-    from mediar_ray.pipeline.actors import run_with_smaller_batches
     from mediar_ray.inference import predict_partial
+    from mediar_ray.pipeline.actors import run_with_smaller_batches
     from mediar_ray.preprocess import normalize
 
-    image = normalize(_mosaic(4 * roi))
-    net = model
-    if device.type != "cuda":
-        class Limited(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = model
+    image = normalize(_mosaic(6 * roi))
+    sizes: list[int] = []
+    limit = None if device.type == "cuda" else 2
 
-            def forward(self, x):
-                if x.shape[0] > 2:
-                    raise torch.OutOfMemoryError("CUDA out of memory (stand-in limit)")
-                return self.inner(x)
-        net = Limited()
-    start = 4096 if device.type == "cuda" else 16
+    class Recorded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            if limit is not None and x.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in limit)")
+            out = self.inner(x)
+            sizes.append(x.shape[0])
+            return out
+
+    net = Recorded()
+    start = 64 if device.type == "cuda" else 16
 
     def step(batch):
         return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
-                               image.shape[1:], (0, 2 * roi, 0, 2 * roi), [net], tta=False,
+                               image.shape[1:], (0, 4 * roi, 0, 4 * roi), [net], tta=False,
                                roi_size=roi, sw_batch_size=batch, device=device,
                                precision="fp32")
 
-    out, used = run_with_smaller_batches(step, start)
+    if device.type == "cuda":  # a real out-of-memory: the allocator capped at ~3 GB
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(3 * 2**30 / total, device)
+    try:
+        out, used = run_with_smaller_batches(step, start)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    ran = sorted(set(sizes))
     ref = step(2)
     err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-    return {"start_batch": start, "batch_after": used, "rel_diff_vs_batch_2": float(f"{err:.1e}")}
+    return {"start_batch": start, "actor_batch_after": used, "forward_sizes_ran": ran,
+            "rel_diff_vs_batch_2": float(f"{err:.1e}")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,12 @@ coordinates) and the tiles' partial sums, added where they overlap, give the
 whole-image prediction up to float rounding. A ``skip`` test (a tissue mask) leaves
 windows out: they contribute background with their usual weight, so pixels that only
 windows that ran reach keep exactly the sums they had without it.
+
+Only the network's forward runs in the requested ``precision`` (autocast; see
+:mod:`mediar_ray.precision`); its output is cast to float32 at once, and the canvas, the
+Gaussian weights and the sums are float32 tensors on the model's device, copied there
+once and back once per call. A device out-of-memory error halves the batch
+(:func:`forward_windows`).
 """
 
 from __future__ import annotations

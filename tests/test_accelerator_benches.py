@@ -37,8 +37,9 @@ def test_gpu_check_runs_on_a_cpu(tmp_path):
     assert slide["run"] and "failed" not in slide and 0 < slide["all_actors_busy"] <= 1
     resume = result["train_resume"]
     assert resume["run"] and resume["loss_after_resume"] > 0
-    oom = result["oom_tile"]  # halved from 16 to the stand-in limit, same result
-    assert oom["batch_after"] == 2 and oom["rel_diff_vs_batch_2"] == 0.0
+    oom = result["oom_tile"]  # batches of 16 halved down to the stand-in limit of 2; the
+    # odd window left over runs alone, and a batch's size may change the last bits
+    assert max(oom["forward_sizes_ran"]) == 2 and oom["rel_diff_vs_batch_2"] < 1e-5
 
 
 @pytest.mark.slow  # under 3 min on 2 cores (the bench's --quick promise)

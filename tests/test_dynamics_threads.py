@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
 from mediar_ray.dynamics import flows_to_labels, labels_to_flows
 from mediar_ray.dynamics.threads import task_threads
 from mediar_ray.io import read_image

@@ -14,8 +14,12 @@ from mediar_ray.io import read_image
 from mediar_ray.metrics import match_counts
 from mediar_ray.model import load_model
 from mediar_ray.pipeline.actors import is_device_fault, run_with_smaller_batches
-from mediar_ray.precision import (PrecisionError, default_batch_size, exact_fp32,
-                                  resolve_precision)
+from mediar_ray.precision import (
+    PrecisionError,
+    default_batch_size,
+    exact_fp32,
+    resolve_precision,
+)
 from mediar_ray.preprocess import normalize
 from mediar_ray.segment import load_models, segment_image
 
@@ -204,7 +208,7 @@ def test_precision_and_batch_options_of_segment_and_evaluate():
 
     parser = build_parser()
     args = parser.parse_args(["segment", "x.png", "-o", "out"])
-    assert (args.precision, args.batch_size) == ("auto", 0)
+    assert (args.precision, args.batch_size) == ("auto", None)  # None: the device's default
     args = parser.parse_args(["segment", "x.png", "-o", "out", "--sw-batch-size", "8",
                               "--amp"])
     assert (args.precision, args.batch_size) == ("fp16", 8)
