@@ -215,3 +215,12 @@ def test_precision_and_batch_options_of_segment_and_evaluate():
     args = parser.parse_args(["evaluate", "--config", "c.yaml", "--precision", "fp32",
                               "--batch-size", "16"])
     assert (args.precision, args.batch_size) == ("fp32", 16)
+
+
+def test_the_command_lines_precisions_are_the_libraries():
+    """The torch-free list the slide job's flags and the napari widget offer is the one
+    :mod:`mediar_ray.precision` resolves."""
+    from mediar_ray import precision
+    from mediar_ray.pipeline.options import PRECISIONS
+
+    assert PRECISIONS == precision.PRECISIONS

@@ -13,8 +13,6 @@ layer's size in uint32) and the cell rows are read back before the folder is rem
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,14 +22,12 @@ import numpy as np
 import pandas as pd
 
 from mediar_ray.errors import UserError
+from mediar_ray.pipeline.options import PRECISIONS  # the choices of --precision
 
 __all__ = ["PRECISIONS", "Progress", "SegmentRequest", "WidgetResult", "run_segmentation"]
 
 #: Largest side (pixels) segmented in one pass; above it the tiled slide path runs.
 WHOLE_IMAGE_MAX_SIDE = 4096
-#: Choices offered for the network's arithmetic ("auto": what the installed
-#: :func:`mediar_ray.segment.segment_image` picks).
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -86,19 +82,6 @@ def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
             yield np.pad(block, pad + [(0, 0)] * (block.ndim - 2))
 
 
-def _precision_kwargs(precision: str) -> dict[str, Any]:
-    """``precision=`` for segment_image where it takes one; on a build without it only
-    float32 arithmetic exists ("auto" and "float32" are accepted)."""
-    from mediar_ray.segment import segment_image
-
-    if "precision" in inspect.signature(segment_image).parameters:
-        return {"precision": precision}
-    if precision not in ("auto", "float32"):
-        raise UserError(f"precision {precision!r}: this mediar_ray runs the network in "
-                        "float32 only; choose auto or float32")
-    return {}
-
-
 def features_of(labels: np.ndarray, image: np.ndarray, logit: np.ndarray) -> pd.DataFrame:
     """The cell table's rows for whole-image labels, measured as the slide job measures
     its chunks (:func:`mediar_ray.cells.measure.measure_chunk` then ``finalize``)."""
@@ -115,12 +98,11 @@ def features_of(labels: np.ndarray, image: np.ndarray, logit: np.ndarray) -> pd.
 def _whole(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
     from mediar_ray.segment import load_models, segment_image
 
-    extra = _precision_kwargs(req.precision)
     yield Progress(1, 3, "loading the model")
     models = load_models(req.weights or None, device=req.device)
     yield Progress(2, 3, "segmenting")
     result = segment_image(image, models, tta=req.tta, device=req.device,
-                           roi_size=req.roi_size, **extra)
+                           roi_size=req.roi_size, precision=req.precision)
     yield Progress(3, 3, "measuring cells")
     yield WidgetResult(result.labels, features_of(result.labels, image, result.raw[2]),
                        tiled=False)
