@@ -77,17 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         text = str(err) if isinstance(err, ValueError) else describe_error(err)
         logging.getLogger("mediar_ray").error(
-            "%s", text.splitlines()[0] if text else type(err).__name__)
+            "%s", text.splitlines()[0] if text else type(err).__name__
+        )
         logging.getLogger("mediar_ray").debug("traceback:", exc_info=True)
         return 2
 
 
 #: Errors from outside the project that also mean "the user must fix an input or the
 #: environment" (matched by class name so that checking costs no imports of botocore).
-USER_OS_ERRORS = frozenset({
-    "FileNotFoundError", "PermissionError", "NotADirectoryError", "IsADirectoryError",
-    "NoCredentialsError", "PartialCredentialsError",
-})
+USER_OS_ERRORS = frozenset(
+    {
+        "FileNotFoundError",
+        "PermissionError",
+        "NotADirectoryError",
+        "IsADirectoryError",
+        "NoCredentialsError",
+        "PartialCredentialsError",
+    }
+)
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -38,8 +38,9 @@ class Leases:
     """The leases one job holds on the slides of ``output``."""
 
     output: str
-    job: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-"
-                                             f"{uuid.uuid4().hex[:8]}")
+    job: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     ttl: float = LEASE_TTL
     held: dict[str, float] = field(default_factory=dict)  # name -> last heartbeat written
 
@@ -136,8 +137,9 @@ class Leases:
         for name in list(self.held):
             self.release(name)
 
-    def keep_alive(self, active: Callable[[], Iterable[str]],
-                   every: float = 5.0) -> Callable[[], None]:
+    def keep_alive(
+        self, active: Callable[[], Iterable[str]], every: float = 5.0
+    ) -> Callable[[], None]:
         """Beat in a background thread every ``every`` seconds with ``active()`` (the
         names of the slides in flight); returns a function that stops it and releases
         every lease this job holds."""

@@ -66,12 +66,12 @@ def input_identity(url: str) -> dict[str, Any]:
         with fs.open(path, "rb") as f:
             digest.update(f.read(HEAD_BYTES))
         head = digest.hexdigest()
-    return {"url": safe_url(url), "size": size, "modified": _modified(info),
-            "head_sha256": head}
+    return {"url": safe_url(url), "size": size, "modified": _modified(info), "head_sha256": head}
 
 
-def fingerprint(identity: dict[str, Any], options: dict[str, Any],
-                weights: list[str]) -> dict[str, Any]:
+def fingerprint(
+    identity: dict[str, Any], options: dict[str, Any], weights: list[str]
+) -> dict[str, Any]:
     """The fingerprint of one slide's result: input identity, result options, weights'
     hashes (in ensemble order)."""
     return {"input": identity, "options": options, "weights": list(weights)}

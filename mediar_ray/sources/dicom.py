@@ -44,27 +44,33 @@ class DicomSource(SlideSource):
             raise SlideReadError(f"{named}: file not found") from None
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {named} (wsidicom finds no readable DICOM "
-                                 f"WSI pyramid: {type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (wsidicom finds no readable DICOM "
+                f"WSI pyramid: {type(err).__name__}: {err})"
+            ) from None
         if not self._levels:
             self.close()
             raise SlideReadError(f"not a slide/image: {named} (no DICOM WSI pyramid levels)")
         sizes = [(int(lv.size.height), int(lv.size.width)) for lv in self._levels]
-        self.levels = [Level(s, self._downsample(lv, sizes[0], s))
-                       for lv, s in zip(self._levels, sizes)]
+        self.levels = [
+            Level(s, self._downsample(lv, sizes[0], s)) for lv, s in zip(self._levels, sizes)
+        ]
         self.mpp = self._level0_mpp()
         try:
             probe = self._read(0, 0, 1, 0, 1)
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {named} (its tiles cannot be decoded: "
-                                 f"{type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (its tiles cannot be decoded: "
+                f"{type(err).__name__}: {err})"
+            ) from None
         self._alpha = probe.ndim == 3 and probe.shape[2] in (2, 4)
         self.channels = 1 if probe.ndim == 2 else int(probe.shape[2]) - int(self._alpha)
         self.dtype = np.dtype(probe.dtype)
 
-    def _downsample(self, level, size0: tuple[int, int],
-                    size: tuple[int, int]) -> tuple[float, float]:
+    def _downsample(
+        self, level, size0: tuple[int, int], size: tuple[int, int]
+    ) -> tuple[float, float]:
         """From the Pixel Spacing ratio when both levels state it (exact), else sizes."""
         try:
             base, this = self._levels[0].pixel_spacing, level.pixel_spacing

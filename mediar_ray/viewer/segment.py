@@ -67,8 +67,10 @@ def _check_2d(image: Any, rgb: bool) -> None:
     """A napari image layer's data must be what :func:`mediar_ray.io.read_image` returns:
     (H, W) or (H, W, C)."""
     if not (image.ndim == 2 or (image.ndim == 3 and rgb)):
-        raise UserError(f"image layer of shape {image.shape}: the widget segments a 2-D "
-                        "image (grey, or RGB); pick a 2-D layer or slice out one plane")
+        raise UserError(
+            f"image layer of shape {image.shape}: the widget segments a 2-D "
+            "image (grey, or RGB); pick a 2-D layer or slice out one plane"
+        )
 
 
 def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
@@ -77,7 +79,7 @@ def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
     h, w = image.shape[:2]
     for y in range(0, h, tile):
         for x in range(0, w, tile):
-            block = np.asarray(image[y:y + tile, x:x + tile])
+            block = np.asarray(image[y : y + tile, x : x + tile])
             pad = [(0, tile - block.shape[0]), (0, tile - block.shape[1])]
             yield np.pad(block, pad + [(0, 0)] * (block.ndim - 2))
 
@@ -101,11 +103,16 @@ def _whole(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | Widget
     yield Progress(1, 3, "loading the model")
     models = load_models(req.weights or None, device=req.device)
     yield Progress(2, 3, "segmenting")
-    result = segment_image(image, models, tta=req.tta, device=req.device,
-                           roi_size=req.roi_size, precision=req.precision)
+    result = segment_image(
+        image,
+        models,
+        tta=req.tta,
+        device=req.device,
+        roi_size=req.roi_size,
+        precision=req.precision,
+    )
     yield Progress(3, 3, "measuring cells")
-    yield WidgetResult(result.labels, features_of(result.labels, image, result.raw[2]),
-                       tiled=False)
+    yield WidgetResult(result.labels, features_of(result.labels, image, result.raw[2]), tiled=False)
 
 
 def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
@@ -119,15 +126,26 @@ def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]
     from mediar_ray.pipeline import SlideOptions, run_slides
     from mediar_ray.segment import resolve_weights
 
-    opts = SlideOptions(weights=resolve_weights(req.weights or None), tta=req.tta,
-                        roi_size=req.roi_size, tile_size=req.tile, tissue="off",
-                        device=req.device, precision=req.precision)
+    opts = SlideOptions(
+        weights=resolve_weights(req.weights or None),
+        tta=req.tta,
+        roi_size=req.roi_size,
+        tile_size=req.tile,
+        tissue="off",
+        device=req.device,
+        precision=req.precision,
+    )
     with tempfile.TemporaryDirectory(prefix="mediar_napari_") as tmp:
         yield Progress(1, 4, "writing the layer as a tiled TIFF")
         path = f"{tmp}/layer.tif"
-        tifffile.imwrite(path, _tiles(image, 256), shape=image.shape, dtype=image.dtype,
-                         tile=(256, 256),
-                         photometric="rgb" if image.ndim == 3 else "minisblack")
+        tifffile.imwrite(
+            path,
+            _tiles(image, 256),
+            shape=image.shape,
+            dtype=image.dtype,
+            tile=(256, 256),
+            photometric="rgb" if image.ndim == 3 else "minisblack",
+        )
         yield Progress(2, 4, "running the slide job's tiled path on a local Ray")
         started = not ray.is_initialized()
         if started:
@@ -149,8 +167,9 @@ def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]
     yield WidgetResult(labels, features, tiled=True)
 
 
-def run_segmentation(image: Any, req: SegmentRequest, *,
-                     rgb: bool = False) -> Iterator[Progress | WidgetResult]:
+def run_segmentation(
+    image: Any, req: SegmentRequest, *, rgb: bool = False
+) -> Iterator[Progress | WidgetResult]:
     """Segment a napari image layer's data, yielding :class:`Progress` between steps
     (where a napari worker may stop) and the :class:`WidgetResult` last.
 
@@ -169,4 +188,3 @@ def run_segmentation(image: Any, req: SegmentRequest, *,
         yield from _whole(np.asarray(image), req)
     else:
         yield from _tiled(image, req)
-
