@@ -66,11 +66,12 @@ def _run(task: str, path: str, result_path: str) -> None:
         from cellpose import dynamics
 
         cpu = torch.device("cpu")
-        f2l = (
-            lambda raw: dynamics.compute_masks(  # noqa: E731
+
+        def f2l(raw):
+            return dynamics.compute_masks(
                 raw[:2], raw[2], niter=200, cellprob_threshold=0.0, flow_threshold=0.4, device=cpu
             )
-        )
+
         l2f = lambda lab: dynamics.masks_to_flows_gpu(lab, device=cpu)  # noqa: E731
     fn = f2l if task.endswith("f2l") else l2f
     small = data[..., :256, :256]

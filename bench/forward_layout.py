@@ -18,6 +18,7 @@ fastest of ``--repeats`` timed runs after an untimed warm-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -87,7 +88,8 @@ def training(repeats: int) -> dict[str, float]:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
         step = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}
         out[f"{name}_s"] = round(
-            fastest(lambda: train_step(model, opt, step, amp=cfg.optim.amp), repeats), 4
+            fastest(functools.partial(train_step, model, opt, step, amp=cfg.optim.amp), repeats),
+            4,
         )
     out["ratio"] = round(out["default_s"] / out["channels_last_s"], 3)
     return out

@@ -245,8 +245,8 @@ def oom_tile(model, device, roi: int) -> dict:
     """A tile whose forward runs out of memory, through the model actor's retry path
     (:func:`mediar_ray.pipeline.actors.run_with_smaller_batches` around the tile): on
     CUDA with the allocator capped at 3 GB (a real out-of-memory error), on a CPU (no
-    allocator limit) a forward that fails above 2 windows as CUDA would. Reports the forwards that ran and the tile's result
-    against a batch that fits."""
+    allocator limit) a forward that fails above 2 windows as CUDA would. Reports the
+    forwards that ran and the tile's result against a batch that fits."""
     import torch
 
     from mediar_ray.inference import predict_partial

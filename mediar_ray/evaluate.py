@@ -26,6 +26,20 @@ _SUFFIX = "_label.tiff"
 
 @dataclass(frozen=True)
 class ImageScore:
+    """CellSeg scores of one image (from :func:`score_pair`).
+
+    Attributes
+    ----------
+    name : str
+        The image name (the prediction's file name less ``_label.tiff``).
+    precision, recall, f1 : float
+        At IoU 0.5, after border cells are dropped (unless told not to).
+    tp, fp, fn : int
+        Matched cells, unmatched predicted cells, unmatched true cells.
+    n_true, n_pred : int
+        Cells in the truth (``tp + fn``) and in the prediction (``tp + fp``).
+    """
+
     name: str
     precision: float
     recall: float

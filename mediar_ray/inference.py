@@ -500,7 +500,8 @@ def predict_partial(
             continue
         axes = [a for a, f in ((0, fy), (1, fx)) if f]  # (rows, cols) flipped in the frame
 
-        def flip(t: torch.Tensor) -> torch.Tensor:  # frame <-> image orientation, last 2 dims
+        # frame <-> image orientation, last 2 dims (axes bound now: B023)
+        def flip(t: torch.Tensor, axes: list[int] = axes) -> torch.Tensor:
             return t.flip([a + t.ndim - 2 for a in axes]) if axes else t
 
         # The frame's coverage, on the image, from every window of the frame reaching it.

@@ -14,12 +14,12 @@ result equals the whole-image one bit for bit.
 
 Non-finite pixels: the original does not handle them (one NaN or one -inf pixel breaks
 the normalisation of the whole image). Here a value of a float image that is NaN, +inf
-or -inf once converted to float32 is *missing*: it is left out of every statistic (the percentiles, the minimum
-and the maximum are those of the finite values only) and its normalised value is 0, the
-value of background. The rule is per value: in a colour image only the non-finite
-channel of a pixel is set to 0. :func:`normalize` and :class:`IntensityAccumulator`
-apply it identically, so the tiled and whole-image results stay equal. Integer images
-have no such values.
+or -inf once converted to float32 is *missing*: it is left out of every statistic (the
+percentiles, the minimum and the maximum are those of the finite values only) and its
+normalised value is 0, the value of background. The rule is per value: in a colour image
+only the non-finite channel of a pixel is set to 0. :func:`normalize` and
+:class:`IntensityAccumulator` apply it identically, so the tiled and whole-image results
+stay equal. Integer images have no such values.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def test_unsupported_zarr_layouts_fail_naming_the_image(tmp_path, svs_pixels):
 def test_ngff_images_on_s3(ngff, svs_pixels):
     with s3_server() as env, environment(env):
         client = s3_client(env, "lab")
-        for version, (path, _) in ngff.items():
+        for path, _ in ngff.values():
             for f in sorted(path.rglob("*")):
                 if f.is_file():
                     client.put_object(
@@ -249,7 +249,7 @@ def test_ngff_images_on_s3(ngff, svs_pixels):
                         Key=f"zarr/{path.name}/{f.relative_to(path).as_posix()}",
                         Body=f.read_bytes(),
                     )
-        for version, (path, levels) in ngff.items():
+        for path, levels in ngff.values():
             with open_slide(f"s3://lab/zarr/{path.name}") as src:
                 assert src.reader == "ome-zarr" and src.mpp == pytest.approx((MPP, MPP))
                 assert [lv.downsample for lv in src.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]

@@ -127,7 +127,7 @@ def features(
 
 
 def write_piece(url: str, texts: Iterable[str]) -> int:
-    """Stage Feature texts as one piece (features separated by ``,\\n``); returns how
+    r"""Stage Feature texts as one piece (features separated by ``,\n``); returns how
     many. Rewriting a piece (a retried task) replaces it."""
     texts = list(texts)
     fs, path = fsspec.core.url_to_fs(url)

@@ -96,6 +96,7 @@ class CellPartials:
 
     @property
     def channels(self) -> int:
+        """Number of image channels ``C`` the intensities were measured on (0: none)."""
         return int(self.int_sum.shape[1])
 
     def take(self, index: np.ndarray) -> "CellPartials":
@@ -104,6 +105,19 @@ class CellPartials:
 
     @classmethod
     def empty(cls, channels: int = 0) -> "CellPartials":
+        """Partials of no cell (``k = 0``).
+
+        Parameters
+        ----------
+        channels : int
+            Number of image channels ``C`` of the intensity fields.
+
+        Returns
+        -------
+        CellPartials
+            Every field a zero-row array of its documented dtype; the intensity
+            fields are (0, C).
+        """
         return cls(
             ids=np.zeros(0, np.uint32),
             count=np.zeros(0, np.int64),

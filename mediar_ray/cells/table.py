@@ -340,7 +340,7 @@ def partition_state(output: str, slide: str) -> dict[str, Any]:
         if name.startswith("part-") and name.endswith(".parquet"):
             run = name[len("part-") :].rsplit("-", 1)[0]
             runs.setdefault(run, {"present": 0, "first": name})["present"] += 1
-    for run, r in runs.items():
+    for r in runs.values():
         info = _file_info(fs, f"{root}/{r.pop('first')}")
         r.update(files=info.get("files"), rows=info.get("rows"), written=info.get("written"))
     complete = [run for run, r in runs.items() if r["present"] == r["files"]]

@@ -7,6 +7,13 @@ import json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``cells`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "cells",
         help="per-slide summary of an archive's cell table (OUTPUT/cells/)",

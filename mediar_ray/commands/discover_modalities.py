@@ -14,6 +14,13 @@ log = logging.getLogger("mediar_ray.modalities")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``discover-modalities`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "discover-modalities",
         help="K-means the training images into modality clusters (for amplified sampling)",
@@ -100,6 +107,19 @@ def _model_params(value: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Embed and cluster the training images and write the modality table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray discover-modalities``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 every image embedded; 1 some images unreadable (left out of the
+        table, listed); 2 bad inputs or options.
+    """
     from mediar_ray.data.modalities import discover_modalities, relative_keys, write_modality_table
 
     if args.clusters < 1 or args.size < 1:

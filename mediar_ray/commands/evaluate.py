@@ -18,6 +18,13 @@ log = logging.getLogger("mediar_ray.evaluate")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``evaluate`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "evaluate",
         help="score <name>_label.tiff predictions against ground truth",
@@ -275,6 +282,20 @@ def _write(write, option: str, url: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score the predictions of ``--pred`` against ``--gt`` (or, with ``--config``, a
+    training config's split, see :func:`run_split`) and print the per-image table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray evaluate``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 every pair scored; 1 some pairs not scored or none paired; 2 usage
+        error (missing folder, bad option, unwritable ``--csv``).
+    """
     from mediar_ray.evaluate import evaluate_dirs, pair_files, write_csv
 
     if args.config:

@@ -19,6 +19,13 @@ log = logging.getLogger("mediar_ray.map_dataset")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``map-dataset`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "map-dataset",
         help="pair images with labels (MEDIAR layout) and write the mapping JSON",
@@ -72,6 +79,20 @@ def problems(mapping: dict) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Pair the images and labels under ``args.root`` and write the mapping JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray map-dataset``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 all paired and readable; 1 some files unpaired or unreadable (the
+        mapping holds the good pairs); 2 no dataset, mapping not writable, or
+        ``--strict`` with any bad file (nothing written).
+    """
     from mediar_ray.data.mapping import write_mapping
 
     output = args.output or f"{args.root.rstrip('/')}/mapping.json"

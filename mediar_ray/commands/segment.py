@@ -25,6 +25,13 @@ RAW_SUFFIX = "_raw.npy"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``segment`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "segment",
         help="segment image files (tif, png, jpg, bmp; local or fsspec URLs)",
@@ -191,6 +198,19 @@ def _segment_one(url: str, name: str, out: str, models, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace) -> int:
+    """Segment every input image into ``--output`` and print what became of each.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray segment``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 all done; 1 some inputs failed (listed, the rest done); 2 usage
+        error (bad device, weights or output, no input found).
+    """
     from tqdm import tqdm
 
     from mediar_ray.io import find_inputs, image_name, output_names, safe_name, safe_url

@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``train`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "train",
         help="train MEDIAR-Former on Ray Train",
@@ -90,6 +97,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run (or resume) the training of the config with the command-line overrides,
+    and print the run summary as JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray train``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 trained; 2 bad config, data or storage.
+    """
     from mediar_ray.io import safe_url
     from mediar_ray.train.loop import run_training
 

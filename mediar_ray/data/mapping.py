@@ -279,7 +279,8 @@ def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
         ``root``, ``pairs`` (list of {image, label, source}), ``unpaired`` (images
         without a label and labels without an image) and ``unreadable`` ({path, reason}:
         empty files, files of one folder that share a name, and, with ``check``, files
-        that cannot be parsed or pairs of different sizes). Raises FileNotFoundError when ``root`` holds no dataset.
+        that cannot be parsed or pairs of different sizes). Raises FileNotFoundError
+        when ``root`` holds no dataset.
     """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.exists(base):

@@ -58,6 +58,7 @@ class SlideOutput:
 
     @property
     def cells(self) -> Pyramid:
+        """The pyramid of the cell labels (``labels["cells"]``)."""
         return self.labels["cells"]
 
 

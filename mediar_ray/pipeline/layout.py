@@ -116,6 +116,7 @@ class Tile:
 
     @property
     def name(self) -> str:
+        """``"ty_tx"``: names the tile's scratch files and done markers."""
         return f"{self.ty}_{self.tx}"
 
 
@@ -143,14 +144,18 @@ class SlideLayout:
         self.root = f"{self.output_root.rstrip('/')}/{self.stem}.zarr"
 
     def path(self, *parts: str) -> str:
+        """The URL of ``parts`` (joined by ``/``) under the slide's ``<stem>.zarr``."""
         return "/".join((self.root,) + parts)
 
     @property
     def scratch(self) -> str:
+        """The slide's scratch folder (``<stem>.zarr/.scratch``): intermediate state."""
         return self.path(".scratch")
 
     @property
     def marker(self) -> str:
+        """The URL of the marker file (``<stem>.zarr/.mediar_complete``) written once the
+        slide's output is complete."""
         return self.path(COMPLETE_MARKER)
 
 

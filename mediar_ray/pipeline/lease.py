@@ -45,6 +45,7 @@ class Leases:
     held: dict[str, float] = field(default_factory=dict)  # name -> last heartbeat written
 
     def url(self, name: str) -> str:
+        """The URL of slide ``name``'s lease file (under ``output/.scratch/leases/``)."""
         return f"{self.output.rstrip('/')}/.scratch/leases/{name}.json"
 
     def read(self, name: str) -> dict | None:
@@ -134,6 +135,7 @@ class Leases:
                 pass
 
     def release_all(self) -> None:
+        """Give up every lease this job holds (see :meth:`release`)."""
         for name in list(self.held):
             self.release(name)
 

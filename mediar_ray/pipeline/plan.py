@@ -59,6 +59,7 @@ class PlannedSlide:
 
     @property
     def plan(self) -> SlidePlan:
+        """The :class:`SlidePlan` decoded from :attr:`plan_json`."""
         return SlidePlan.from_json(self.plan_json)
 
 

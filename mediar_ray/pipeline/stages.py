@@ -103,12 +103,16 @@ class SlidePlan:
         return tuple(self.partial) if self.partial else (self.spill, self.spill)
 
     def to_json(self) -> str:
+        """The plan as JSON (the layout as its output root and stem), for
+        :meth:`from_json`."""
         d = asdict(self)
         d["layout"] = {"output_root": self.layout.output_root, "stem": self.layout.stem}
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> "SlidePlan":
+        """The plan that :meth:`to_json` wrote (lists back to tuples, ``stats`` back to
+        :class:`IntensityStats`)."""
         d = json.loads(text)
         d["layout"] = SlideLayout(**d["layout"])
         for key in ("shape", "mpp", "level_downsample", "source_shape", "partial"):
@@ -394,11 +398,15 @@ def gather_tile(plan: SlidePlan, tile: Tile) -> None:
 
 
 def mark_done(plan: SlidePlan, stage: str, tile: Tile) -> None:
+    """Record that ``stage`` finished ``tile``: a marker file under the slide's scratch
+    folder (``done/<stage>/<tile name>``), read by :func:`done_tiles`."""
     with fsspec.open(f"{plan.layout.scratch}/done/{stage}/{tile.name}", "w") as f:
         f.write("1")
 
 
 def done_tiles(plan: SlidePlan, stage: str) -> set[str]:
+    """The names (``"ty_tx"``) of the tiles :func:`mark_done` recorded for ``stage``
+    (empty when none)."""
     fs, path = fsspec.core.url_to_fs(f"{plan.layout.scratch}/done/{stage}")
     try:
         return {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}

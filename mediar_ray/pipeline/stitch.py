@@ -90,6 +90,7 @@ class UnionFind:
         self.parent: dict[int, int] = {}
 
     def find(self, x: int) -> int:
+        """The root name of ``x``'s set (``x`` itself when never joined)."""
         parent = self.parent
         while parent.get(x, x) != x:
             parent[x] = parent.get(parent[x], parent[x])
@@ -97,6 +98,7 @@ class UnionFind:
         return x
 
     def union(self, a: int, b: int) -> None:
+        """Join the sets of ``a`` and ``b``; the smaller root names the joined set."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             lo, hi = min(ra, rb), max(ra, rb)

@@ -80,7 +80,11 @@ class SlideSource(ABC):
         """
 
     def close(self) -> None:
-        """Release files and handles (a no-op by default)."""
+        """Release files and handles (a no-op by default).
+
+        Not abstract on purpose: a source that holds nothing open need not override it.
+        """
+        return None
 
     @contextmanager
     def _reading(self, level: int, y0: int, y1: int, x0: int, x1: int) -> Iterator[None]:

@@ -93,11 +93,27 @@ class DicomSource(SlideSource):
         return np.asarray(image)
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``, decoded from the level's DICOM tiles.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel is composited onto white.
+        """
         with self._reading(level, y0, y1, x0, x1):
             region = self._read(level, y0, y1, x0, x1)
         return composite_alpha(region) if self._alpha else region
 
     def close(self) -> None:
+        """Close the DICOM files (a second call does nothing)."""
         if self._wsi is not None:
             self._wsi.close()
             self._wsi = None

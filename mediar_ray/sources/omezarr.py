@@ -134,6 +134,22 @@ class OmeZarrSource(SlideSource):
             )
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``: the level's zarr array at t = z = 0,
+        reordered to (y, x, c).
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel is composited onto white.
+        """
         index: list[slice | int] = []
         kept: list[str] = []
         for i, axis in enumerate(self._axes):

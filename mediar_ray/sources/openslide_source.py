@@ -91,6 +91,8 @@ class OpenSlideSource(SlideSource):
         return composite_alpha(rgba, self.background)
 
     def close(self) -> None:
+        """Close the slide and release its staged local copy, if any (a second call does
+        nothing)."""
         if self._slide is not None:
             self._slide.close()
             self._slide = None

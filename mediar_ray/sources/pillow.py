@@ -101,5 +101,21 @@ class DecodedSource(SlideSource):
         self.dtype = np.dtype(self._array.dtype)
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of the image held in memory.
+
+        Parameters
+        ----------
+        level : int
+            0, the only level.
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels, inside the image.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. A view of the decoded image (alpha was
+            composited onto white when it was decoded).
+        """
         with self._reading(level, y0, y1, x0, x1):
             return self._array[y0:y1, x0:x1]

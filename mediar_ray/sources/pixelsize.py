@@ -142,8 +142,8 @@ def tiff_resolution_mpp(
 def imagej_mpp(
     unit: str | None, x_resolution: Any, y_resolution: Any
 ) -> tuple[float, float] | None:
-    """ImageJ TIFF: resolution tags are pixels per ``unit`` (from ImageJ's description,
-    e.g. "micron", "\\u00B5m", "nm"); None when the unit is not a length."""
+    r"""ImageJ TIFF: resolution tags are pixels per ``unit`` (from ImageJ's description,
+    e.g. "micron", "\u00B5m", "nm"); None when the unit is not a length."""
     if not unit:
         return None
     unit = unit.encode().decode("unicode_escape") if "\\u" in unit else unit

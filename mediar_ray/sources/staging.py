@@ -162,7 +162,7 @@ class StagedSlides:
 
     @property
     def folder(self) -> Path | None:
-        """This process's scratch folder (None before the first copy)."""
+        """The scratch folder of this process (None before the first copy)."""
         return self._dir
 
 

@@ -105,7 +105,7 @@ class TiffSource(SlideSource):
 
     @staticmethod
     def _alpha_kind(page: tifffile.TiffPage, channels: int) -> str | None:
-        """ "straight"/"premultiplied" when the last sample of an RGB or grey page is
+        """Return "straight"/"premultiplied" when the last sample of an RGB or grey page is
         alpha (TIFF ExtraSamples), else None."""
         extra = tuple(getattr(page, "extrasamples", ()) or ())
         colour = {tifffile.PHOTOMETRIC.RGB: 3, tifffile.PHOTOMETRIC.MINISBLACK: 1}.get(
@@ -118,6 +118,22 @@ class TiffSource(SlideSource):
         )
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``, read from the level's TIFF pages.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel (straight or premultiplied) is
+            composited onto white.
+        """
         with self._reading(level, y0, y1, x0, x1):
             arr = self._arrays[level]
             index = [
@@ -138,6 +154,7 @@ class TiffSource(SlideSource):
         return region
 
     def close(self) -> None:
+        """Close the TIFF and the file under it (a second call does nothing)."""
         if self._tif is not None:
             self._tif.close()
             self._tif = None
