@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Segment images with MEDIAR on this machine. Writes <name>_label.tiff "
         "(uint16 when every id fits, else uint32; zlib) per image into --output, where "
         "<name> is the file name less its extension, made unique when two inputs share "
-        "it (see README, 'Output names'). Files named like this command's outputs "
+        "it (see the README's 'What happens when...'). Files named like this command's outputs "
         "(*_label.tiff) inside --output are not taken as inputs. Exit code 0: all done; "
         "1: some inputs failed (listed, the rest done); 2: usage error.",
     )
