@@ -44,6 +44,9 @@ def three_slides(data_dir, tmp_path_factory) -> Path:
     return src
 
 
+# slow: three slides each run alone and once more together (80-150 s); the default set
+# keeps the engine's unreadable-slide test and test_ray_data_engine's.
+@pytest.mark.slow
 def test_archive_equals_slides_run_one_at_a_time(local_ray, three_slides, tmp_path):
     report = run_slides([str(three_slides)], str(tmp_path / "all"), small_opts(workers=2))
     assert report["failed"] == {} and sorted(report["done"]) == ["nuclei", "phase", "tissue"]

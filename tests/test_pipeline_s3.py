@@ -30,6 +30,9 @@ def slide_bytes(data_dir, tmp_path_factory):
     return path.read_bytes(), image
 
 
+# slow: two whole runs of the bundled model (one on S3, one local; 90-170 s); the default
+# set keeps S3 in and out through tests/test_cells_s3.py.
+@pytest.mark.slow
 def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog, tmp_path):
     """Slides in and out of S3 give the labels of the same slide run from a local folder
     into a local folder (an independent run), and leave no scratch and no credentials."""

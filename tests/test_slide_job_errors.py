@@ -171,7 +171,9 @@ def test_non_finite_pixels_segment_like_the_clean_image(job, local_ray, crops, t
     The network input equals the clean image's but at the bad pixel (set to background),
     and the image statistics are the same. That one pixel still reaches every output
     through the encoder's attention, so a boundary pixel or two may tip across the
-    threshold: the cells must be the same ones, not the labels bit for bit."""
+    threshold: the cells must be the same ones, not the labels bit for bit. In fp32: what
+    is judged is the input's effect, and bf16's rounding (the default on CPUs with bf16
+    units) tips a few more boundary pixels (9 of 81,920 with one NaN, measured)."""
     clean = crops[0][..., 0].astype(np.float32) / 255  # a grey float image
     src = tmp_path / "in"
     src.mkdir()
@@ -182,7 +184,7 @@ def test_non_finite_pixels_segment_like_the_clean_image(job, local_ray, crops, t
         dirty[name][0, 0] = value  # a corner pixel, in background
         tifffile.imwrite(src / f"{name}.tif", dirty[name])
     out = tmp_path / "out"
-    code, summary = run(job, [src], out)
+    code, summary = run(job, [src], out, "--precision", "fp32")
     assert code == 0 and len(summary["done"]) == 4
     expected = labels_of(out, "clean")
     assert expected.max() > 5
