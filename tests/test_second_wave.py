@@ -502,6 +502,29 @@ def test_a_live_lease_is_left_to_its_job_and_a_stale_one_taken_over(tmp_path):
     assert not Path(mine.url("slide")).exists()
 
 
+def test_a_lease_of_a_killed_job_on_this_host_is_taken_over_at_once(tmp_path):
+    """A job killed and rerun at once: its lease's heartbeat is seconds old, but its
+    process is gone, so the rerun takes the slide instead of reporting it "in progress
+    elsewhere" for two minutes (the killed-job resume test failed that way)."""
+    import subprocess
+    import sys
+
+    from mediar_ray.pipeline.lease import Leases
+
+    code = (
+        "import sys, os; from mediar_ray.pipeline.lease import Leases; "
+        "lease = Leases(sys.argv[1]); assert lease.claim('slide') is None; "
+        "print(lease.job); sys.stdout.flush(); os._exit(0)"  # killed: no release
+    )
+    dead = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mine = Leases(str(tmp_path))
+    assert mine.read("slide")["job"] == dead  # its lease is there, heartbeat fresh
+    assert mine.claim("slide") is None and mine.read("slide")["job"] == mine.job
+    mine.release_all()
+
+
 # -------------------------------------------------------------- the slide job (Ray)
 
 FLAGS = ["--no-tta", "--roi-size", "256", "--tile-size", "256", "--halo", "64"]

@@ -5,7 +5,9 @@ finishes first removes the slide's scratch under the other. Before a job plans a
 claims the slide's lease, ``OUTPUT/.scratch/leases/<name>.json``, and refreshes the lease's
 heartbeat while the slide is in flight. A slide whose lease another job holds with a
 recent heartbeat is left to that job and reported as "in progress elsewhere"; a lease
-whose heartbeat is older than :data:`LEASE_TTL` belongs to a dead job and is taken over.
+whose heartbeat is older than :data:`LEASE_TTL` belongs to a dead job and is taken over,
+and so is one whose job ran on this host in a process that no longer exists (a job
+killed and rerun at once must not wait for the heartbeat to age).
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ log = logging.getLogger("mediar_ray.slides")
 HEARTBEAT_EVERY = 20.0
 #: A lease whose heartbeat is older than this (seconds) is stale: its job is dead.
 LEASE_TTL = 120.0
+
+
+def _ended_here(job: str) -> bool:
+    """True when ``job`` (``<host>-<pid>-<8 hex>``, as :class:`Leases` names jobs) ran on
+    this host and its process is gone; a job of another host is judged by its heartbeat."""
+    host, _, rest = job.rpartition("-")
+    host, _, pid = host.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or len(rest) != 8:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @dataclass
@@ -63,6 +81,8 @@ class Leases:
         if lease is None or lease.get("job") == self.job:
             return None
         if time.time() - float(lease.get("heartbeat", 0)) > self.ttl:
+            return None
+        if _ended_here(str(lease.get("job"))):
             return None
         return str(lease.get("job"))
 
