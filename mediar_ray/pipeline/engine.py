@@ -6,8 +6,9 @@ How the job maps onto Ray Data (one :class:`ray.data.Dataset` per job)::
       -> flat_map(plan_rows)        CPU tasks (--cpus-per-task): gate, lease, prepare/plan;
                                     one row per tile still to infer, or one row saying
                                     what became of the slide (skipped, failed, ...)
-      -> repartition(1 row/block)   Ray Data never splits a block: without this, every tile
-                                    of a slide would go to one actor
+                                    (one row per block: target_max_block_size=1; Ray
+                                    Data never splits a block, and a block of all a
+                                    slide's tiles would go to one actor)
       -> map_batches(TileInferer)   the model actors, ActorPoolStrategy(min, max) from
                                     --workers N or MIN:MAX, one tile per call
       -> iter_rows() on the driver  TileRecords in completion order; a slide's finish
@@ -200,44 +201,49 @@ def plan_rows(row: dict[str, Any], *, gate: Any, output: str, opts: SlideOptions
     """The plan stage of one slide (a Ray Data task): wait at the gate, claim the lease,
     skip or plan (:func:`~mediar_ray.pipeline.plan.prepare_slide`); returns one
     :class:`TileRecord` row per tile to infer, or one saying what became of the slide.
-    The gate's place is given back here unless the slide goes on to the model actors."""
+    The gate's place is given back here unless the slide goes on to the model actors.
+    It never raises: an exception would abort the whole dataset."""
     import ray
 
     from mediar_ray.pipeline.lease import Leases
-    from mediar_ray.pipeline.plan import prepare_slide
 
     url, name, mpp = json.loads(row["spec"])
     ray.get(gate.acquire.remote(name))
     leases = Leases(output, job=job)
+    try:
+        records = _plan_slide(url, name, mpp, leases, output, opts, weight_hashes)
+    except Exception as err:  # noqa: BLE001 - one slide's failure, reported per slide
+        records = [TileRecord(name, Outcome.FAILED.value, note=_reason(err))]
+    if records[0].outcome != Outcome.TO_INFER.value:
+        if records[0].outcome != Outcome.PLANNED_EMPTY.value:
+            ray.get(gate.release.remote(name))
+        if records[0].outcome in (Outcome.SKIPPED.value, Outcome.FAILED.value):
+            leases.release(name)
+    return [asdict(r) for r in records]
+
+
+def _plan_slide(url: str, name: str, mpp: float | None, leases: Any, output: str,
+                opts: SlideOptions, weight_hashes: list[str]) -> list[TileRecord]:
+    from mediar_ray.pipeline.layout import Tile
+    from mediar_ray.pipeline.plan import prepare_slide
+
     holder = leases.claim(name)
     if holder is not None:
-        ray.get(gate.release.remote(name))
-        return _columns_rows([TileRecord(name, Outcome.ELSEWHERE.value, note=holder)])
-    try:
-        result = prepare_slide(url, name, output, opts, weight_hashes, mpp)
-    except Exception as err:  # noqa: BLE001 - one slide's failure, reported per slide
-        result = {"kind": "error", "reason": _reason(err)}
+        return [TileRecord(name, Outcome.ELSEWHERE.value, note=holder)]
+    result = prepare_slide(url, name, output, opts, weight_hashes, mpp)
+    if result["kind"] == "skip":
+        return [TileRecord(name, Outcome.SKIPPED.value, note=result.get("note") or "")]
     if result["kind"] != "planned":
-        ray.get(gate.release.remote(name))
-        leases.release(name)
-        if result["kind"] == "skip":
-            rec = TileRecord(name, Outcome.SKIPPED.value, note=result.get("note") or "")
-        else:
-            rec = TileRecord(name, Outcome.FAILED.value, note=result["reason"])
-        return _columns_rows([rec])
+        return [TileRecord(name, Outcome.FAILED.value, note=result["reason"])]
     planned = result["planned"]
     common = dict(plan_json=planned.plan_json, tiles_total=len(planned.tiles),
                   windows_skipped=planned.windows_skipped, plan_seconds=result["seconds"],
                   reused=planned.reused)
     if not planned.tiles:
-        return _columns_rows([TileRecord(name, Outcome.PLANNED_EMPTY.value, **common)])
-    return _columns_rows([TileRecord(name, Outcome.TO_INFER.value, tile=t,
-                                     tile_name=json.loads(t)["name"], **common)
-                          for t in planned.tiles])
-
-
-def _columns_rows(records: list[TileRecord]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in records]
+        return [TileRecord(name, Outcome.PLANNED_EMPTY.value, **common)]
+    return [TileRecord(name, Outcome.TO_INFER.value, tile=t,
+                       tile_name=Tile(**json.loads(t)).name, **common)
+            for t in planned.tiles]
 
 
 # -- the model stage --------------------------------------------------------------------
@@ -335,7 +341,6 @@ def build_dataset(slides: list[tuple[str, str, float | None]], output: str,
                                                weight_hashes=weight_hashes, job=job),
                      num_cpus=opts.cpus_per_task,
                      compute=TaskPoolStrategy(size=opts.slides_in_flight()))
-    ds = ds.repartition(target_num_rows_per_block=1)
     return ds.map_batches(
         TileInferer, fn_constructor_kwargs=dict(opts=opts, gate=gate, kill_slide=kill_slide),
         compute=ActorPoolStrategy(min_size=opts.min_workers, max_size=opts.max_workers,
@@ -355,6 +360,10 @@ def configure_data_context(opts: SlideOptions, *, wait_for_nodes: bool) -> None:
     ctx.execution_no_progress_timeout_s = -1  # long plans/finishes/node waits are progress
     # The minimum pool loads the models before any slide is planned: a checkpoint that
     # does not fit stops the job there, with nothing written.
+    # One tile per block: Ray Data never splits a block, and a slide's tiles in one block
+    # would all go to one actor. (A repartition stage would ask for a whole CPU, which a
+    # 2-CPU node holding two model actors never has: the job would hang.)
+    ctx.target_max_block_size = 1
     ctx.wait_for_min_actors_s = int(opts.resource_timeout) if wait_for_nodes else 3600
     ctx.actor_task_retry_on_errors = False
 
@@ -464,6 +473,8 @@ class ArchiveRun:
                 self._collect()
                 self._progress()
         except Exception as err:  # the dataset itself stopped (model actors could not start)
+            log.debug("the dataset stopped", exc_info=True)
+            self._report()
             if self.tiles_done == 0:
                 raise _load_error(err) from None
             raise RuntimeError(f"the slide job stopped: {_reason(err)}") from None
