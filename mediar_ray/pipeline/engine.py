@@ -291,6 +291,7 @@ class TileInferer:
         _warm_numba_once_per_node()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """The records of a batch of rows (columns in, columns out)."""
         return _columns([self._one(r) for r in _records(batch)])
 
     def _one(self, rec: TileRecord) -> TileRecord:
@@ -453,6 +454,7 @@ class ArchiveRun:
         return names
 
     def run(self) -> dict[str, Any]:
+        """Run the dataset to its end and every slide's finish; returns the report."""
         import ray
 
         from mediar_ray.pipeline.finish import finish_slide

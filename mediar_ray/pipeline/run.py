@@ -5,8 +5,8 @@ writing, the cluster is checked for the resources the model actors ask for, and 
 weights are loaded once on the driver (strict key check) and hashed. Then one
 :class:`~mediar_ray.pipeline.engine.ArchiveRun` (a Ray Data pipeline) segments every
 slide: each slide ``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when
-``.mediar_complete`` exists (written last). A rerun skips complete slides made with the same input, options and
-weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
+``.mediar_complete`` exists (written last). A rerun skips complete slides made with the
+same input, options and weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
 logged and reported in ``OUTPUT/run_summary.json``; the others finish.
 """
 
