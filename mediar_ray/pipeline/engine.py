@@ -341,7 +341,7 @@ def build_dataset(slides: list[tuple[str, str, float | None]], output: str,
     ds = ds.flat_map(plan_rows, fn_kwargs=dict(gate=gate, output=output, opts=opts,
                                                weight_hashes=weight_hashes, job=job),
                      num_cpus=opts.cpus_per_task,
-                     compute=TaskPoolStrategy(size=opts.slides_in_flight()))
+                     compute=TaskPoolStrategy(size=min(len(rows), opts.slides_in_flight())))
     return ds.map_batches(
         TileInferer, fn_constructor_kwargs=dict(opts=opts, gate=gate, kill_slide=kill_slide),
         compute=ActorPoolStrategy(min_size=opts.min_workers, max_size=opts.max_workers,
