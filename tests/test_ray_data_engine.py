@@ -38,6 +38,7 @@ def fields() -> list:
     return [image[y:y + 64, x:x + 64] for y in range(0, 448, 64) for x in range(0, 384, 64)]
 
 
+@pytest.mark.slow  # three restarts of the model actor: about 50 s on 2 CPUs
 def test_a_tile_that_always_kills_its_actor_fails_its_slide_alone(local_ray, fields,
                                                                  tmp_path, monkeypatch):
     src = tmp_path / "in"

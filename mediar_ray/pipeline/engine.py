@@ -447,7 +447,11 @@ class ArchiveRun:
 
         if self.gate is None:
             return []
-        names = ray.get(self.gate.state.remote(), timeout=30)["active"]
+        r = self.report
+        ended = {*r["done"], *r["failed"], *r["skipped"], *r["elsewhere"]}
+        # the gate may not have heard of a slide's end yet: its lease is not renewed
+        names = [n for n in ray.get(self.gate.state.remote(), timeout=30)["active"]
+                 if n not in ended]
         if self.leases is not None:
             for name in names:  # claimed by a plan task under this job's id
                 self.leases.held.setdefault(name, time.time())
