@@ -208,6 +208,7 @@ def plan_rows(row: dict[str, Any], *, gate: Any, output: str, opts: SlideOptions
     from mediar_ray.pipeline.lease import Leases
 
     url, name, mpp = json.loads(row["spec"])
+    _warm_numba_once_per_node()  # CPU-only nodes run finish tasks, never a model actor
     ray.get(gate.acquire.remote(name))
     leases = Leases(output, job=job)
     try:
