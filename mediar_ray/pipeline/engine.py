@@ -352,11 +352,13 @@ def build_dataset(slides: list[tuple[str, str, float | None]], output: str,
         num_gpus=opts.num_gpus_per_worker or None)
 
 
-def configure_data_context(opts: SlideOptions, *, wait_for_nodes: bool) -> None:
-    """Ray Data settings of the slide job (see the module docstring)."""
+def data_context(opts: SlideOptions, *, wait_for_nodes: bool):
+    """The Ray Data settings of the slide job (see the module docstring): a copy of the
+    current :class:`ray.data.DataContext`, for ``DataContext.current(...)``, so that
+    other datasets of the process keep theirs."""
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
+    ctx = DataContext.get_current().copy()
     ctx.enable_progress_bars = False          # one progress display: the driver's lines
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = -1  # long plans/finishes/node waits are progress
@@ -368,6 +370,7 @@ def configure_data_context(opts: SlideOptions, *, wait_for_nodes: bool) -> None:
     ctx.target_max_block_size = 1
     ctx.wait_for_min_actors_s = int(opts.resource_timeout) if wait_for_nodes else 3600
     ctx.actor_task_retry_on_errors = False
+    return ctx
 
 
 def peak_overlap(spans: Iterable[tuple[float, float]]) -> int:
@@ -461,24 +464,27 @@ class ArchiveRun:
     def run(self) -> dict[str, Any]:
         """Run the dataset to its end and every slide's finish; returns the report."""
         import ray
+        from ray.data import DataContext
 
         from mediar_ray.pipeline.finish import finish_slide
 
         if not self.slides:
             return self._report()
-        configure_data_context(self.opts, wait_for_nodes=self.wait_for_nodes)
         self.gate = ray.remote(SlideGate).options(num_cpus=0, max_concurrency=1000).remote(
             self.opts.slides_in_flight())
         self.finish_task = ray.remote(finish_slide).options(num_cpus=self.opts.cpus_per_task,
                                                            max_retries=3)
         job = self.leases.job if self.leases is not None else uuid.uuid4().hex
-        ds = build_dataset(self.slides, self.output, self.opts, self.weight_hashes,
-                           gate=self.gate, job=job, kill_slide=os.environ.get(KILL_SLIDE_ENV, ""))
         try:
-            for row in ds.iter_rows():
-                self._on_record(TileRecord.from_row(row))
-                self._collect()
-                self._progress()
+            with DataContext.current(data_context(self.opts,
+                                                  wait_for_nodes=self.wait_for_nodes)):
+                ds = build_dataset(self.slides, self.output, self.opts, self.weight_hashes,
+                                   gate=self.gate, job=job,
+                                   kill_slide=os.environ.get(KILL_SLIDE_ENV, ""))
+                for row in ds.iter_rows():
+                    self._on_record(TileRecord.from_row(row))
+                    self._collect()
+                    self._progress()
         except Exception as err:  # the dataset itself stopped (model actors could not start)
             log.debug("the dataset stopped", exc_info=True)
             self._report()
