@@ -176,6 +176,8 @@ def test_elastic_pool_grows_over_three_nodes_with_a_fixed_pools_labels(tmp_path)
     workers = {"cpu": {"resources": {"CPU": 1, "object_store_memory": 150 << 20},
                        "node_config": {}, "min_workers": 0, "max_workers": 3}}
     with autoscaling_cluster(workers) as head:
+        before = cluster_nodes(head.gcs_address)  # the head only (its autoscaler is up)
+        assert len(before) == 1 and "CPU" not in before[0]["Resources"]
         result = subprocess.run([*job, "--output", str(out), "--workers", "1:3"],
                                 env=driver_env(head.gcs_address), capture_output=True,
                                 text=True, timeout=1500)
