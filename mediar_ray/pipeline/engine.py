@@ -441,6 +441,8 @@ class ArchiveRun:
         self.tiles_done = 0
         self.gate = None
         self.gate_peak = 0
+        self.elastic = False    # an elastic pool on an autoscaling cluster
+        self._requested = -1    # model actors the autoscaler was last asked to make room for
         self._last_progress = 0.0
         self._t0 = time.perf_counter()
 
@@ -470,6 +472,9 @@ class ArchiveRun:
 
         if not self.slides:
             return self._report()
+        from mediar_ray.pipeline.cluster import autoscaler_present
+
+        self.elastic = self.opts.max_workers > self.opts.min_workers and autoscaler_present()
         self.gate = ray.remote(SlideGate).options(num_cpus=0, max_concurrency=1000).remote(
             self.opts.slides_in_flight())
         self.finish_task = ray.remote(finish_slide).options(num_cpus=self.opts.cpus_per_task,
@@ -485,12 +490,15 @@ class ArchiveRun:
                     self._on_record(TileRecord.from_row(row))
                     self._collect()
                     self._progress()
+                    self._hint_autoscaler()
         except Exception as err:  # the dataset itself stopped (model actors could not start)
             log.debug("the dataset stopped", exc_info=True)
             self._report()
             if self.tiles_done == 0:
                 raise _load_error(err) from None
             raise RuntimeError(f"the slide job stopped: {_reason(err)}") from None
+        finally:
+            self._hint_autoscaler(end=True)
         while self.finishing:
             self._collect(block=True)
             self._progress()
@@ -595,6 +603,27 @@ class ArchiveRun:
         if self.leases is not None:
             self.leases.release(name)
 
+    def _hint_autoscaler(self, *, end: bool = False) -> None:
+        """On an autoscaling cluster, ask for room for as many model actors as the queued
+        tiles can keep busy (one per 4 tiles waiting, between --workers MIN and MAX), and
+        for nothing once the archive has ended. Ray Data grows its pool only within the
+        resources of the nodes already up (the operator's budget), so without this hint
+        an elastic pool on a cluster that starts small never grows."""
+        if not self.elastic:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        waiting = sum(s.tiles_total - s.tiles_in for s in self.planned.values())
+        want = 0 if end else min(self.opts.max_workers,
+                                 max(self.opts.min_workers, -(-waiting // 4)))
+        if want == self._requested:
+            return
+        self._requested = want
+        bundle = {"CPU": self.opts.actor_cpus()}
+        if self.opts.gpu:
+            bundle["GPU"] = self.opts.num_gpus_per_worker
+        request_resources(bundles=[bundle] * want)
+
     # -- reporting --------------------------------------------------------------------
     def _count_ended(self) -> int:
         r = self.report
@@ -631,6 +660,9 @@ class ArchiveRun:
     def utilization(self) -> dict[str, Any]:
         """Fraction of the time between the first tile's start and the last tile's end
         in which every model actor was busy (timestamps taken inside the actors)."""
-        together, span = all_busy_fraction(list(self.intervals.values()))
+        # the pool's minimum actors were there from the start: one without a tile counts
+        per_actor = list(self.intervals.values())
+        per_actor += [[] for _ in range(self.opts.min_workers - len(per_actor))]
+        together, span = all_busy_fraction(per_actor)
         return {"all_actors_busy": round(together, 4), "span_s": round(span, 3),
                 "tiles": self.tiles_done, "actors": len(self.intervals)}
