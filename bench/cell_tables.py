@@ -33,12 +33,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-
 from slide_memory import WorkerMemory, write_slide
 
 #: The configurations compared: name -> SlideOptions changes.
-CONFIGS = {"off": {"cells": False}, "on": {"cells": True},
-           "geojson": {"cells": True, "geojson": True}}
+CONFIGS = {
+    "off": {"cells": False},
+    "on": {"cells": True},
+    "geojson": {"cells": True, "geojson": True},
+}
 
 
 def plan_as_job(slide: Path, out: str, opts, hashes: list[str]):
@@ -65,12 +67,17 @@ def infer_once(slide: Path, out: str, opts, hashes: list[str]):
 
     plan = plan_as_job(slide, out, opts, hashes)
     actor = ray.remote(InferenceActor).options(num_cpus=1)
-    actors = [actor.remote(opts.weights, opts.model_config, opts.tta, "cpu", 1)
-              for _ in range(opts.workers)]
+    actors = [
+        actor.remote(opts.weights, opts.model_config, opts.tta, "cpu", 1)
+        for _ in range(opts.workers)
+    ]
     tiles = tile_grid(plan.shape, plan.tile)
     plan_json = plan.to_json()
-    list(ActorPool(actors).map_unordered(
-        lambda a, t: a.infer.remote(plan_json, json.dumps(asdict(t))), tiles))
+    list(
+        ActorPool(actors).map_unordered(
+            lambda a, t: a.infer.remote(plan_json, json.dumps(asdict(t))), tiles
+        )
+    )
     for a in actors:  # they hold every CPU of the session: the gather tasks need them
         ray.kill(a)
     fan_out(gather_tile, [(plan, t) for t in tiles], opts.cpus_per_task)
@@ -91,8 +98,9 @@ def stage_flows(source_plan, plan) -> None:
         mark_done(plan, "infer", tile)
 
 
-def timed_run(args: argparse.Namespace, slide: Path, source_plan, opts, hashes: list[str],
-              out: str) -> dict:
+def timed_run(
+    args: argparse.Namespace, slide: Path, source_plan, opts, hashes: list[str], out: str
+) -> dict:
     """One configuration in a fresh Ray session: plan, stage the flows, rest, then the
     job with its workers' memory sampled."""
     import ray
@@ -114,19 +122,25 @@ def timed_run(args: argparse.Namespace, slide: Path, source_plan, opts, hashes: 
         raise SystemExit(f"{slide.name} failed: {report['failed']}")
     done = report["done"][slide.stem]
     if done["tiles_inferred"]:
-        raise SystemExit(f"{slide.name}: the job inferred {done['tiles_inferred']} tiles; "
-                         "the staged flows were not reused")
+        raise SystemExit(
+            f"{slide.name}: the job inferred {done['tiles_inferred']} tiles; "
+            "the staged flows were not reused"
+        )
     by_kind: dict[str, int] = {}  # largest RSS of each kind of worker, bytes
     for kind, rss in mem.peak.values():
         by_kind[kind] = max(by_kind.get(kind, 0), rss)
     cpu = {k: v for k, v in by_kind.items() if not k.startswith("ray::InferenceActor")}
-    return {"cells": done["cells"], "sec": round(seconds, 3), "stages": done["seconds"],
-            "peak": max(by_kind.values()), "peak_cpu": max(cpu.values(), default=0),
-            "peak_mib_by_worker": {k: v // 2**20 for k, v in sorted(by_kind.items())}}
+    return {
+        "cells": done["cells"],
+        "sec": round(seconds, 3),
+        "stages": done["seconds"],
+        "peak": max(by_kind.values()),
+        "peak_cpu": max(cpu.values(), default=0),
+        "peak_mib_by_worker": {k: v // 2**20 for k, v in sorted(by_kind.items())},
+    }
 
 
-def measure_size(args: argparse.Namespace, opts, hashes: list[str], tmp: Path,
-                 size: int) -> dict:
+def measure_size(args: argparse.Namespace, opts, hashes: list[str], tmp: Path, size: int) -> dict:
     import ray
 
     slide = tmp / f"slide_{size}.tif"
@@ -156,20 +170,26 @@ def summarise(row: dict) -> dict:
     """Fastest repeat of each stage, largest peak of each configuration."""
     out = {"size": row["size"]}
     for c, runs in row["runs"].items():
-        out[c] = {"cells": runs[0]["cells"],
-                  "track": min(r["stages"]["track"] for r in runs),
-                  "cells_stage": min(r["stages"].get("cells", 0.0) for r in runs),
-                  "finish": min(r["stages"].get("finish", 0.0) for r in runs),
-                  "peak": max(r["peak"] for r in runs),
-                  "peak_cpu": max(r["peak_cpu"] for r in runs)}
+        out[c] = {
+            "cells": runs[0]["cells"],
+            "track": min(r["stages"]["track"] for r in runs),
+            "cells_stage": min(r["stages"].get("cells", 0.0) for r in runs),
+            "finish": min(r["stages"].get("finish", 0.0) for r in runs),
+            "peak": max(r["peak"] for r in runs),
+            "peak_cpu": max(r["peak_cpu"] for r in runs),
+        }
     return out
 
 
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
-    print(f"tile {args.tile}, workers {args.workers}, tta {args.tta}, repeats {args.repeats} "
-          f"(times: fastest repeat; peaks: largest), weights {args.weights or 'bundled cpu_small'}")
-    print("| size | config | cells | track s | cells stage s | added s | added / track (off) "
-          "| peak worker RSS MiB | ratio to off | peak CPU-stage worker MiB | ratio to off |")
+    print(
+        f"tile {args.tile}, workers {args.workers}, tta {args.tta}, repeats {args.repeats} "
+        f"(times: fastest repeat; peaks: largest), weights {args.weights or 'bundled cpu_small'}"
+    )
+    print(
+        "| size | config | cells | track s | cells stage s | added s | added / track (off) "
+        "| peak worker RSS MiB | ratio to off | peak CPU-stage worker MiB | ratio to off |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         s = summarise(row)
@@ -177,10 +197,12 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
         for c in row["runs"]:
             r = s[c]
             added = r["track"] + r["cells_stage"] - off["track"]
-            print(f"| {s['size']}^2 | {c} | {r['cells']} | {r['track']:.1f} "
-                  f"| {r['cells_stage']:.1f} | {added:+.1f} | {added / off['track']:+.1%} "
-                  f"| {r['peak'] / 2**20:.0f} | {r['peak'] / off['peak']:.2f} "
-                  f"| {r['peak_cpu'] / 2**20:.0f} | {r['peak_cpu'] / max(off['peak_cpu'], 1):.2f} |")
+            print(
+                f"| {s['size']}^2 | {c} | {r['cells']} | {r['track']:.1f} "
+                f"| {r['cells_stage']:.1f} | {added:+.1f} | {added / off['track']:+.1%} "
+                f"| {r['peak'] / 2**20:.0f} | {r['peak'] / off['peak']:.2f} "
+                f"| {r['peak_cpu'] / 2**20:.0f} | {r['peak_cpu'] / max(off['peak_cpu'], 1):.2f} |"
+            )
 
 
 def main() -> None:
@@ -188,17 +210,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384])
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--roi-size", type=int, default=None,
-                        help="sliding-window size (default: the weights' own; figures "
-                        "measured before 2026-12-02 used 512)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        default=None,
+        help="sliding-window size (default: the weights' own; figures "
+        "measured before 2026-12-02 used 512)",
+    )
     parser.add_argument("--weights", nargs="*", default=[])
     parser.add_argument("--no-tta", dest="tta", action="store_false")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed runs of each configuration (order alternated)")
-    parser.add_argument("--geojson", action="store_true",
-                        help="also time cells + GeoJSON")
-    parser.add_argument("--settle", type=float, default=30.0,
-                        help="seconds of rest before each timed run")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs of each configuration (order alternated)"
+    )
+    parser.add_argument("--geojson", action="store_true", help="also time cells + GeoJSON")
+    parser.add_argument(
+        "--settle", type=float, default=30.0, help="seconds of rest before each timed run"
+    )
     parser.add_argument("--tmp", default=None, help="folder for slides, flows and outputs")
     args = parser.parse_args()
 
@@ -206,9 +233,13 @@ def main() -> None:
     from mediar_ray.pipeline.run import check_weights
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
-                        roi_size=args.roi_size,
-                        workers=args.workers)
+    opts = SlideOptions(
+        weights=args.weights,
+        tta=args.tta,
+        tile_size=args.tile,
+        roi_size=args.roi_size,
+        workers=args.workers,
+    )
     opts, hashes = check_weights(opts)  # resolves the bundled model, as run_slides does
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

@@ -35,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaic import mosaic, real_labels  # noqa: E402
 
-
 #: Timed calls per measurement, the same for both sides (set by --calls).
 CALLS = 3
 
@@ -67,9 +66,12 @@ def _run(task: str, path: str, result_path: str) -> None:
         from cellpose import dynamics
 
         cpu = torch.device("cpu")
-        f2l = lambda raw: dynamics.compute_masks(  # noqa: E731
-            raw[:2], raw[2], niter=200, cellprob_threshold=0.0, flow_threshold=0.4,
-            device=cpu)
+
+        def f2l(raw):
+            return dynamics.compute_masks(
+                raw[:2], raw[2], niter=200, cellprob_threshold=0.0, flow_threshold=0.4, device=cpu
+            )
+
         l2f = lambda lab: dynamics.masks_to_flows_gpu(lab, device=cpu)  # noqa: E731
     fn = f2l if task.endswith("f2l") else l2f
     small = data[..., :256, :256]
@@ -99,8 +101,19 @@ def measure(task: str, array: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Run one measurement in a fresh Python process (its own peak memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/in.npy", array)
-        subprocess.run([sys.executable, __file__, "--calls", str(CALLS), "--child", task,
-                        f"{tmp}/in.npy", f"{tmp}/out.npz"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--calls",
+                str(CALLS),
+                "--child",
+                task,
+                f"{tmp}/in.npy",
+                f"{tmp}/out.npz",
+            ],
+            check=True,
+        )
         r = np.load(f"{tmp}/out.npz")
         return float(r["seconds"]), float(r["memory"]), r["out"]
 
@@ -108,8 +121,12 @@ def measure(task: str, array: np.ndarray) -> tuple[float, float, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--calls", type=int, default=3,
-                        help="timed calls per measurement, the best counted (both sides)")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=3,
+        help="timed calls per measurement, the best counted (both sides)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CALLS
@@ -131,36 +148,67 @@ def main() -> None:
         mp_ = truth.size / 1e6
         t_ours, m_ours, ours = measure("ours_f2l", raw)
         t_cp, m_cp, theirs = measure("cellpose_f2l", raw)
-        rows_f2l.append((
-            size, mp_, n_cells, t_ours, t_cp, t_cp / t_ours,
-            match_counts(theirs, ours).f1, match_counts(truth, ours).f1,
-            match_counts(truth, theirs).f1, m_ours / truth.size, m_cp / truth.size,
-        ))
+        rows_f2l.append(
+            (
+                size,
+                mp_,
+                n_cells,
+                t_ours,
+                t_cp,
+                t_cp / t_ours,
+                match_counts(theirs, ours).f1,
+                match_counts(truth, ours).f1,
+                match_counts(truth, theirs).f1,
+                m_ours / truth.size,
+                m_cp / truth.size,
+            )
+        )
         t_ours, m_ours, f_ours = measure("ours_l2f", truth)
         t_cp, m_cp, f_cp = measure("cellpose_l2f", truth)
         err = np.linalg.norm(f_ours - f_cp) / max(np.linalg.norm(f_cp), 1e-12)
-        rows_l2f.append((size, mp_, n_cells, t_ours, t_cp, t_cp / t_ours, err,
-                         m_ours / truth.size, m_cp / truth.size))
+        rows_l2f.append(
+            (
+                size,
+                mp_,
+                n_cells,
+                t_ours,
+                t_cp,
+                t_cp / t_ours,
+                err,
+                m_ours / truth.size,
+                m_cp / truth.size,
+            )
+        )
         print(f"done {size}x{size}", file=sys.stderr, flush=True)
 
-    print("flows -> labels (ours: mediar_ray.dynamics.flows_to_labels; cellpose 4.2.1.1 "
-          "compute_masks, flow threshold 0.4)")
-    print("| size | MP | cells | ours s | ours s/MP | cellpose s | speed-up | F1 ours vs cellpose"
-          " | F1 ours vs truth | F1 cellpose vs truth | ours B/px | cellpose B/px |")
+    print(
+        "flows -> labels (ours: mediar_ray.dynamics.flows_to_labels; cellpose 4.2.1.1 "
+        "compute_masks, flow threshold 0.4)"
+    )
+    print(
+        "| size | MP | cells | ours s | ours s/MP | cellpose s | speed-up | F1 ours vs cellpose"
+        " | F1 ours vs truth | F1 cellpose vs truth | ours B/px | cellpose B/px |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_f2l:
-        print(f"| {r[0]}^2 | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[3] / r[1]:.3f} | {r[4]:.1f} "
-              f"| {r[5]:.1f}x | {r[6]:.4f} | {r[7]:.4f} | {r[8]:.4f} | {r[9]:.0f} | {r[10]:.0f} |")
+        print(
+            f"| {r[0]}^2 | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[3] / r[1]:.3f} | {r[4]:.1f} "
+            f"| {r[5]:.1f}x | {r[6]:.4f} | {r[7]:.4f} | {r[8]:.4f} | {r[9]:.0f} | {r[10]:.0f} |"
+        )
     per_mp = [r[3] / r[1] for r in rows_f2l]
     print(f"time per MP at the largest size / at the smallest: {per_mp[-1] / per_mp[0]:.2f}")
     print()
     print("labels -> flows (ours: labels_to_flows; cellpose 4.2.1.1 masks_to_flows_gpu on CPU)")
-    print("| size | MP | cells | ours s | cellpose s | speed-up | rel. L2 ours vs cellpose"
-          " | ours B/px | cellpose B/px |")
+    print(
+        "| size | MP | cells | ours s | cellpose s | speed-up | rel. L2 ours vs cellpose"
+        " | ours B/px | cellpose B/px |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_l2f:
-        print(f"| {r[0]}^2 | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[4]:.1f} | {r[5]:.1f}x "
-              f"| {r[6]:.2e} | {r[7]:.0f} | {r[8]:.0f} |")
+        print(
+            f"| {r[0]}^2 | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[4]:.1f} | {r[5]:.1f}x "
+            f"| {r[6]:.2e} | {r[7]:.0f} | {r[8]:.0f} |"
+        )
 
 
 if __name__ == "__main__":

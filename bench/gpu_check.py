@@ -35,8 +35,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-SMALL = {"encoder_name": "mit_b0", "decoder_channels": [64, 32, 16, 16, 16],
-         "decoder_pab_channels": 16}
+SMALL = {
+    "encoder_name": "mit_b0",
+    "decoder_channels": [64, 32, 16, 16, 16],
+    "decoder_pab_channels": 16,
+}
 
 
 def _sync(device) -> None:
@@ -58,7 +61,7 @@ def _mosaic(size: int) -> np.ndarray:
         while x < size:
             t = tiles[k % len(tiles)].astype(np.uint8)
             h, w = min(t.shape[0], size - y), min(t.shape[1], size - x)
-            out[y:y + h, x:x + w] = t[:h, :w]
+            out[y : y + h, x : x + w] = t[:h, :w]
             x, row, k = x + w, max(row, h), k + 1
         y += row
     return out
@@ -80,8 +83,11 @@ def forward_table(model, device, roi: int, batches: list[int], reps: int) -> lis
             ref = _forward(model, x, device, "fp32")
         for mode in modes:
             prec = "fp32" if mode in ("fp32", "tf32") else mode
-            ctx = exact_fp32() if mode == "fp32" else (
-                tf32_allowed(True) if mode == "tf32" else contextlib.nullcontext())
+            ctx = (
+                exact_fp32()
+                if mode == "fp32"
+                else (tf32_allowed(True) if mode == "tf32" else contextlib.nullcontext())
+            )
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
@@ -98,11 +104,20 @@ def forward_table(model, device, roi: int, batches: list[int], reps: int) -> lis
                 torch.cuda.empty_cache()
                 continue
             err = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
-            peak = (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                    if device.type == "cuda" else "n/a")
-            rows.append({"mode": mode, "batch": batch,
-                         "windows_per_s": round(batch * reps / seconds, 2),
-                         "rel_err": float(f"{err:.2e}"), "peak_gib": peak})
+            peak = (
+                round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda"
+                else "n/a"
+            )
+            rows.append(
+                {
+                    "mode": mode,
+                    "batch": batch,
+                    "windows_per_s": round(batch * reps / seconds, 2),
+                    "rel_err": float(f"{err:.2e}"),
+                    "peak_gib": peak,
+                }
+            )
     return rows
 
 
@@ -112,15 +127,21 @@ def ensemble_mp_per_s(models, device, precision: str, batch: int, size: int) -> 
     from mediar_ray.preprocess import normalize
 
     image = normalize(_mosaic(size))
-    predict_raw(image[:, :512, :512], models, device=device, precision=precision,
-                sw_batch_size=batch)  # warm-up
+    predict_raw(
+        image[:, :512, :512], models, device=device, precision=precision, sw_batch_size=batch
+    )  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     predict_raw(image, models, device=device, precision=precision, sw_batch_size=batch)
     _sync(device)
     seconds = time.perf_counter() - t0
-    return {"precision": precision, "batch": batch, "size": size,
-            "mp_per_s": round(size * size / 1e6 / seconds, 3), "seconds": round(seconds, 2)}
+    return {
+        "precision": precision,
+        "batch": batch,
+        "size": size,
+        "mp_per_s": round(size * size / 1e6 / seconds, 3),
+        "seconds": round(seconds, 2),
+    }
 
 
 def _busy_jiffies() -> int:
@@ -129,8 +150,7 @@ def _busy_jiffies() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
-def slide_end_to_end(weights: str, params: dict, device, size: int, roi: int,
-                     tmp: Path) -> dict:
+def slide_end_to_end(weights: str, params: dict, device, size: int, roi: int, tmp: Path) -> dict:
     """``segment-slides`` on a ``size``^2 slide of real tiles, one actor."""
     try:
         import ray  # noqa: F401
@@ -147,10 +167,17 @@ def slide_end_to_end(weights: str, params: dict, device, size: int, roi: int,
     slide = tmp / "mosaic.tif"
     tifffile.imwrite(slide, _mosaic(size), tile=(256, 256), photometric="rgb")
     gpu = device.type == "cuda"
-    opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=roi,
-                        tile=2048 if gpu else 512, workers=1, tissue="off",
-                        num_gpus_per_worker=1.0 if gpu else 0.0,
-                        device="cuda" if gpu else "cpu")
+    opts = SlideOptions(
+        weights=[weights],
+        model_config=params,
+        tta=True,
+        roi_size=roi,
+        tile=2048 if gpu else 512,
+        workers=1,
+        tissue="off",
+        num_gpus_per_worker=1.0 if gpu else 0.0,
+        device="cuda" if gpu else "cpu",
+    )
     hz = os.sysconf("SC_CLK_TCK")
     j0, t0 = _busy_jiffies(), time.perf_counter()
     report = run_slides([str(slide)], str(tmp / "out"), opts)
@@ -158,10 +185,14 @@ def slide_end_to_end(weights: str, params: dict, device, size: int, roi: int,
     if report["failed"]:
         return {"run": True, "failed": report["failed"]}
     util = report.get("utilization", {})
-    return {"run": True, "size": size, "seconds": round(seconds, 1),
-            "mp_per_s": round(size * size / 1e6 / seconds, 3),
-            "all_actors_busy": util.get("all_actors_busy"),
-            "cpu_cores_used": round(cores / seconds, 2)}
+    return {
+        "run": True,
+        "size": size,
+        "seconds": round(seconds, 1),
+        "mp_per_s": round(size * size / 1e6 / seconds, 3),
+        "all_actors_busy": util.get("all_actors_busy"),
+        "cpu_cores_used": round(cores / seconds, 2),
+    }
 
 
 def train_resume(params: dict, device, roi: int, tmp: Path) -> dict:
@@ -175,21 +206,24 @@ def train_resume(params: dict, device, roi: int, tmp: Path) -> dict:
     from mediar_ray.train.loop import train_step
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{tmp / 'ddp'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(backend, init_method=f"file://{tmp / 'ddp'}", rank=0, world_size=1)
     try:
+
         def make():
             model = build_model(**params).to(device)  # on the device before the optimizer
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+                model, device_ids=[device.index or 0] if device.type == "cuda" else None
+            )
             opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, weight_decay=0.01)
             return model, ddp, opt, torch.optim.lr_scheduler.StepLR(opt, 1)
 
         gen = torch.Generator().manual_seed(0)
-        batch = {"image": torch.randn((2, 3, roi, roi), generator=gen),
-                 "flows": torch.randn((2, 2, roi, roi), generator=gen),
-                 "cell": (torch.rand((2, roi, roi), generator=gen) > 0.5).float(),
-                 "valid": torch.ones((2, roi, roi))}
+        batch = {
+            "image": torch.randn((2, 3, roi, roi), generator=gen),
+            "flows": torch.randn((2, 2, roi, roi), generator=gen),
+            "cell": (torch.rand((2, roi, roi), generator=gen) > 0.5).float(),
+            "valid": torch.ones((2, roi, roi)),
+        }
         batch = {k: v.to(device) for k, v in batch.items()}
         model, ddp, opt, sched = make()
         first = train_step(ddp, opt, batch, amp=True)
@@ -197,46 +231,78 @@ def train_resume(params: dict, device, roi: int, tmp: Path) -> dict:
         model, ddp, opt, sched = make()
         load_training_state(tmp / "ckpt", model, opt, sched)
         second = train_step(ddp, opt, batch, amp=True)
-        return {"run": True, "backend": backend, "loss_first": round(first, 4),
-                "loss_after_resume": round(second, 4)}
+        return {
+            "run": True,
+            "backend": backend,
+            "loss_first": round(first, 4),
+            "loss_after_resume": round(second, 4),
+        }
     finally:
         dist.destroy_process_group()
 
 
 def oom_tile(model, device, roi: int) -> dict:
-    """A tile whose forward runs out of memory: on CUDA a batch far beyond the card, on
-    a CPU (no allocator limit) a forward that fails above 2 windows as CUDA would."""
+    """A tile whose forward runs out of memory, through the model actor's retry path
+    (:func:`mediar_ray.pipeline.actors.run_with_smaller_batches` around the tile): on
+    CUDA with the allocator capped at 3 GB (a real out-of-memory error), on a CPU (no
+    allocator limit) a forward that fails above 2 windows as CUDA would. Reports the
+    forwards that ran and the tile's result against a batch that fits."""
     import torch
 
-    from mediar_ray.pipeline.actors import run_with_smaller_batches
     from mediar_ray.inference import predict_partial
+    from mediar_ray.pipeline.actors import run_with_smaller_batches
     from mediar_ray.preprocess import normalize
 
-    image = normalize(_mosaic(4 * roi))
-    net = model
-    if device.type != "cuda":
-        class Limited(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = model
+    image = normalize(_mosaic(6 * roi))
+    sizes: list[int] = []
+    limit = None if device.type == "cuda" else 2
 
-            def forward(self, x):
-                if x.shape[0] > 2:
-                    raise torch.OutOfMemoryError("CUDA out of memory (stand-in limit)")
-                return self.inner(x)
-        net = Limited()
-    start = 4096 if device.type == "cuda" else 16
+    class Recorded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            if limit is not None and x.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in limit)")
+            out = self.inner(x)
+            sizes.append(x.shape[0])
+            return out
+
+    net = Recorded()
+    start = 64 if device.type == "cuda" else 16
 
     def step(batch):
-        return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
-                               image.shape[1:], (0, 2 * roi, 0, 2 * roi), [net], tta=False,
-                               roi_size=roi, sw_batch_size=batch, device=device,
-                               precision="fp32")
+        return predict_partial(
+            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
+            image.shape[1:],
+            (0, 4 * roi, 0, 4 * roi),
+            [net],
+            tta=False,
+            roi_size=roi,
+            sw_batch_size=batch,
+            device=device,
+            precision="fp32",
+        )
 
-    out, used = run_with_smaller_batches(step, start)
+    if device.type == "cuda":  # a real out-of-memory: the allocator capped at ~3 GB
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(3 * 2**30 / total, device)
+    try:
+        out, used = run_with_smaller_batches(step, start)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    ran = sorted(set(sizes))
     ref = step(2)
     err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-    return {"start_batch": start, "batch_after": used, "rel_diff_vs_batch_2": float(f"{err:.1e}")}
+    return {
+        "start_batch": start,
+        "actor_batch_after": used,
+        "forward_sizes_ran": ran,
+        "rel_diff_vs_batch_2": float(f"{err:.1e}"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,31 +321,40 @@ def main(argv: list[str] | None = None) -> int:
     params = SMALL if args.quick else {}
     roi = 256 if args.quick else 512
     batches = [1, 2] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
-                    "card": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else "cpu", "torch": torch.__version__, "quick": args.quick}
-    models = [build_model(**params).to(device, memory_format=torch.channels_last).eval()
-              for _ in range(2)]
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": str(device),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
+    models = [
+        build_model(**params).to(device, memory_format=torch.channels_last).eval() for _ in range(2)
+    ]
     table = forward_table(models[0], device, roi, batches, reps=1 if args.quick else 5)
     result["forward"] = table
     numeric = [r for r in table if isinstance(r["windows_per_s"], float)]
     best = max(numeric, key=lambda r: r["windows_per_s"])
     prec = resolve_precision("auto", device)
-    result["ensemble"] = ensemble_mp_per_s(models, device, prec, best["batch"],
-                                           512 if args.quick else 4096)
+    result["ensemble"] = ensemble_mp_per_s(
+        models, device, prec, best["batch"], 512 if args.quick else 4096
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = str(tmp / "model.pth")
         torch.save(models[0].state_dict(), weights)
-        result["slide"] = slide_end_to_end(weights, params, device,
-                                           1024 if args.quick else 8192, roi, tmp)
+        result["slide"] = slide_end_to_end(
+            weights, params, device, 1024 if args.quick else 8192, roi, tmp
+        )
         result["train_resume"] = train_resume(params, device, 128 if args.quick else roi, tmp)
     result["oom_tile"] = oom_tile(models[0], device, roi)
     print(f"{result['card']} ({result['device']}), torch {result['torch']}, {result['date']}")
     print("| mode | batch | windows/s | rel. error vs fp32 | peak GiB |\n|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['mode']} | {r['batch']} | {r['windows_per_s']} | {r.get('rel_err', '')} "
-              f"| {r.get('peak_gib', '')} |")
+        print(
+            f"| {r['mode']} | {r['batch']} | {r['windows_per_s']} | {r.get('rel_err', '')} "
+            f"| {r.get('peak_gib', '')} |"
+        )
     for key in ("ensemble", "slide", "train_resume", "oom_tile"):
         print(f"{key}: {result[key]}")
     if args.json:

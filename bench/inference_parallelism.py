@@ -68,8 +68,10 @@ def measure(paths: list[str], processes: int, threads: int, roi: int | None = No
     threads each, timed from the moment all have loaded the model (the slowest part)."""
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(paths[i::processes], threads, ready, start, out, roi))
-             for i in range(processes)]
+    procs = [
+        ctx.Process(target=_run, args=(paths[i::processes], threads, ready, start, out, roi))
+        for i in range(processes)
+    ]
     for p in procs:
         p.start()
     for _ in procs:  # every process has its model, its images and a warm-up behind it
@@ -85,24 +87,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--roi-size", type=int, default=None,
-                        help="sliding-window size (default: the weights' own; figures "
-                        "measured before 2026-12-02 used 512)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        default=None,
+        help="sliding-window size (default: the weights' own; figures "
+        "measured before 2026-12-02 used 512)",
+    )
     args = parser.parse_args()
     paths = _images(max(args.images, 2))
-    layouts = (("1 process x 1 thread", 1, 1), ("1 process x 2 threads (segment)", 1, 2),
-               ("2 processes x 1 thread (2 model actors)", 2, 1))
+    layouts = (
+        ("1 process x 1 thread", 1, 1),
+        ("1 process x 2 threads (segment)", 1, 2),
+        ("2 processes x 1 thread (2 model actors)", 2, 1),
+    )
     best = {name: float("inf") for name, _, _ in layouts}
     for _ in range(args.repeats):  # in turn, so that a slow spell hits every layout
         for name, procs, threads in layouts:
             best[name] = min(best[name], measure(paths, procs, threads, args.roi_size))
-    rows = {name: {"seconds": round(s, 2), "images_per_s": round(len(paths) / s, 3)}
-            for name, s in best.items()}
+    rows = {
+        name: {"seconds": round(s, 2), "images_per_s": round(len(paths) / s, 3)}
+        for name, s in best.items()
+    }
     base = next(iter(rows.values()))["images_per_s"]
     for name, row in rows.items():
         row["speedup"] = round(row["images_per_s"] / base, 2)
-        print(f"{name:42s} {row['seconds']:7.2f} s  {row['images_per_s']:.3f} images/s  "
-              f"x{row['speedup']:.2f}")
+        print(
+            f"{name:42s} {row['seconds']:7.2f} s  {row['images_per_s']:.3f} images/s  "
+            f"x{row['speedup']:.2f}"
+        )
     print(json.dumps({"images": len(paths), "rows": rows}))
 
 

@@ -57,8 +57,15 @@ def write_slide(path: Path, size: int, seed: int = 0) -> None:
     bank = crop_bank()
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(bank), (size // CROP) ** 2)
-    tifffile.imwrite(path, (bank[i] for i in picks), shape=(size, size, 3), dtype=np.uint8,
-                     tile=(CROP, CROP), photometric="rgb", compression="zlib")
+    tifffile.imwrite(
+        path,
+        (bank[i] for i in picks),
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(CROP, CROP),
+        photometric="rgb",
+        compression="zlib",
+    )
 
 
 class WorkerMemory:
@@ -92,8 +99,7 @@ class WorkerMemory:
         self._thread.join()
 
 
-def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray,
-                  batch: int) -> float:
+def _time_forward(weights: list[str], model_config: dict, windows: np.ndarray, batch: int) -> float:
     """Seconds per window for the model forward alone (every model), in this process."""
     import torch
 
@@ -128,8 +134,9 @@ def sample_windows(reader: SlideSource, roi: int, n: int, seed: int = 0) -> np.n
     return out
 
 
-def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers: int,
-                    sample: int, batch: int = 4) -> tuple[float, int, float]:
+def forward_seconds(
+    weights: list[str], slide: str, roi: int, tta: bool, workers: int, sample: int, batch: int = 4
+) -> tuple[float, int, float]:
     """Model forward alone on every window of the slide, as wall-clock seconds over
     ``workers``: timed on ``sample`` real windows of the slide, split over ``workers``
     Ray tasks of one CPU each running at the same time (like the inference actors, same
@@ -148,14 +155,16 @@ def forward_seconds(weights: list[str], slide: str, roi: int, tta: bool, workers
     n_windows = len(window_starts(h, roi, 0.6)) * len(window_starts(w, roi, 0.6))
     n_windows *= 3 if tta else 1
     task = ray.remote(num_cpus=1, max_calls=1)(_time_forward)  # worker exits after
-    per = ray.get([task.remote(weights, {}, part, batch)
-                   for part in np.array_split(windows, workers)])
+    per = ray.get(
+        [task.remote(weights, {}, part, batch) for part in np.array_split(windows, workers)]
+    )
     per_window = float(np.mean(per))
     return per_window * n_windows / workers, n_windows, per_window
 
 
-def measure_size(args: argparse.Namespace, opts: SlideOptions, slide: Path, size: int,
-                 out: str) -> dict:
+def measure_size(
+    args: argparse.Namespace, opts: SlideOptions, slide: Path, size: int, out: str
+) -> dict:
     """One size in its own Ray session: the forward-only peer first, then the pipeline.
 
     A fresh session per size, because what a previous run leaves behind skews the
@@ -170,7 +179,8 @@ def measure_size(args: argparse.Namespace, opts: SlideOptions, slide: Path, size
     try:
         time.sleep(args.settle)
         fwd, n_windows, per_window = forward_seconds(
-            args.weights, str(slide), opts.roi_size, args.tta, args.workers, args.sample)
+            args.weights, str(slide), opts.roi_size, args.tta, args.workers, args.sample
+        )
         time.sleep(args.settle)
         with WorkerMemory() as mem:
             start = time.perf_counter()
@@ -185,9 +195,19 @@ def measure_size(args: argparse.Namespace, opts: SlideOptions, slide: Path, size
     for kind, rss in mem.peak.values():
         by_kind[kind] = max(by_kind.get(kind, 0), rss // 2**20)
     done = report["done"][slide.stem]
-    return dict(size=size, mp=size * size / 1e6, cells=done["cells"], sec=seconds,
-                stages=done["seconds"], fwd=fwd, windows=n_windows, per_window=per_window,
-                peak=peak, name=name, peak_mib_by_worker=by_kind)
+    return dict(
+        size=size,
+        mp=size * size / 1e6,
+        cells=done["cells"],
+        sec=seconds,
+        stages=done["seconds"],
+        fwd=fwd,
+        windows=n_windows,
+        per_window=per_window,
+        peak=peak,
+        name=name,
+        peak_mib_by_worker=by_kind,
+    )
 
 
 def main() -> None:
@@ -195,23 +215,36 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--roi-size", type=int, default=None,
-                        help="sliding-window size (default: the weights' own; figures "
-                        "measured before 2026-12-02 used 512)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        default=None,
+        help="sliding-window size (default: the weights' own; figures "
+        "measured before 2026-12-02 used 512)",
+    )
     parser.add_argument("--weights", nargs="*", default=[])
     parser.add_argument("--no-tta", dest="tta", action="store_false")
-    parser.add_argument("--sample", type=int, default=200,
-                        help="windows timed for the forward-only estimate, per slide")
-    parser.add_argument("--settle", type=float, default=30.0,
-                        help="seconds of rest before each timed phase")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=200,
+        help="windows timed for the forward-only estimate, per slide",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=30.0, help="seconds of rest before each timed phase"
+    )
     args = parser.parse_args()
 
     from mediar_ray.pipeline import SlideOptions
 
     logging.basicConfig(level=logging.WARNING)
-    opts = SlideOptions(weights=args.weights, tta=args.tta, tile_size=args.tile,
-                        roi_size=args.roi_size,
-                        workers=args.workers)
+    opts = SlideOptions(
+        weights=args.weights,
+        tta=args.tta,
+        tile_size=args.tile,
+        roi_size=args.roi_size,
+        workers=args.workers,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -224,22 +257,30 @@ def main() -> None:
 
 
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
-    print(f"tile {args.tile}, workers {args.workers}, tta {args.tta}, "
-          f"weights {args.weights or 'bundled cpu_small'}; forward-only = seconds per window "
-          f"measured on {args.sample} real windows of each slide (batch 4, {args.workers} "
-          "one-CPU Ray tasks at once, like the actors) x the slide's windows / workers")
-    print("| size | MP | cells | windows | end-to-end s | plan / infer / track / finish s "
-          "| s/MP | forward-only s/MP | overhead ratio | peak worker RSS MiB | worker |")
+    print(
+        f"tile {args.tile}, workers {args.workers}, tta {args.tta}, "
+        f"weights {args.weights or 'bundled cpu_small'}; forward-only = seconds per window "
+        f"measured on {args.sample} real windows of each slide (batch 4, {args.workers} "
+        "one-CPU Ray tasks at once, like the actors) x the slide's windows / workers"
+    )
+    print(
+        "| size | MP | cells | windows | end-to-end s | plan / infer / track / finish s "
+        "| s/MP | forward-only s/MP | overhead ratio | peak worker RSS MiB | worker |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stages"]
         stages = " / ".join(f"{st.get(k, 0):.0f}" for k in ("plan", "infer", "track", "finish"))
-        print(f"| {r['size']}^2 | {r['mp']:.1f} | {r['cells']} | {r['windows']} "
-              f"| {r['sec']:.1f} | {stages} | {r['sec'] / r['mp']:.2f} "
-              f"| {r['fwd'] / r['mp']:.2f} | {r['sec'] / r['fwd']:.2f} "
-              f"| {r['peak'] / 2**20:.0f} | {r['name']} |")
-    print("forward seconds per window (all models, one thread): "
-          + ", ".join(f"{r['size']}^2 {r['per_window']:.3f}" for r in rows))
+        print(
+            f"| {r['size']}^2 | {r['mp']:.1f} | {r['cells']} | {r['windows']} "
+            f"| {r['sec']:.1f} | {stages} | {r['sec'] / r['mp']:.2f} "
+            f"| {r['fwd'] / r['mp']:.2f} | {r['sec'] / r['fwd']:.2f} "
+            f"| {r['peak'] / 2**20:.0f} | {r['name']} |"
+        )
+    print(
+        "forward seconds per window (all models, one thread): "
+        + ", ".join(f"{r['size']}^2 {r['per_window']:.3f}" for r in rows)
+    )
     print(f"peak worker RSS, largest / smallest slide: {rows[-1]['peak'] / rows[0]['peak']:.2f}")
 
 

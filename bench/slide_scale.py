@@ -78,9 +78,14 @@ def tissue_block(svs: np.ndarray, height: int, width: int) -> np.ndarray:
     """(height, width, 3) uint8 of real tissue: the densest block of the SVS, mirrored
     (seamlessly: the block, its left-right mirror, its up-down mirror...) when larger."""
     y, x = TISSUE_CORNER
-    block = svs[y:y + TISSUE_SIDE, x:x + TISSUE_SIDE]
-    unit = np.concatenate([np.concatenate([block, block[:, ::-1]], axis=1),
-                           np.concatenate([block[::-1], block[::-1, ::-1]], axis=1)], axis=0)
+    block = svs[y : y + TISSUE_SIDE, x : x + TISSUE_SIDE]
+    unit = np.concatenate(
+        [
+            np.concatenate([block, block[:, ::-1]], axis=1),
+            np.concatenate([block[::-1], block[::-1, ::-1]], axis=1),
+        ],
+        axis=0,
+    )
     rows = np.arange(height) % unit.shape[0]
     cols = np.arange(width) % unit.shape[1]
     return unit[rows][:, cols]
@@ -121,8 +126,9 @@ def upsample2(image: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     h, w = image.shape[:2]
-    up = np.asarray(Image.fromarray(image).resize((2 * w, 2 * h), Image.Resampling.BICUBIC),
-                    np.float64)
+    up = np.asarray(
+        Image.fromarray(image).resize((2 * w, 2 * h), Image.Resampling.BICUBIC), np.float64
+    )
     means = up.reshape(h, 2, w, 2, -1).mean(axis=(1, 3))
     shift = np.repeat(np.repeat(image.reshape(h, w, -1) - means, 2, axis=0), 2, axis=1)
     return np.clip(np.rint(up + shift.reshape(up.shape)), 0, 255).astype(np.uint8)
@@ -143,19 +149,23 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float, compression: str = 
     import tifffile
 
     level = {"jpeg": 90, "zlib": 6}.get(compression)
-    options = dict(tile=(256, 256), photometric="rgb", compression=compression,
-                   compressionargs={"level": level} if level else None,
-                   resolutionunit="CENTIMETER")
+    options = dict(
+        tile=(256, 256),
+        photometric="rgb",
+        compression=compression,
+        compressionargs={"level": level} if level else None,
+        resolutionunit="CENTIMETER",
+    )
     with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tif:
-        tif.write(image, subifds=len(DOWNSAMPLES) - 1, resolution=(1e4 / mpp, 1e4 / mpp),
-                  **options)
+        tif.write(image, subifds=len(DOWNSAMPLES) - 1, resolution=(1e4 / mpp, 1e4 / mpp), **options)
         for f in DOWNSAMPLES[1:]:
             px = 1e4 / (mpp * f)
             tif.write(area_mean(image, f), subfiletype=1, resolution=(px, px), **options)
 
 
-def build_slides(folder: Path, height: int, compression: str = "jpeg",
-                 upsampled: bool = True) -> dict:
+def build_slides(
+    folder: Path, height: int, compression: str = "jpeg", upsampled: bool = True
+) -> dict:
     """Write ``glass.tif`` (0.499 um/px) and, with ``upsampled``, ``glass2x.tif`` (0.2495)
     under their own folders of ``folder`` (:func:`write_pyramid` with ``compression``);
     returns their paths, the tissue band, the glass slide's shape and pixels."""
@@ -179,8 +189,15 @@ def dir_bytes(path: Path) -> int:
 def segment(slide: Path, output: Path, flags: list[str]) -> dict:
     """One ``segment-slides`` subprocess: wall seconds, the slide's summary.json and the
     bytes of its ``.zarr``."""
-    cmd = [sys.executable, "-m", "mediar_ray.cli", "segment-slides", str(slide), str(output),
-           *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mediar_ray.cli",
+        "segment-slides",
+        str(slide),
+        str(output),
+        *flags,
+    ]
     # A fresh local Ray per run: without an address, ray.init() would join the latest
     # cluster that a `ray start` left on this machine, which may be someone else's.
     env = {**os.environ, "RAY_ADDRESS": "local"}
@@ -208,20 +225,36 @@ def mask_fraction(output: Path, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glass-height", type=int, default=3072,
-                        help="height in px of the glass slide of 1 and 3 (0.499 um; width "
-                             "3x); >= 704 so that tissue detection runs")
-    parser.add_argument("--height", type=int, default=2048,
-                        help="height in px at 0.499 um of the slide whose 2x scan is "
-                             "segmented in 2 and 3 (the 2x slide is twice both sides)")
+    parser.add_argument(
+        "--glass-height",
+        type=int,
+        default=3072,
+        help="height in px of the glass slide of 1 and 3 (0.499 um; width "
+        "3x); >= 704 so that tissue detection runs",
+    )
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=2048,
+        help="height in px at 0.499 um of the slide whose 2x scan is "
+        "segmented in 2 and 3 (the 2x slide is twice both sides)",
+    )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--roi-size", type=int, default=None,
-                        help="sliding-window size (default: the weights' own; figures "
-                        "measured before 2026-12-02 used 512)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        default=None,
+        help="sliding-window size (default: the weights' own; figures "
+        "measured before 2026-12-02 used 512)",
+    )
     parser.add_argument("--parts", default="1,2,3", help="the tables to measure (1, 2, 3)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of each configuration of 1, alternating; the fastest of "
-                             "each counts (the least disturbed by the machine)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each configuration of 1, alternating; the fastest of "
+        "each counts (the least disturbed by the machine)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="keep the slides and outputs here")
     args = parser.parse_args()
     parts = {int(v) for v in args.parts.split(",")}
@@ -244,8 +277,10 @@ def main() -> None:
         "2x target off": (glass2x, ["--tissue", "off", "--target-mpp", str(MPP)]),
         "2x level0 off": (glass2x, ["--tissue", "off"]),
         "2x target auto": (glass2x, ["--tissue", "auto", "--target-mpp", str(MPP)]),
-        "2x target auto copy": (glass2x, ["--tissue", "auto", "--target-mpp", str(MPP),
-                                          "--copy-image"]),
+        "2x target auto copy": (
+            glass2x,
+            ["--tissue", "auto", "--target-mpp", str(MPP), "--copy-image"],
+        ),
     }
     order = ["glass auto", "glass off"] * args.repeats if 1 in parts else []
     if 3 in parts:
@@ -260,8 +295,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         r = segment(slide, out, base + flags)
         run, total = windows_of(r["summary"])
-        print(f"{name:22s} {r['seconds']:7.1f} s  windows {run}/{total}  cells "
-              f"{r['summary']['cells']}  zarr {r['bytes'] / 1e6:.1f} MB", flush=True)
+        print(
+            f"{name:22s} {r['seconds']:7.1f} s  windows {run}/{total}  cells "
+            f"{r['summary']['cells']}  zarr {r['bytes'] / 1e6:.1f} MB",
+            flush=True,
+        )
         best = results.get(name)
         r["all_seconds"] = (best["all_seconds"] if best else []) + [r["seconds"]]
         if best is None or r["seconds"] < best["seconds"]:
@@ -272,14 +310,20 @@ def main() -> None:
         else:
             best["all_seconds"] = r["all_seconds"]
             shutil.rmtree(out, ignore_errors=True)
-    report(results, parts, glass, glass2x, band_fraction, (h, w),
-           (args.height, 3 * args.height))
+    report(results, parts, glass, glass2x, band_fraction, (h, w), (args.height, 3 * args.height))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(results: dict, parts: set[int], glass: Path, glass2x: Path, band_fraction: float,
-           shape: tuple[int, int], base: tuple[int, int]) -> None:
+def report(
+    results: dict,
+    parts: set[int],
+    glass: Path,
+    glass2x: Path,
+    band_fraction: float,
+    shape: tuple[int, int],
+    base: tuple[int, int],
+) -> None:
     """Print the tables of the module docstring that ``parts`` asks for."""
     if 1 in parts:
         tissue_table(results, band_fraction, shape)
@@ -292,54 +336,68 @@ def report(results: dict, parts: set[int], glass: Path, glass2x: Path, band_frac
 def _seconds(run: dict) -> str:
     """The fastest run's seconds, and every run's when there were several."""
     others = run["all_seconds"]
-    return f"{run['seconds']:.1f}" + (f" ({', '.join(f'{v:.1f}' for v in others)})"
-                                      if len(others) > 1 else "")
+    return f"{run['seconds']:.1f}" + (
+        f" ({', '.join(f'{v:.1f}' for v in others)})" if len(others) > 1 else ""
+    )
 
 
 def tissue_table(r: dict, band_fraction: float, shape: tuple[int, int]) -> None:
     mask = mask_fraction(r["glass auto"]["output"], "glass")
     auto_run, total = windows_of(r["glass auto"]["summary"])
     ratio = r["glass auto"]["seconds"] / r["glass off"]["seconds"]
-    print("\n1. Tissue detection, glass slide "
-          f"({shape[0]}x{shape[1]} px at {MPP} um/px, tissue band {band_fraction:.3f} of the area)")
+    print(
+        "\n1. Tissue detection, glass slide "
+        f"({shape[0]}x{shape[1]} px at {MPP} um/px, tissue band {band_fraction:.3f} of the area)"
+    )
     print("| run | wall s, fastest (all runs) | windows run / all | stored mask fraction |")
     print("|---|---|---|---|")
     print(f"| --tissue auto | {_seconds(r['glass auto'])} | {auto_run} / {total} | {mask:.3f} |")
     off_run, off_total = windows_of(r["glass off"]["summary"])
     print(f"| --tissue off | {_seconds(r['glass off'])} | {off_run} / {off_total} | |")
     goal = band_fraction + 0.15
-    print(f"wall time auto / off: **{ratio:.3f}** (goal <= tissue fraction + 0.15 = {goal:.3f}: "
-          f"{'met' if ratio <= goal else 'NOT met'}); windows run auto / off: "
-          f"{auto_run / off_run:.3f}")
+    print(
+        f"wall time auto / off: **{ratio:.3f}** (goal <= tissue fraction + 0.15 = {goal:.3f}: "
+        f"{'met' if ratio <= goal else 'NOT met'}); windows run auto / off: "
+        f"{auto_run / off_run:.3f}"
+    )
 
 
 def resolution_table(r: dict, base: tuple[int, int]) -> None:
     t, z = r["2x target off"], r["2x level0 off"]
     ratio = t["seconds"] / z["seconds"]
     tp, zp = (np.prod(s["summary"]["shape"]) for s in (t, z))
-    print(f"\n2. Processing resolution, 2x slide ({2 * base[0]}x{2 * base[1]} px at "
-          f"{MPP / 2} um/px), --tissue off")
+    print(
+        f"\n2. Processing resolution, 2x slide ({2 * base[0]}x{2 * base[1]} px at "
+        f"{MPP / 2} um/px), --tissue off"
+    )
     print("| run | wall s | processing shape | pixels | windows |")
     print("|---|---|---|---|---|")
     for label, s in ((f"--target-mpp {MPP}", t), ("level 0", z)):
-        print(f"| {label} | {s['seconds']:.1f} | {tuple(s['summary']['shape'])} | "
-              f"{np.prod(s['summary']['shape'])} | {windows_of(s['summary'])[1]} |")
-    print(f"wall time target / level 0: **{ratio:.3f}** (goal <= 0.35: "
-          f"{'met' if ratio <= 0.35 else 'NOT met'}); pixels {tp / zp:.3f}, windows "
-          f"{windows_of(t['summary'])[1] / windows_of(z['summary'])[1]:.3f}")
+        print(
+            f"| {label} | {s['seconds']:.1f} | {tuple(s['summary']['shape'])} | "
+            f"{np.prod(s['summary']['shape'])} | {windows_of(s['summary'])[1]} |"
+        )
+    print(
+        f"wall time target / level 0: **{ratio:.3f}** (goal <= 0.35: "
+        f"{'met' if ratio <= 0.35 else 'NOT met'}); pixels {tp / zp:.3f}, windows "
+        f"{windows_of(t['summary'])[1] / windows_of(z['summary'])[1]:.3f}"
+    )
 
 
 def output_table(r: dict, glass: Path, glass2x: Path) -> None:
     print("\n3. Output bytes (the slide's .zarr) / input bytes (the TIFF)")
     print("| slide | input MB | default output MB | ratio | --copy-image output MB | ratio |")
     print("|---|---|---|---|---|---|")
-    for label, path, default, copy in (("glass", glass, "glass auto", "glass auto copy"),
-                                       ("2x at target", glass2x, "2x target auto",
-                                        "2x target auto copy")):
+    for label, path, default, copy in (
+        ("glass", glass, "glass auto", "glass auto copy"),
+        ("2x at target", glass2x, "2x target auto", "2x target auto copy"),
+    ):
         size = path.stat().st_size
         d, c = r[default]["bytes"], r[copy]["bytes"]
-        print(f"| {label} | {size / 1e6:.1f} | {d / 1e6:.1f} | **{d / size:.2f}** | "
-              f"{c / 1e6:.1f} | {c / size:.2f} |")
+        print(
+            f"| {label} | {size / 1e6:.1f} | {d / 1e6:.1f} | **{d / size:.2f}** | "
+            f"{c / 1e6:.1f} | {c / size:.2f} |"
+        )
 
 
 if __name__ == "__main__":

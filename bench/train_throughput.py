@@ -22,6 +22,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mediar_ray.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,16 +36,25 @@ def config(data: Path, storage: Path, workers: int, args, amp: bool = True) -> "
 
     d = load_config(str(REPO / "configs" / "cpu_small.yaml")).to_dict()
     d["name"] = f"throughput_{workers}w_{'bf16' if amp else 'fp32'}"
-    d["data"].update({"roots": [str(data)], "mappings": [], "holdout_every": 5,
-                      "modality_table": None})
+    d["data"].update(
+        {"roots": [str(data)], "mappings": [], "holdout_every": 5, "modality_table": None}
+    )
     d["augment"]["crop"] = args.crop
     d["optim"].update({"epochs": args.epochs, "batch_size": args.batch, "amp": amp})
-    d["run"].update({"storage_path": str(storage), "num_workers": workers,
-                     "validate_every": 0, "checkpoint_every": args.epochs,
-                     "max_steps_per_epoch": args.steps,
-                     # logical shares that fit 2 workers + the loader into 2 CPUs; every
-                     # training process runs one torch thread whatever its share
-                     "cpus_per_worker": 0.75, "loader_workers": 1, "loader_cpus": 0.5})
+    d["run"].update(
+        {
+            "storage_path": str(storage),
+            "num_workers": workers,
+            "validate_every": 0,
+            "checkpoint_every": args.epochs,
+            "max_steps_per_epoch": args.steps,
+            # logical shares that fit 2 workers + the loader into 2 CPUs; every
+            # training process runs one torch thread whatever its share
+            "cpus_per_worker": 0.75,
+            "loader_workers": 1,
+            "loader_cpus": 0.5,
+        }
+    )
     return TrainConfig.from_dict(d)
 
 
@@ -55,6 +68,7 @@ def plain_loop(cfg, steps_per_epoch: int) -> float:
     torch.set_num_threads(1)
     data = prepare_data(cfg)
     plan = plan_stream(cfg, data.clusters, len(data.public), 1)
+
     class Rows(torch.utils.data.Dataset):
         """The stream rows as batches; the BatchMaker is built in the loader process
         (numba's OpenMP must not start in a process that forks)."""
@@ -70,8 +84,7 @@ def plain_loop(cfg, steps_per_epoch: int) -> float:
             row = plan.rows[i]
             return Rows.maker.make(json.loads(row["items"]), row["seed"])
 
-    loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=1,
-                                         prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=1, prefetch_factor=2)
     model = _build(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.01)
     sched = _cosine(opt, cfg.optim.epochs, 0)
@@ -123,8 +136,10 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"model cpu_small, crop {args.crop}, batch {args.batch} per worker, "
-          f"{args.steps} steps/epoch/worker, {args.epochs} epochs (first not counted)")
+    print(
+        f"model cpu_small, crop {args.crop}, batch {args.batch} per worker, "
+        f"{args.steps} steps/epoch/worker, {args.epochs} epochs (first not counted)"
+    )
     print("| loop | samples/s |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")

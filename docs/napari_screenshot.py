@@ -20,8 +20,9 @@ import mediar_ray.viewer
 def main(path: str, png: str = "docs/images/napari_output.png") -> None:
     pm = PluginManager.instance()
     if "mediar-ray" not in pm:  # an editable install made before the entry point
-        pm.register(PluginManifest.from_file(
-            Path(mediar_ray.viewer.__file__).with_name("napari.yaml")))
+        pm.register(
+            PluginManifest.from_file(Path(mediar_ray.viewer.__file__).with_name("napari.yaml"))
+        )
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     viewer.open(path, plugin="mediar-ray")

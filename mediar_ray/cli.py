@@ -37,6 +37,14 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``mediar-ray`` parser with every sub-command of :data:`COMMAND_MODULES`
+    that this checkout has.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The top-level parser; each sub-command sets ``func`` on the parsed namespace.
+    """
     parser = argparse.ArgumentParser(
         prog="mediar-ray",
         description="MEDIAR cell instance segmentation, on one machine or a Ray cluster.",
@@ -56,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mediar-ray``: parse ``argv``, set up logging and call the sub-command.
+
+    A user error (see :func:`is_user_error`) is logged as one line and gives exit code 2;
+    any other exception propagates with its traceback.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: the sub-command's, 2 for a user error or no sub-command, 130
+        when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -77,17 +101,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         text = str(err) if isinstance(err, ValueError) else describe_error(err)
         logging.getLogger("mediar_ray").error(
-            "%s", text.splitlines()[0] if text else type(err).__name__)
+            "%s", text.splitlines()[0] if text else type(err).__name__
+        )
         logging.getLogger("mediar_ray").debug("traceback:", exc_info=True)
         return 2
 
 
 #: Errors from outside the project that also mean "the user must fix an input or the
 #: environment" (matched by class name so that checking costs no imports of botocore).
-USER_OS_ERRORS = frozenset({
-    "FileNotFoundError", "PermissionError", "NotADirectoryError", "IsADirectoryError",
-    "NoCredentialsError", "PartialCredentialsError",
-})
+USER_OS_ERRORS = frozenset(
+    {
+        "FileNotFoundError",
+        "PermissionError",
+        "NotADirectoryError",
+        "IsADirectoryError",
+        "NoCredentialsError",
+        "PartialCredentialsError",
+    }
+)
 
 
 def is_user_error(err: BaseException) -> bool:

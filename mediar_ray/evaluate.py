@@ -26,6 +26,20 @@ _SUFFIX = "_label.tiff"
 
 @dataclass(frozen=True)
 class ImageScore:
+    """CellSeg scores of one image (from :func:`score_pair`).
+
+    Attributes
+    ----------
+    name : str
+        The image name (the prediction's file name less ``_label.tiff``).
+    precision, recall, f1 : float
+        At IoU 0.5, after border cells are dropped (unless told not to).
+    tp, fp, fn : int
+        Matched cells, unmatched predicted cells, unmatched true cells.
+    n_true, n_pred : int
+        Cells in the truth (``tp + fn``) and in the prediction (``tp + fp``).
+    """
+
     name: str
     precision: float
     recall: float
@@ -50,10 +64,12 @@ def _names(fs: fsspec.AbstractFileSystem, root: str, option: str) -> dict[str, s
             raise FileNotFoundError(root)
         listing = fs.ls(root, detail=True)
     except Exception as err:
-        raise FileNotFoundError(f"{option}: not a readable folder "
-                                f"({describe_error(err)})") from None
-    return {p["name"].rsplit("/", 1)[-1]: p["name"] for p in listing
-            if p.get("type") != "directory"}
+        raise FileNotFoundError(
+            f"{option}: not a readable folder ({describe_error(err)})"
+        ) from None
+    return {
+        p["name"].rsplit("/", 1)[-1]: p["name"] for p in listing if p.get("type") != "directory"
+    }
 
 
 def _truth_name(file: str) -> tuple[str, int] | None:
@@ -111,20 +127,26 @@ def score_pair(name: str, pred_url: str, gt_url: str, drop_border: bool = True) 
     truth, pred = read_labels(gt_url), read_labels(pred_url)
     for what, url, arr in (("truth", gt_url, truth), ("prediction", pred_url, pred)):
         if arr.ndim != 2:
-            raise ValueError(f"{what} {safe_url(url)} is not a label image (shape "
-                             f"{arr.shape}; expected one plane of cell ids)")
+            raise ValueError(
+                f"{what} {safe_url(url)} is not a label image (shape "
+                f"{arr.shape}; expected one plane of cell ids)"
+            )
     if truth.shape != pred.shape:
         raise ValueError(
             f"prediction {safe_url(pred_url)} is {pred.shape[0]}x{pred.shape[1]} pixels but "
             f"its truth {safe_url(gt_url)} is {truth.shape[0]}x{truth.shape[1]}: they are "
-            "not of the same image")
+            "not of the same image"
+        )
     m = cellseg_f1(truth, pred, drop_border=drop_border)
-    return ImageScore(name, m.precision, m.recall, m.f1, m.tp, m.fp, m.fn,
-                      m.tp + m.fn, m.tp + m.fp)
+    return ImageScore(name, m.precision, m.recall, m.f1, m.tp, m.fp, m.fn, m.tp + m.fn, m.tp + m.fp)
 
 
-def evaluate_dirs(pred_dir: str, gt_dir: str, drop_border: bool = True,
-                  failures: list[tuple[str, str]] | None = None) -> list[ImageScore]:
+def evaluate_dirs(
+    pred_dir: str,
+    gt_dir: str,
+    drop_border: bool = True,
+    failures: list[tuple[str, str]] | None = None,
+) -> list[ImageScore]:
     """CellSeg F1 (IoU 0.5) of every paired image, sorted by name.
 
     A pair that cannot be scored (:func:`score_pair`) raises, unless ``failures`` is
@@ -137,8 +159,9 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, drop_border: bool = True,
         except Exception as err:  # one bad pair must not lose the other scores
             if failures is None:
                 raise
-            failures.append((name, str(err) if isinstance(err, ValueError)
-                             else describe_error(err)))
+            failures.append(
+                (name, str(err) if isinstance(err, ValueError) else describe_error(err))
+            )
     return scores
 
 

@@ -21,6 +21,12 @@ coordinates) and the tiles' partial sums, added where they overlap, give the
 whole-image prediction up to float rounding. A ``skip`` test (a tissue mask) leaves
 windows out: they contribute background with their usual weight, so pixels that only
 windows that ran reach keep exactly the sums they had without it.
+
+Only the network's forward runs in the requested ``precision`` (autocast; see
+:mod:`mediar_ray.precision`); its output is cast to float32 at once, and the canvas, the
+Gaussian weights and the sums are float32 tensors on the model's device, copied there
+once and back once per call. A device out-of-memory error halves the batch
+(:func:`forward_windows`).
 """
 
 from __future__ import annotations
@@ -32,16 +38,29 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 
-from mediar_ray.precision import (autocast, default_batch_size, free_device_cache, is_oom,
-                                  resolve_precision)
+from mediar_ray.precision import (
+    autocast,
+    default_batch_size,
+    free_device_cache,
+    is_oom,
+    resolve_precision,
+)
 from mediar_ray.weights import DEFAULT_ROI_SIZE, common_window
+from mediar_ray.windows import BACKGROUND, owned_windows, pad_before, partial_extent, window_starts
 from mediar_ray.windows import frames as tta_frames
-from mediar_ray.windows import (BACKGROUND, owned_windows, pad_before, partial_extent,
-                                window_starts)
 
 __all__ = [
-    "BACKGROUND", "Reader", "SkipWindow", "WindowCounts", "models_window", "predict_raw",
-    "predict_region", "predict_partial", "partial_extent", "window_starts", "resolve_device",
+    "BACKGROUND",
+    "Reader",
+    "SkipWindow",
+    "WindowCounts",
+    "models_window",
+    "predict_raw",
+    "predict_region",
+    "predict_partial",
+    "partial_extent",
+    "window_starts",
+    "resolve_device",
     "forward_windows",
 ]
 
@@ -81,7 +100,10 @@ def _add_window(canvas: torch.Tensor, patch: torch.Tensor, y: int, x: int) -> No
 
 
 def _coverage(
-    ys: list[int], xs: list[int], weight: torch.Tensor, origin: tuple[int, int],
+    ys: list[int],
+    xs: list[int],
+    weight: torch.Tensor,
+    origin: tuple[int, int],
     shape: tuple[int, int],
 ) -> torch.Tensor:
     """Sum of the importance ``weight`` of windows ``ys x xs`` over a canvas.
@@ -103,8 +125,9 @@ def _batches(starts: list[tuple[int, int]], size: int):
         yield starts[b : b + size]
 
 
-def _crops(canvas: torch.Tensor, batch: list[tuple[int, int]], origin: tuple[int, int],
-           roi: int) -> torch.Tensor:
+def _crops(
+    canvas: torch.Tensor, batch: list[tuple[int, int]], origin: tuple[int, int], roi: int
+) -> torch.Tensor:
     """(N, C, roi, roi) windows at starts ``batch`` of a (C, h, w) canvas whose top-left
     is ``origin`` (same coordinates as the starts)."""
     oy, ox = origin
@@ -207,8 +230,9 @@ def forward_windows(
             raise
     free_device_cache()  # outside the handler: the traceback no longer pins tensors
     half = (crops.shape[0] + 1) // 2
-    return torch.cat([forward_windows(forward, crops[:half]),
-                      forward_windows(forward, crops[half:])])
+    return torch.cat(
+        [forward_windows(forward, crops[:half]), forward_windows(forward, crops[half:])]
+    )
 
 
 def _forward(
@@ -232,8 +256,10 @@ def _forward(
 
 
 def _prepare_models(
-    models: Sequence[torch.nn.Module] | torch.nn.Module, device: str | torch.device | None,
-    precision: str = "auto", sw_batch_size: int | None = None,
+    models: Sequence[torch.nn.Module] | torch.nn.Module,
+    device: str | torch.device | None,
+    precision: str = "auto",
+    sw_batch_size: int | None = None,
 ) -> tuple[list[torch.nn.Module], torch.device, str, int]:
     """The models as a non-empty list, in eval mode on the resolved device; the resolved
     precision (:func:`mediar_ray.precision.resolve_precision`) and batch size (the
@@ -244,11 +270,11 @@ def _prepare_models(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if sw_batch_size is not None and sw_batch_size < 0:
-        raise ValueError(f"sw_batch_size must be at least 1 (0: the device's default), "
-                         f"got {sw_batch_size}")
+        raise ValueError(
+            f"sw_batch_size must be at least 1 (0: the device's default), got {sw_batch_size}"
+        )
     batch = sw_batch_size or default_batch_size(dev)
-    return ([m.to(dev, memory_format=torch.channels_last).eval() for m in models], dev,
-            prec, batch)
+    return ([m.to(dev, memory_format=torch.channels_last).eval() for m in models], dev, prec, batch)
 
 
 def _check_region(
@@ -323,8 +349,15 @@ def predict_region(
         fregion = (h - y1, h - y0, x0, x1) if fy else (y0, y1, x0, x1)
         fregion = fregion[:2] + ((w - x1, w - x0) if fx else fregion[2:])
         pred = _windowed(
-            _flipped_reader(read, (h, w), fy, fx), (h, w), fregion, models,
-            roi_size, overlap, batch, dev, prec,
+            _flipped_reader(read, (h, w), fy, fx),
+            (h, w),
+            fregion,
+            models,
+            roi_size,
+            overlap,
+            batch,
+            dev,
+            prec,
         )
         axes = [a for a, f in ((1, fy), (2, fx)) if f]
         pred = np.flip(pred, axis=axes) if axes else pred
@@ -352,7 +385,10 @@ class WindowCounts:
 
 
 def _batches_to_run(
-    starts: list[tuple[int, int]], skip: SkipWindow | None, roi: int, shape: tuple[int, int],
+    starts: list[tuple[int, int]],
+    skip: SkipWindow | None,
+    roi: int,
+    shape: tuple[int, int],
     size: int,
 ) -> tuple[list[list[tuple[int, int]]], list[tuple[int, int]], int]:
     """(batches to run, windows skipped, windows kept) of one frame's owned windows.
@@ -437,15 +473,13 @@ def predict_partial(
     counts : WindowCounts
         Only with ``return_counts``.
     """
-    models, dev, prec, sw_batch_size = _prepare_models(models, device, precision,
-                                                        sw_batch_size)
+    models, dev, prec, sw_batch_size = _prepare_models(models, device, precision, sw_batch_size)
     (h, w), (y0, y1, x0, x1) = _check_region(image_shape, region)
     roi = roi_size
     ey0, ey1, ex0, ex1 = partial_extent((h, w), (y0, y1, x0, x1), roi)
     frames = []  # (fy, fx, all starts y, all starts x, batches to run, windows skipped)
     kept = 0
-    for fy, fx, ys_all, xs_all, mine in owned_windows((h, w), (y0, y1, x0, x1), tta, roi,
-                                                      overlap):
+    for fy, fx, ys_all, xs_all, mine in owned_windows((h, w), (y0, y1, x0, x1), tta, roi, overlap):
         run, skipped, k = _batches_to_run(mine, skip, roi, (h, w), sw_batch_size)
         frames.append((fy, fx, ys_all, xs_all, run, skipped))
         kept += k
@@ -466,12 +500,18 @@ def predict_partial(
             continue
         axes = [a for a, f in ((0, fy), (1, fx)) if f]  # (rows, cols) flipped in the frame
 
-        def flip(t: torch.Tensor) -> torch.Tensor:  # frame <-> image orientation, last 2 dims
+        # frame <-> image orientation, last 2 dims (axes bound now: B023)
+        def flip(t: torch.Tensor, axes: list[int] = axes) -> torch.Tensor:
             return t.flip([a + t.ndim - 2 for a in axes]) if axes else t
 
         # The frame's coverage, on the image, from every window of the frame reaching it.
-        count = _coverage(_overlapping(ys_all, roi, ey0, ey1), _overlapping(xs_all, roi, ex0, ex1),
-                          flip(weight), (ey0, ex0), (ey1 - ey0, ex1 - ex0))
+        count = _coverage(
+            _overlapping(ys_all, roi, ey0, ey1),
+            _overlapping(xs_all, roi, ex0, ex1),
+            flip(weight),
+            (ey0, ex0),
+            (ey1 - ey0, ex1 - ex0),
+        )
         acc = torch.zeros_like(result)
         glass = flip(weight) * background
         for model in models:
@@ -534,6 +574,15 @@ def predict_raw(
 
     if isinstance(models, torch.nn.Module):
         models = [models]
-    return predict_region(read, (h, w), (0, h, 0, w), models, tta,
-                          roi_size or models_window(models), overlap, sw_batch_size, device,
-                          precision=precision)
+    return predict_region(
+        read,
+        (h, w),
+        (0, h, 0, w),
+        models,
+        tta,
+        roi_size or models_window(models),
+        overlap,
+        sw_batch_size,
+        device,
+        precision=precision,
+    )

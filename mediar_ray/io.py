@@ -22,6 +22,7 @@ import fsspec
 import numpy as np
 import tifffile
 from fsspec.implementations.local import LocalFileSystem
+
 from mediar_ray.errors import UserError
 
 __all__ = [
@@ -121,8 +122,10 @@ def output_names(urls: Sequence[str]) -> dict[str, str]:
     counts = Counter(n.casefold() for n in first.values())
     digits = {u: hashlib.sha1(_identity(u).encode()).hexdigest() for u in urls}
     for width in (8, 16, 40):
-        names = {u: n if counts[n.casefold()] == 1 else f"{n}-{digits[u][:width]}"
-                 for u, n in first.items()}
+        names = {
+            u: n if counts[n.casefold()] == 1 else f"{n}-{digits[u][:width]}"
+            for u, n in first.items()
+        }
         if len({n.casefold() for n in names.values()}) == len(names):
             break
     return names
@@ -147,11 +150,14 @@ def describe_error(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else ""
     kind = type(err).__name__
     if kind == "NoCredentialsError" or "Unable to locate credentials" in text:
-        return ("no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_PROFILE) in the environment, or run where an instance role "
-                "provides them")
+        return (
+            "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE) in the environment, or run where an instance role "
+            "provides them"
+        )
     if kind in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or any(
-            code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch")
+    ):
         return "the cloud credentials were rejected: check AWS_ACCESS_KEY_ID/SECRET"
     if isinstance(err, FileNotFoundError):
         return "not found: check the path or URL"
@@ -160,11 +166,15 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, IsADirectoryError):
         return f"a folder is in the way of a file ({text})"
     if isinstance(err, PermissionError):
-        return (f"no access ({kind}: {text}): check the file permissions, or the "
-                "credentials in the environment for a cloud URL")
+        return (
+            f"no access ({kind}: {text}): check the file permissions, or the "
+            "credentials in the environment for a cloud URL"
+        )
     if isinstance(err, ValueError) and text.startswith("Protocol not known"):
-        return (f"unknown URL scheme ({text}): use a local path or a URL fsspec knows "
-                "(s3://, gs://, az://, https://, memory://)")
+        return (
+            f"unknown URL scheme ({text}): use a local path or a URL fsspec knows "
+            "(s3://, gs://, az://, https://, memory://)"
+        )
     if isinstance(err, ImportError):
         return f"the package for this URL scheme is not installed ({text}): pip install it"
     return f"{kind}: {text}"
@@ -195,7 +205,9 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},]+")
 #: Signed-URL and credential parameters that may appear without their URL.
 _SECRET_PARAMS = re.compile(
     r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|sig|AWSAccessKeyId|"
-    r"access_token|token|key|secret)=)[^&\s'\"]+", re.IGNORECASE)
+    r"access_token|token|key|secret)=)[^&\s'\"]+",
+    re.IGNORECASE,
+)
 
 
 def redact(text: object, *secrets: str) -> str:
@@ -379,8 +391,11 @@ def read_image(path_or_url: str) -> np.ndarray:
         raise ImageReadError(f"{url}: the image has no pixels (shape {arr.shape})")
     if arr.ndim not in (2, 3):
         raise ImageReadError(f"{url}: unexpected image shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-            or arr.dtype == bool):
+    if not (
+        np.issubdtype(arr.dtype, np.integer)
+        or np.issubdtype(arr.dtype, np.floating)
+        or arr.dtype == bool
+    ):
         raise ImageReadError(f"{url}: unsupported pixel type {arr.dtype}")
     return arr
 

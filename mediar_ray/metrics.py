@@ -37,14 +37,20 @@ class MatchCounts:
 
     @property
     def precision(self) -> float:
+        """TP / (TP + FP); with no predicted cell, 1.0 when there is no true cell either,
+        else 0.0."""
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else float(self.fn == 0)
 
     @property
     def recall(self) -> float:
+        """TP / (TP + FN); with no true cell, 1.0 when there is no predicted cell either,
+        else 0.0."""
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else float(self.fp == 0)
 
     @property
     def f1(self) -> float:
+        """2 TP / (2 TP + FP + FN), the harmonic mean of precision and recall (1.0 when
+        there are no cells at all)."""
         total = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / total if total else 1.0
 

@@ -30,8 +30,12 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from mediar_ray.weights import (CheckpointError, default_weights, read_checkpoint_bytes,
-                                trained_window)
+from mediar_ray.weights import (
+    CheckpointError,
+    default_weights,
+    read_checkpoint_bytes,
+    trained_window,
+)
 
 __all__ = [
     "DEFAULT_MODEL_PARAMS",
@@ -140,8 +144,7 @@ def build_model(**params: Any) -> MEDIARFormer:
     unknown = set(params) - set(DEFAULT_MODEL_PARAMS) - {"encoder_weights"}
     if unknown:
         raise ValueError(
-            f"unknown model parameter(s) {sorted(unknown)}; "
-            f"allowed: {sorted(DEFAULT_MODEL_PARAMS)}"
+            f"unknown model parameter(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_MODEL_PARAMS)}"
         )
     merged = {**DEFAULT_MODEL_PARAMS, **params}
     _check_params(merged)
@@ -161,16 +164,21 @@ def _check_params(params: Mapping[str, Any]) -> None:
             "MEDIAR models: mit_b5)"
         )
     channels = params["decoder_channels"]
-    if (not isinstance(channels, (list, tuple)) or len(channels) != 5
-            or not all(isinstance(c, int) and c >= 2 for c in channels)):
+    if (
+        not isinstance(channels, (list, tuple))
+        or len(channels) != 5
+        or not all(isinstance(c, int) and c >= 2 for c in channels)
+    ):
         raise ValueError(
             f"decoder_channels = {channels!r} in the model parameters: expected 5 integers "
             "of at least 2 (MEDIAR: [1024, 512, 256, 128, 64])"
         )
     pab = params["decoder_pab_channels"]
     if not isinstance(pab, int) or pab < 1:
-        raise ValueError(f"decoder_pab_channels = {pab!r} in the model parameters: expected "
-                         "a positive integer (MEDIAR: 256)")
+        raise ValueError(
+            f"decoder_pab_channels = {pab!r} in the model parameters: expected "
+            "a positive integer (MEDIAR: 256)"
+        )
 
 
 def model_params(model: MEDIARFormer) -> dict[str, Any]:
@@ -228,9 +236,7 @@ def _read_checkpoint(
         ) from None
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    ):
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{url} does not hold a state_dict of tensors")
     return dict(obj), {}, {}
 
@@ -284,9 +290,7 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(
-    path_or_url: str, device: str | torch.device = "cpu", **params: Any
-) -> MEDIARFormer:
+def load_model(path_or_url: str, device: str | torch.device = "cpu", **params: Any) -> MEDIARFormer:
     """Build a MEDIARFormer and load a checkpoint into it, strictly.
 
     Parameters

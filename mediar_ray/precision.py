@@ -26,9 +26,18 @@ import torch
 
 from mediar_ray.errors import UserError
 
-__all__ = ["PRECISIONS", "PrecisionError", "autocast", "cpu_has_native_bf16",
-           "default_batch_size", "exact_fp32", "free_device_cache", "is_oom",
-           "resolve_precision", "tf32_allowed"]
+__all__ = [
+    "PRECISIONS",
+    "PrecisionError",
+    "autocast",
+    "cpu_has_native_bf16",
+    "default_batch_size",
+    "exact_fp32",
+    "free_device_cache",
+    "is_oom",
+    "resolve_precision",
+    "tf32_allowed",
+]
 
 #: The values of ``--precision``.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -90,8 +99,9 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """
     dev = _device(device)
     if precision not in PRECISIONS:
-        raise PrecisionError(f"--precision {precision}: not a precision; use one of "
-                             f"{', '.join(PRECISIONS)}")
+        raise PrecisionError(
+            f"--precision {precision}: not a precision; use one of {', '.join(PRECISIONS)}"
+        )
     if precision == "auto":
         if dev.type == "cuda":
             major, _ = torch.cuda.get_device_capability(dev)
@@ -100,9 +110,11 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
             return "bf16" if cpu_has_native_bf16() else "fp32"
         return "fp32"
     if precision == "fp16" and dev.type == "cpu":
-        raise PrecisionError("--precision fp16: not supported on a CPU (no float16 "
-                             "convolution kernels here; slower than fp32); use --precision "
-                             "bf16 or auto on a CPU, fp16 on a CUDA GPU")
+        raise PrecisionError(
+            "--precision fp16: not supported on a CPU (no float16 "
+            "convolution kernels here; slower than fp32); use --precision "
+            "bf16 or auto on a CPU, fp16 on a CUDA GPU"
+        )
     return precision
 
 

@@ -14,12 +14,12 @@ result equals the whole-image one bit for bit.
 
 Non-finite pixels: the original does not handle them (one NaN or one -inf pixel breaks
 the normalisation of the whole image). Here a value of a float image that is NaN, +inf
-or -inf once converted to float32 is *missing*: it is left out of every statistic (the percentiles, the minimum
-and the maximum are those of the finite values only) and its normalised value is 0, the
-value of background. The rule is per value: in a colour image only the non-finite
-channel of a pixel is set to 0. :func:`normalize` and :class:`IntensityAccumulator`
-apply it identically, so the tiled and whole-image results stay equal. Integer images
-have no such values.
+or -inf once converted to float32 is *missing*: it is left out of every statistic (the
+percentiles, the minimum and the maximum are those of the finite values only) and its
+normalised value is 0, the value of background. The rule is per value: in a colour image
+only the non-finite channel of a pixel is set to 0. :func:`normalize` and
+:class:`IntensityAccumulator` apply it identically, so the tiled and whole-image results
+stay equal. Integer images have no such values.
 """
 
 from __future__ import annotations
@@ -149,9 +149,11 @@ class IntensityAccumulator:
         self._vmin = min(self._vmin, float(arr.min()))
         self._vmax = max(self._vmax, float(arr.max()))
         nonzero = arr[arr != 0]
-        if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2 and nonzero.min(
-            initial=0
-        ) >= 0:
+        if (
+            np.issubdtype(arr.dtype, np.integer)
+            and arr.dtype.itemsize <= 2
+            and nonzero.min(initial=0) >= 0
+        ):
             counts = np.bincount(nonzero.ravel(), minlength=1 << (8 * arr.dtype.itemsize))
             self._counts = counts if self._counts is None else self._counts + counts
         else:
@@ -197,9 +199,9 @@ def intensity_stats(image: np.ndarray) -> IntensityStats:
 
 def _to_uint8(values: np.ndarray, stats: IntensityStats) -> np.ndarray:
     """Percentile range -> [0, 255] with clipping, truncated to uint8 (skimage's rule)."""
-    return rescale_intensity(
-        values, in_range=(stats.lo, stats.hi), out_range="uint8"
-    ).astype(np.uint8)
+    return rescale_intensity(values, in_range=(stats.lo, stats.hi), out_range="uint8").astype(
+        np.uint8
+    )
 
 
 def normalize(image: np.ndarray, stats: IntensityStats | None = None) -> np.ndarray:
@@ -222,8 +224,7 @@ def normalize(image: np.ndarray, stats: IntensityStats | None = None) -> np.ndar
     stats = intensity_stats(image) if stats is None else stats
     if stats.blank:
         return np.zeros((3,) + rgb.shape[:2], dtype=np.float32)
-    missing = ~np.isfinite(rgb) if np.issubdtype(np.asarray(image).dtype, np.floating) \
-        else None
+    missing = ~np.isfinite(rgb) if np.issubdtype(np.asarray(image).dtype, np.floating) else None
     if missing is not None and missing.any():
         rgb = np.where(missing, np.float32(stats.vmin), rgb)  # any finite value; zeroed below
     else:

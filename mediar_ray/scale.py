@@ -29,9 +29,19 @@ import numpy as np
 from mediar_ray.sources.base import Level, SlideSource
 
 __all__ = [
-    "check_processing_size", "choose_level", "level_mpp", "level_problem", "load_mpp_table",
-    "lookup_mpp", "match_mpp_rows", "processing_shape", "usable_levels",
-    "processing_transform", "read_resampled", "slide_mpp", "thumbnail_level",
+    "check_processing_size",
+    "choose_level",
+    "level_mpp",
+    "level_problem",
+    "load_mpp_table",
+    "lookup_mpp",
+    "match_mpp_rows",
+    "processing_shape",
+    "usable_levels",
+    "processing_transform",
+    "read_resampled",
+    "slide_mpp",
+    "thumbnail_level",
 ]
 
 #: Relative slack when comparing pixel sizes: scanners round their metadata and real
@@ -39,8 +49,9 @@ __all__ = [
 MPP_TOLERANCE = 0.01
 
 #: What to tell a user whose slide has no pixel size (the engine's option names).
-MPP_FIX = ("pass --mpp UM_PER_PIXEL for all slides, or a per-slide CSV with columns "
-           "slide,mpp (--mpp-csv)")
+MPP_FIX = (
+    "pass --mpp UM_PER_PIXEL for all slides, or a per-slide CSV with columns slide,mpp (--mpp-csv)"
+)
 
 
 def _safe(url: str) -> str:
@@ -109,18 +120,23 @@ def choose_level(
         return 0, 1.0
     target = float(target_mpp)
     if not (math.isfinite(target) and target > 0):
-        raise ValueError("the target pixel size must be a positive number of um, got "
-                         f"{target_mpp!r}")
+        raise ValueError(
+            f"the target pixel size must be a positive number of um, got {target_mpp!r}"
+        )
     if mpp0 is None:
-        raise ValueError(f"{_safe(slide) or 'slide'}: its pixel size is unknown (no pixel size "
-                         f"in the file's metadata), so --target-mpp {target:g} cannot be "
-                         f"applied; {MPP_FIX}")
+        raise ValueError(
+            f"{_safe(slide) or 'slide'}: its pixel size is unknown (no pixel size "
+            f"in the file's metadata), so --target-mpp {target:g} cannot be "
+            f"applied; {MPP_FIX}"
+        )
     pair = _as_pair(mpp0)
-    usable = usable_levels(levels, square=abs(pair[0] - pair[1]) <= tolerance * max(pair),
-                           slide=slide)
+    usable = usable_levels(
+        levels, square=abs(pair[0] - pair[1]) <= tolerance * max(pair), slide=slide
+    )
     sizes = [level_mpp(mpp0, lv) for lv in levels]
-    fine_enough = [k for k, size in enumerate(sizes)
-                   if k in usable and size <= target * (1 + tolerance)]
+    fine_enough = [
+        k for k, size in enumerate(sizes) if k in usable and size <= target * (1 + tolerance)
+    ]
     level = max(fine_enough, key=lambda k: sizes[k]) if fine_enough else 0
     scale = target / sizes[level]
     return level, 1.0 if abs(scale - 1.0) <= tolerance else scale
@@ -139,14 +155,18 @@ def level_problem(level0: Level, level: Level, *, square: bool = True) -> str | 
     if not (math.isfinite(dy) and math.isfinite(dx) and dy >= 1 - 1e-9 and dx >= 1 - 1e-9):
         return f"downsample {dy:g} x {dx:g} is finer than level 0"
     if abs(h * dy - h0) > dy + 1e-6 or abs(w * dx - w0) > dx + 1e-6:
-        return (f"{h} x {w} px at downsample {dy:g} x {dx:g} covers "
-                f"{h * dy:.0f} x {w * dx:.0f} level-0 px, not level 0's {h0} x {w0}")
+        return (
+            f"{h} x {w} px at downsample {dy:g} x {dx:g} covers "
+            f"{h * dy:.0f} x {w * dx:.0f} level-0 px, not level 0's {h0} x {w0}"
+        )
     # Shapes are whole pixels: each axis's factor may differ from the other's by the
     # rounding of one pixel on either.
     slack = max(dy, dx) * (1.0 / h + 1.0 / w) + MPP_TOLERANCE * max(dy, dx)
     if square and abs(dy - dx) > slack:
-        return (f"downsample {dy:g} x {dx:g} differs between the axes: non-square pixels, "
-                "or another region than level 0")
+        return (
+            f"downsample {dy:g} x {dx:g} differs between the axes: non-square pixels, "
+            "or another region than level 0"
+        )
     return None
 
 
@@ -163,7 +183,10 @@ def usable_levels(levels: Sequence[Level], *, square: bool = True, slide: str = 
         else:
             logging.getLogger("mediar_ray.slides").warning(
                 "%s: pyramid level %d not used (%s); a finer level is resampled instead",
-                _safe(slide) or "slide", k, problem)
+                _safe(slide) or "slide",
+                k,
+                problem,
+            )
     return usable
 
 
@@ -172,8 +195,14 @@ def usable_levels(levels: Sequence[Level], *, square: bool = True, slide: str = 
 MAX_UPSAMPLED_AREA = 64
 
 
-def check_processing_size(level0: Level, shape: tuple[int, int], *, target_mpp: float | None,
-                          mpp0: float | Sequence[float] | None, slide: str = "") -> None:
+def check_processing_size(
+    level0: Level,
+    shape: tuple[int, int],
+    *,
+    target_mpp: float | None,
+    mpp0: float | Sequence[float] | None,
+    slide: str = "",
+) -> None:
     """Raise ValueError when the processing image ``shape`` (px) exceeds
     :data:`MAX_UPSAMPLED_AREA` times level 0's area; the message names --target-mpp,
     the size it would have and the slide's own pixel size."""
@@ -181,17 +210,22 @@ def check_processing_size(level0: Level, shape: tuple[int, int], *, target_mpp: 
     ratio = shape[0] * shape[1] / max(1, h0 * w0)
     if ratio <= MAX_UPSAMPLED_AREA:
         return
-    own = f" (its level 0: {level_mpp(mpp0, Level(level0.shape, (1.0, 1.0))):.3g} um)" \
-        if mpp0 is not None else ""
+    own = (
+        f" (its level 0: {level_mpp(mpp0, Level(level0.shape, (1.0, 1.0))):.3g} um)"
+        if mpp0 is not None
+        else ""
+    )
     raise ValueError(
         f"{_safe(slide) or 'slide'}: --target-mpp {target_mpp:g} would make a processing "
         f"image of {shape[0]:,} x {shape[1]:,} px, {ratio:,.0f} times level 0's area "
         f"{h0:,} x {w0:,} (at most {MAX_UPSAMPLED_AREA}){own}; give a pixel size nearer "
-        "the slide's own")
+        "the slide's own"
+    )
 
 
-def match_mpp_rows(table: dict[str, float], urls: Sequence[str]
-                   ) -> tuple[dict[str, float | None], list[str]]:
+def match_mpp_rows(
+    table: dict[str, float], urls: Sequence[str]
+) -> tuple[dict[str, float | None], list[str]]:
     """Each input's pixel size from a ``--mpp-csv`` table, and the rows no input uses.
 
     A slide may match several rows (``nompp`` and ``nompp.tif``); when they disagree
@@ -211,8 +245,9 @@ def match_mpp_rows(table: dict[str, float], urls: Sequence[str]
         values = {table[k] for k in keys}
         if len(values) > 1:
             rows = ", ".join(f"{k},{table[k]:g}" for k in keys)
-            raise ValueError(f"rows {rows} all match {_safe(url)} with different pixel sizes; "
-                             "keep one")
+            raise ValueError(
+                f"rows {rows} all match {_safe(url)} with different pixel sizes; keep one"
+            )
         used.update(keys)
         found[url] = table[keys[0]] if keys else None
     return found, [k for k in table if k not in used]
@@ -258,8 +293,10 @@ def processing_transform(
     """
     my, mx = _as_pair(mpp0)
     dy, dx = level.downsample
-    return {"scale": [my * dy * scale, mx * dx * scale],
-            "translation": [0.5 * (dy * scale - 1) * my, 0.5 * (dx * scale - 1) * mx]}
+    return {
+        "scale": [my * dy * scale, mx * dx * scale],
+        "translation": [0.5 * (dy * scale - 1) * my, 0.5 * (dx * scale - 1) * mx],
+    }
 
 
 def _axis_weights(o0: int, o1: int, n_src: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -328,8 +365,10 @@ def read_resampled(
     lh, lw = source.levels[level].shape
     ph, pw = processing_shape((lh, lw), scale)
     if not (0 <= y0 < y1 <= ph and 0 <= x0 < x1 <= pw):
-        raise ValueError(f"region {(y0, y1, x0, x1)} is empty or outside the processing "
-                         f"image of shape {(ph, pw)}")
+        raise ValueError(
+            f"region {(y0, y1, x0, x1)} is empty or outside the processing "
+            f"image of shape {(ph, pw)}"
+        )
     if scale == 1.0:
         return source.read_region(level, y0, y1, x0, x1)
     iy, wy = _axis_weights(y0, y1, lh, scale)
@@ -389,8 +428,9 @@ def load_mpp_table(url: str) -> dict[str, float]:
     except FileNotFoundError:
         raise ValueError(f"{where}: pixel-size table not found") from None
     except Exception as err:
-        raise ValueError(f"{where}: cannot read the pixel-size table "
-                         f"({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{where}: cannot read the pixel-size table ({type(err).__name__}: {err})"
+        ) from None
     table: dict[str, float] = {}
     for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         cells = [c.strip() for c in row]
@@ -405,8 +445,10 @@ def load_mpp_table(url: str) -> dict[str, float]:
         except ValueError:
             mpp = float("nan")
         if not (math.isfinite(mpp) and mpp > 0):
-            raise ValueError(f"{where}, line {line}: pixel size {cells[1]!r} of {cells[0]!r} "
-                             "is not a positive number of micrometres")
+            raise ValueError(
+                f"{where}, line {line}: pixel size {cells[1]!r} of {cells[0]!r} "
+                "is not a positive number of micrometres"
+            )
         if cells[0] in table:
             raise ValueError(f"{where}, line {line}: slide {cells[0]!r} is listed twice")
         table[cells[0]] = mpp

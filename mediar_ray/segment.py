@@ -17,8 +17,15 @@ from mediar_ray.model import MEDIARFormer, load_model
 from mediar_ray.preprocess import normalize
 from mediar_ray.weights import parse_model_config, resolve_weights
 
-__all__ = ["SegmentResult", "check_device", "load_models", "models_window",
-           "parse_model_config", "resolve_weights", "segment_image"]
+__all__ = [
+    "SegmentResult",
+    "check_device",
+    "load_models",
+    "models_window",
+    "parse_model_config",
+    "resolve_weights",
+    "segment_image",
+]
 
 
 @dataclass
@@ -45,24 +52,31 @@ def check_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps "
-                         "or auto") from None
+        raise ValueError(
+            f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps or auto"
+        ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU (torch "
-                             f"{torch.__version__}, built for CUDA {torch.version.cuda}); "
-                             "use --device cpu, or --device auto to take a GPU when there "
-                             "is one")
+            raise ValueError(
+                f"--device {name}: this machine has no usable CUDA GPU (torch "
+                f"{torch.__version__}, built for CUDA {torch.version.cuda}); "
+                "use --device cpu, or --device auto to take a GPU when there "
+                "is one"
+            )
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} GPU(s), numbered "
-                             f"0 to {count - 1}; use --device cuda:0 .. cuda:{count - 1}")
+            raise ValueError(
+                f"--device {name}: this machine has {count} GPU(s), numbered "
+                f"0 to {count - 1}; use --device cuda:0 .. cuda:{count - 1}"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"--device {name}: no Apple GPU (MPS) here; use --device cpu")
     elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, "
-                         "cuda, cuda:N, mps or auto")
+        raise ValueError(
+            f"--device {name}: unsupported device type {dev.type!r}; use cpu, "
+            "cuda, cuda:N, mps or auto"
+        )
     return dev
 
 
@@ -112,8 +126,13 @@ def segment_image(
         Passed to :func:`mediar_ray.dynamics.flows_to_labels`.
     """
     raw = predict_raw(
-        normalize(image), models, tta=tta, roi_size=roi_size, device=device,
-        sw_batch_size=sw_batch_size, precision=precision,
+        normalize(image),
+        models,
+        tta=tta,
+        roi_size=roi_size,
+        device=device,
+        sw_batch_size=sw_batch_size,
+        precision=precision,
     )
     labels = None
     if postprocess:

@@ -16,7 +16,11 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 __all__ = [
-    "detect_kind", "load_mask", "resize_mask", "tissue_mask", "tissue_skip",
+    "detect_kind",
+    "load_mask",
+    "resize_mask",
+    "tissue_mask",
+    "tissue_skip",
     "window_touches_tissue",
 ]
 
@@ -187,8 +191,10 @@ def tissue_mask(
         return np.zeros(score.shape, bool)  # blank, black or noisy glass: no window to run
     threshold = _threshold(score)
     if kind == "brightfield":
-        threshold = max(min(threshold, OD_CAP),
-                        float(np.median(score[score <= threshold_otsu(score)])) + MIN_OD_STEP)
+        threshold = max(
+            min(threshold, OD_CAP),
+            float(np.median(score[score <= threshold_otsu(score)])) + MIN_OD_STEP,
+        )
     mask = score > threshold
     mask = _remove_small(mask, min_size, np.ones((3, 3), bool))
     mask = _fill_small_holes(mask, max_hole)
@@ -207,7 +213,10 @@ def _downsample_pair(mask_downsample: float | Sequence[float]) -> tuple[float, f
 def window_touches_tissue(
     mask: np.ndarray,
     mask_downsample: float | Sequence[float],
-    y0: int, y1: int, x0: int, x1: int,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
 ) -> bool:
     """Whether the window ``[y0:y1, x0:x1]`` of the processing image touches tissue.
 
@@ -303,7 +312,7 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _as_bool(values: np.ndarray) -> np.ndarray:
-    """bool as is; integers non-zero (0/1, 0/255); floats above one half (0/1
+    """Bool as is; integers non-zero (0/1, 0/255); floats above one half (0/1
     probabilities)."""
     if values.dtype == bool:
         return values
@@ -358,8 +367,7 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     ValueError
         The mask cannot be read or is not a 2-D image (the message names the file).
     """
-    from mediar_ray.io import ImageReadError, read_image
-    from mediar_ray.io import safe_url
+    from mediar_ray.io import ImageReadError, read_image, safe_url
 
     name = PurePosixPath(str(url).rstrip("/")).name.lower()
     try:
@@ -369,15 +377,18 @@ def load_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
         else:
             mask = _zarr_mask(url, shape)
     except ImageReadError as err:
-        raise ValueError(f"tissue mask {err}; give a PNG/TIFF image or a zarr array "
-                         "(non-zero = tissue)") from None
+        raise ValueError(
+            f"tissue mask {err}; give a PNG/TIFF image or a zarr array (non-zero = tissue)"
+        ) from None
     except Exception as err:
-        raise ValueError(f"{safe_url(url)}: cannot read the tissue mask ({type(err).__name__}: "
-                         f"{err}); give a PNG/TIFF image or a zarr array (non-zero = tissue)"
-                         ) from None
+        raise ValueError(
+            f"{safe_url(url)}: cannot read the tissue mask ({type(err).__name__}: "
+            f"{err}); give a PNG/TIFF image or a zarr array (non-zero = tissue)"
+        ) from None
     if mask.ndim != 2:
-        raise ValueError(f"{safe_url(url)}: the tissue mask has shape {mask.shape}; expected a "
-                         "2-D image (y, x)")
+        raise ValueError(
+            f"{safe_url(url)}: the tissue mask has shape {mask.shape}; expected a 2-D image (y, x)"
+        )
     check_aspect(mask.shape, shape, url)
     return resize_mask(mask, shape)
 
@@ -400,4 +411,5 @@ def check_aspect(mask_shape: tuple[int, int], shape: tuple[int, int], url: str =
         raise ValueError(
             f"{safe_url(url)}: the tissue mask is {mh} x {mw} px (aspect {a:.3g}) but the "
             f"slide's grid is {h} x {w} (aspect {b:.3g}): it would be stretched; give a mask "
-            "of the whole slide")
+            "of the whole slide"
+        )

@@ -15,11 +15,22 @@ from importlib import resources
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 import fsspec
+
 from mediar_ray.errors import UserError
 
-__all__ = ["CheckpointError", "DEFAULT_ROI_SIZE", "checkpoint_metadata", "checkpoint_sha256",
-           "common_window", "default_weights", "parse_model_config", "read_checkpoint_bytes",
-           "resolve_weights", "trained_window", "window_size"]
+__all__ = [
+    "CheckpointError",
+    "DEFAULT_ROI_SIZE",
+    "checkpoint_metadata",
+    "checkpoint_sha256",
+    "common_window",
+    "default_weights",
+    "parse_model_config",
+    "read_checkpoint_bytes",
+    "resolve_weights",
+    "trained_window",
+    "window_size",
+]
 
 #: MEDIAR's sliding window, for checkpoints that do not say what crops they were trained on
 #: (MEDIAR's own were trained on 512-px crops).
@@ -60,11 +71,13 @@ def _open_checkpoint(url: str) -> Iterator[IO[bytes]]:
         with fsspec.open(url, "rb") as f:
             yield f
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {safe_url(url)}; check the --weights "
-                              "path or URL") from None
+        raise CheckpointError(
+            f"checkpoint not found: {safe_url(url)}; check the --weights path or URL"
+        ) from None
     except Exception as err:  # network, permissions, bad URL scheme, no credentials
-        raise CheckpointError(f"cannot read checkpoint {safe_url(url)}: "
-                              f"{describe_error(err)}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {safe_url(url)}: {describe_error(err)}"
+        ) from None
 
 
 def read_checkpoint_bytes(url: str) -> bytes:
@@ -133,7 +146,8 @@ def common_window(sizes: Iterable[int]) -> int:
     if len(found) > 1:
         raise CheckpointError(
             f"the models were trained for different window sizes ({sorted(found)} px): "
-            "pass --roi-size to choose one sliding-window size for all of them")
+            "pass --roi-size to choose one sliding-window size for all of them"
+        )
     return found.pop() if found else DEFAULT_ROI_SIZE
 
 
@@ -177,5 +191,6 @@ def _read_text(url: str) -> str:
     except FileNotFoundError:
         raise ValueError(f"--model-config {safe_url(url)}: file not found") from None
     except Exception as err:  # bad URL scheme, no access, no credentials, not text
-        raise ValueError(f"--model-config {safe_url(url)}: cannot read "
-                         f"({describe_error(err)})") from None
+        raise ValueError(
+            f"--model-config {safe_url(url)}: cannot read ({describe_error(err)})"
+        ) from None

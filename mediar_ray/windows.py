@@ -7,8 +7,18 @@ it without loading the model code (:mod:`mediar_ray.inference` runs the windows)
 
 from __future__ import annotations
 
-__all__ = ["BACKGROUND", "TTA_FRAMES", "frames", "image_starts", "owned", "owned_window_count",
-           "owned_windows", "pad_before", "partial_extent", "window_starts"]
+__all__ = [
+    "BACKGROUND",
+    "TTA_FRAMES",
+    "frames",
+    "image_starts",
+    "owned",
+    "owned_window_count",
+    "owned_windows",
+    "pad_before",
+    "partial_extent",
+    "window_starts",
+]
 
 #: (flip rows?, flip columns?) for identity, horizontal flip, vertical flip; the order in
 #: which the original averages them.
@@ -97,9 +107,13 @@ def owned(starts: list[int], length: int, lo: int, hi: int) -> list[int]:
     return [a for a in starts if lo <= min(max(a, 0), length - 1) < hi]
 
 
-def owned_windows(image_shape: tuple[int, int], region: tuple[int, int, int, int],
-                  tta: bool, roi_size: int = 512, overlap: float = 0.6
-                  ) -> list[tuple[bool, bool, list[int], list[int], list[tuple[int, int]]]]:
+def owned_windows(
+    image_shape: tuple[int, int],
+    region: tuple[int, int, int, int],
+    tta: bool,
+    roi_size: int = 512,
+    overlap: float = 0.6,
+) -> list[tuple[bool, bool, list[int], list[int], list[tuple[int, int]]]]:
     """Per augmentation frame: (flip rows?, flip columns?, every window start along y and
     along x in image coordinates, the (y, x) corners of the windows ``region`` owns)."""
     h, w = (int(v) for v in image_shape)
@@ -112,8 +126,13 @@ def owned_windows(image_shape: tuple[int, int], region: tuple[int, int, int, int
     return out
 
 
-def owned_window_count(image_shape: tuple[int, int], region: tuple[int, int, int, int],
-                       tta: bool, roi_size: int = 512, overlap: float = 0.6) -> int:
+def owned_window_count(
+    image_shape: tuple[int, int],
+    region: tuple[int, int, int, int],
+    tta: bool,
+    roi_size: int = 512,
+    overlap: float = 0.6,
+) -> int:
     """How many windows ``region`` owns over all augmentation frames (each counted once
     per frame): the windows :func:`mediar_ray.inference.predict_partial` runs or skips
     for it."""

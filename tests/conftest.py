@@ -77,12 +77,12 @@ def dsb_config(data_dir: Path, tmp_path: Path):
         (root / "labels").mkdir()
         for lab in sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[:n]:
             stem = lab.name[: -len("_label.tiff")]
-            shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")),
-                        root / "images")
+            shutil.copy(next((data_dir / "dsb2018/images").glob(stem + ".*")), root / "images")
             shutil.copy(lab, root / "labels")
         config = tmp_path / "cfg.yaml"
-        config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                                "holdout_every": 2}}))
+        config.write_text(
+            yaml.safe_dump({"name": "t", "data": {"roots": [str(root)], "holdout_every": 2}})
+        )
         return config, root
 
     return make
@@ -129,8 +129,12 @@ def s3_ray():
 
     with s3_server() as env, environment(env):
         client = s3_client(env, "lab", "results")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env},
+        )
         yield client, env
         ray.shutdown()
 

@@ -39,27 +39,48 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None, port: int | None = None,
-             temp_dir: str | None = None, extra_args: Sequence[str] = ()) -> Iterator[RayHead]:
+def ray_head(
+    num_cpus: int = 2,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    temp_dir: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[RayHead]:
     """Start a Ray head on loopback; yields its addresses; stops it on exit."""
     port, dash = port or free_port(), free_port()
     tmp = temp_dir or new_temp_dir()
     log = Path(tmp) / "ray_start.log"
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
         # the agent's default port (52365) is taken by any other Ray head on the machine
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--temp-dir={tmp}", "--disable-usage-stats", *extra_args,
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+        *extra_args,
     ]
     # Loopback-only test cluster: no token auth, so `ray job submit` needs no token.
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        **(env or {}),
+    }
     full_env.pop("RAY_ADDRESS", None)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
     url = f"http://127.0.0.1:{dash}"
     try:
         _wait_for(url, proc, log)
@@ -108,17 +129,28 @@ def kill_leftovers(temp_dir: str) -> list[int]:
     return killed
 
 
-def submit_job(head: RayHead, working_dir: Path, *entrypoint: str,
-               timeout: float = 900, attempts: int = 5) -> subprocess.CompletedProcess:
+def submit_job(
+    head: RayHead, working_dir: Path, *entrypoint: str, timeout: float = 900, attempts: int = 5
+) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir WORKING_DIR -- ENTRYPOINT`; waits for the job to end.
 
     The dashboard may answer before the head's job agent has registered (slow on a busy
     machine); it then refuses the job ("No available agent ... try again later") without
     starting it, and the submission is repeated.
     """
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-           "--address", head.dashboard_url, "--working-dir", str(working_dir), "--",
-           *entrypoint]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--working-dir",
+        str(working_dir),
+        "--",
+        *entrypoint,
+    ]
     for _ in range(attempts):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in result.stderr:

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from moto.server import ThreadedMotoServer
-
 from ray_head import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret"}
@@ -24,12 +23,17 @@ def s3_server() -> Iterator[dict[str, str]]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        **CREDENTIALS,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     # Every moto server in a process shares one in-memory backend: start each test's
     # server empty, or buckets of an earlier test show through.
-    urllib.request.urlopen(urllib.request.Request(
-        f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"), timeout=30).close()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"),
+        timeout=30,
+    ).close()
     try:
         yield env
     finally:
@@ -40,10 +44,13 @@ def s3_client(env: dict[str, str], *buckets: str):
     """A boto3 client of the server that ``env`` points at, with ``buckets`` created."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                          region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
     for bucket in buckets:
         client.create_bucket(Bucket=bucket)
     return client

@@ -36,12 +36,24 @@ def build(base: Path, data_dir: Path) -> Path:
     mask = tissue_mask(crop[::8, ::8])
     assert 0 < mask.mean() < 1  # some glass: the tissue layer shows something
     Image.fromarray((mask * 255).astype(np.uint8)).save(base / "tissue.png")
-    cmd = [sys.executable, "-c", "from mediar_ray.cli import main; raise SystemExit(main())",
-           "segment-slides", str(base / "he.tif"), str(base / "out"),
-           "--no-tta", "--tile-size", str(TILE), "--halo", "64", "--mpp", str(MPP),
-           "--tissue", str(base / "tissue.png")]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from mediar_ray.cli import main; raise SystemExit(main())",
+        "segment-slides",
+        str(base / "he.tif"),
+        str(base / "out"),
+        "--no-tta",
+        "--tile-size",
+        str(TILE),
+        "--halo",
+        "64",
+        "--mpp",
+        str(MPP),
+        "--tissue",
+        str(base / "tissue.png"),
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env,
-                          timeout=900)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return base / "out" / "he.zarr"

@@ -15,18 +15,30 @@ from skimage.draw import polygon2mask
 from skimage.measure import label as connected_pieces
 from skimage.measure import regionprops
 
-from mediar_ray.cells import (cells_in_several_chunks, finalize, measure_chunk,
-                              merge_partials, split_partials, take_rows, touches_neighbour)
-from mediar_ray.cells.geojson import (features, outline_regions, write_feature_collection,
-                                      write_piece)
+from mediar_ray.cells import (
+    cells_in_several_chunks,
+    finalize,
+    measure_chunk,
+    merge_partials,
+    split_partials,
+    take_rows,
+    touches_neighbour,
+)
+from mediar_ray.cells.geojson import (
+    features,
+    outline_regions,
+    write_feature_collection,
+    write_piece,
+)
 from mediar_ray.io import read_image
 from mediar_ray.pipeline.layout import tile_grid
 
 SIZE, TILE, SCALE = 3072, 500, (2.0, 3.0)
 
 
-def paired_mosaic(pairs: list[tuple[np.ndarray, np.ndarray]], size: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+def paired_mosaic(
+    pairs: list[tuple[np.ndarray, np.ndarray]], size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, image) mosaics of real (image, label) pairs placed row by row in a seeded
     random order, ids made unique (the placement of bench/mosaic.py, with images)."""
     rng = np.random.default_rng(seed)
@@ -93,8 +105,9 @@ def test_chunked_measurements_equal_regionprops(mosaic, chunked):
     tiles, parts, shared, rows, merged, _ = chunked
     table = concat(rows + [merged])
     props = regionprops(labels.astype(np.int64), intensity_image=image)
-    prob = regionprops(labels.astype(np.int64),
-                       intensity_image=1 / (1 + np.exp(-logit.astype(np.float64))))
+    prob = regionprops(
+        labels.astype(np.int64), intensity_image=1 / (1 + np.exp(-logit.astype(np.float64)))
+    )
     order = np.argsort(table["id"])
     t = {k: v[order] for k, v in table.items()}
     # Every cell exactly once, the ones crossing chunk borders included.
@@ -105,13 +118,21 @@ def test_chunked_measurements_equal_regionprops(mosaic, chunked):
     assert np.array_equal(bbox, [p.bbox for p in props])
     centroid = np.stack([t["centroid_y"], t["centroid_x"]], axis=1)
     assert np.abs(centroid - [p.centroid for p in props]).max() < 1e-6
-    for col, attr in (("intensity_mean", "intensity_mean"), ("intensity_min", "intensity_min"),
-                      ("intensity_max", "intensity_max")):
+    for col, attr in (
+        ("intensity_mean", "intensity_mean"),
+        ("intensity_min", "intensity_min"),
+        ("intensity_max", "intensity_max"),
+    ):
         assert np.abs(t[col] - [getattr(p, attr) for p in props]).max() < 1e-5, col
     assert np.abs(t["prob_mean"] - [p.intensity_mean for p in prob]).max() < 1e-5
     assert np.abs(t["prob_max"] - [p.intensity_max for p in prob]).max() < 1e-5
-    for col in ("axis_major_length", "axis_minor_length", "eccentricity", "extent",
-                "equivalent_diameter_area"):
+    for col in (
+        "axis_major_length",
+        "axis_minor_length",
+        "eccentricity",
+        "extent",
+        "equivalent_diameter_area",
+    ):
         ours = t[col.replace("_area", "")]
         assert np.allclose(ours, [getattr(p, col) for p in props], rtol=1e-9, atol=1e-9), col
     # Orientation is defined where the two axes differ; compare it there (mod pi).
@@ -135,8 +156,9 @@ def test_merge_is_exact_in_any_order(chunked):
     for name in ("ids", "count", "bbox", "moments", "int_min", "int_max", "logit_max"):
         assert np.array_equal(getattr(tree, name), getattr(flat, name)), name
     assert np.allclose(tree.int_sum, flat.int_sum, rtol=1e-12)
-    assert np.array_equal(finalize(flat, scale=SCALE, pixel_size_um=(0.25, 0.25))["id"],
-                          merged["id"])
+    assert np.array_equal(
+        finalize(flat, scale=SCALE, pixel_size_um=(0.25, 0.25))["id"], merged["id"]
+    )
 
 
 def test_shared_cells_touch_a_chunk_edge_or_have_pieces(mosaic, chunked):
@@ -158,14 +180,22 @@ def test_geojson_outlines_in_level0_pixels(mosaic, chunked, tmp_path):
     pieces = []
     for t, r in zip(tiles, rows):  # complete cells: drawn from the chunk itself
         url = str(tmp_path / "pieces" / f"{t.name}.json")
-        write_piece(url, features(labels[t.y0:t.y1, t.x0:t.x1], (t.y0, t.x0), r,
-                                  scale=SCALE, slide="mosaic"))
+        write_piece(
+            url,
+            features(
+                labels[t.y0 : t.y1, t.x0 : t.x1], (t.y0, t.x0), r, scale=SCALE, slide="mosaic"
+            ),
+        )
         pieces.append(url)
     for k, ((y0, y1, x0, x1), idx) in enumerate(outline_regions(merged, TILE)):
         assert y1 - y0 <= 2 * TILE and x1 - x0 <= 2 * TILE  # a bounded region per group
         url = str(tmp_path / "pieces" / f"border_{k}.json")
-        write_piece(url, features(labels[y0:y1, x0:x1], (y0, x0), take_rows(merged, idx),
-                                  scale=SCALE, slide="mosaic"))
+        write_piece(
+            url,
+            features(
+                labels[y0:y1, x0:x1], (y0, x0), take_rows(merged, idx), scale=SCALE, slide="mosaic"
+            ),
+        )
         pieces.append(url)
     out = tmp_path / "mosaic.geojson.gz"
     write_feature_collection(str(out), pieces)
@@ -178,8 +208,12 @@ def test_geojson_outlines_in_level0_pixels(mosaic, chunked, tmp_path):
     assert len({f["id"] for f in feats}) == len(feats)
     table = concat(rows + [merged])
     area = dict(zip(table["id"].tolist(), table["area"].tolist()))
-    boxes = {int(i): (int(a), int(b), int(c), int(d)) for i, a, b, c, d in zip(
-        table["id"], table["bbox_y0"], table["bbox_x0"], table["bbox_y1"], table["bbox_x1"])}
+    boxes = {
+        int(i): (int(a), int(b), int(c), int(d))
+        for i, a, b, c, d in zip(
+            table["id"], table["bbox_y0"], table["bbox_x0"], table["bbox_y1"], table["bbox_x1"]
+        )
+    }
     pieces_of = piece_counts(labels)
     sy, sx = SCALE
     ious, joined, holes = [], [], 0
@@ -212,13 +246,18 @@ def test_geojson_outlines_in_level0_pixels(mosaic, chunked, tmp_path):
     assert len(joined) > 10 and holes > 0  # labels in pieces and with holes were met
 
 
-def rasterise(ring, shape: tuple[int, int], origin: tuple[int, int],
-              scale: tuple[float, float]) -> np.ndarray:
+def rasterise(
+    ring, shape: tuple[int, int], origin: tuple[int, int], scale: tuple[float, float]
+) -> np.ndarray:
     """Pixels of a processing-grid region (top-left corner ``origin`` (y, x)) whose
     centres lie inside the ring ((x, y) level-0 vertices)."""
     xy = np.asarray(ring.coords)
-    return polygon2mask(shape, np.stack([xy[:, 1] / scale[0] - origin[0] - 0.5,
-                                         xy[:, 0] / scale[1] - origin[1] - 0.5], axis=1))
+    return polygon2mask(
+        shape,
+        np.stack(
+            [xy[:, 1] / scale[0] - origin[0] - 0.5, xy[:, 0] / scale[1] - origin[1] - 0.5], axis=1
+        ),
+    )
 
 
 def piece_counts(labels: np.ndarray) -> dict[int, int]:

@@ -21,6 +21,9 @@ import tifffile
 import zarr
 from skimage.draw import polygon2mask
 from skimage.measure import regionprops
+from test_cells import paired_mosaic
+from test_cells_table import normalise
+from test_pipeline import plan_as_job
 
 from mediar_ray.cells.table import partition_state
 from mediar_ray.dynamics import labels_to_flows
@@ -29,9 +32,6 @@ from mediar_ray.pipeline import SlideOptions, run_slides
 from mediar_ray.pipeline.layout import tile_grid
 from mediar_ray.pipeline.stages import mark_done, open_array
 from mediar_ray.segment import resolve_weights
-from test_cells import paired_mosaic
-from test_pipeline import plan_as_job
-from test_cells_table import normalise
 
 # 7 x 7 chunks of 448 px, the last row and column 384 px: many seams, ragged edges.
 SIZE, TILE = 3072, 448
@@ -59,8 +59,9 @@ def dsb_pairs(data_dir) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def run_with_injected_flows(path: Path, out: Path, opts: SlideOptions,
-                            truth: np.ndarray, logit: np.ndarray) -> None:
+def run_with_injected_flows(
+    path: Path, out: Path, opts: SlideOptions, truth: np.ndarray, logit: np.ndarray
+) -> None:
     """The job on the slide at ``path`` with the model's output replaced by the flows
     of ``truth`` (x 5, as the model is trained) and ``logit`` (processing grid)."""
     raw = np.concatenate([labels_to_flows(truth) * 5, logit[None]]).astype(np.float32)
@@ -68,7 +69,9 @@ def run_with_injected_flows(path: Path, out: Path, opts: SlideOptions,
     assert plan.shape == truth.shape
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     for tile in tile_grid(plan.shape, plan.tile):
-        flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw[:, tile.y0:tile.y1, tile.x0:tile.x1]
+        flows[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = raw[
+            :, tile.y0 : tile.y1, tile.x0 : tile.x1
+        ]
         mark_done(plan, "infer", tile)
     report = run_slides([str(path)], str(out), opts)
     assert report["failed"] == {} and report["done"][path.stem]["tiles_inferred"] == 0
@@ -91,8 +94,9 @@ def mosaic_run(cluster, tiny, dsb_pairs, tmp_path_factory):
     path = tmp / "mosaic.tif"
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb")
     out = tmp / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=TILE, halo=128,
-                        tissue="off")
+    opts = SlideOptions(
+        weights=[tiny[0]], model_config=tiny[1], tile_size=TILE, halo=128, tissue="off"
+    )
     run_with_injected_flows(path, out, opts, truth, logit)
     return out, image, logit
 
@@ -101,7 +105,7 @@ def cells_in_several_chunks(labels: np.ndarray, tile: int) -> set[int]:
     """Ids with pixels in more than one chunk of side ``tile`` (from the labels alone)."""
     seen: dict[int, int] = {}
     for t in tile_grid(labels.shape, tile):
-        for cell in np.unique(labels[t.y0:t.y1, t.x0:t.x1]).tolist():
+        for cell in np.unique(labels[t.y0 : t.y1, t.x0 : t.x1]).tolist():
             seen[cell] = seen.get(cell, 0) + 1
     return {c for c, n in seen.items() if n > 1 and c}
 
@@ -169,8 +173,9 @@ def rasterise(polygon, window: tuple[int, int, int, int]) -> np.ndarray:
 
     def ring_mask(ring) -> np.ndarray:
         xy = np.asarray(ring.coords)
-        return polygon2mask((y1 - y0, x1 - x0),
-                            np.stack([xy[:, 1] - 0.5 - y0, xy[:, 0] - 0.5 - x0], axis=1))
+        return polygon2mask(
+            (y1 - y0, x1 - x0), np.stack([xy[:, 1] - 0.5 - y0, xy[:, 0] - 0.5 - x0], axis=1)
+        )
 
     mask = ring_mask(polygon.exterior)
     for hole in polygon.interiors:
@@ -178,8 +183,9 @@ def rasterise(polygon, window: tuple[int, int, int, int]) -> np.ndarray:
     return mask
 
 
-def check_geojson(out: Path, name: str, scale: float, tile: int,
-                  level0_mpp: float = 0.5) -> list[float]:
+def check_geojson(
+    out: Path, name: str, scale: float, tile: int, level0_mpp: float = 0.5
+) -> list[float]:
     """The job's GeoJSON of slide ``name``: loads with json and shapely, one valid
     Polygon per cell (= table rows = labels max), in level-0 pixels (``scale`` level-0
     pixels per processing pixel); returns the IoU of each polygon rasterised on the
@@ -232,12 +238,19 @@ def test_geojson_in_level0_pixels(cluster, tiny, dsb_pairs, tmp_path):
     # multiples never fall on a level-0 pixel centre: rasterising is then unambiguous.
     src = np.minimum(((np.arange(2048) + 0.5) / 1.6).astype(int), 1279)
     path = tmp_path / "fine.tif"
-    tifffile.imwrite(path, image[src[:, None], src[None, :]], tile=(256, 256),
-                     photometric="rgb")
+    tifffile.imwrite(path, image[src[:, None], src[None, :]], tile=(256, 256), photometric="rgb")
     out = tmp_path / "out"
-    opts = SlideOptions(weights=[tiny[0]], model_config=tiny[1], tile_size=256, halo=96,
-                        tissue="off", mpp=0.5, target_mpp=0.8, labels_level0=True,
-                        geojson=True)
+    opts = SlideOptions(
+        weights=[tiny[0]],
+        model_config=tiny[1],
+        tile_size=256,
+        halo=96,
+        tissue="off",
+        mpp=0.5,
+        target_mpp=0.8,
+        labels_level0=True,
+        geojson=True,
+    )
     run_with_injected_flows(path, out, opts, truth, cell_logit(truth, image))
     ious = check_geojson(out, "fine", 1.6, 256)
     assert len(ious) > 1000 and min(ious) >= 0.9, min(ious)
@@ -259,9 +272,18 @@ def test_geojson_of_the_svs_slide_with_the_model(cluster, data_dir, tmp_path):
     slide = tmp_path / "he.tif"
     tifffile.imwrite(slide, fine, tile=(256, 256), photometric="rgb")
     out = tmp_path / "out"
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=512, halo=128,
-                        workers=2, tissue="off", target_mpp=0.4, mpp=0.25,
-                        labels_level0=True, geojson=True)
+    opts = SlideOptions(
+        weights=resolve_weights(None),
+        tta=False,
+        tile_size=512,
+        halo=128,
+        workers=2,
+        tissue="off",
+        target_mpp=0.4,
+        mpp=0.25,
+        labels_level0=True,
+        geojson=True,
+    )
     report = run_slides([str(slide)], str(out), opts)
     assert report["failed"] == {}
     ious = check_geojson(out, "he", 1.6, 512, level0_mpp=0.25)
@@ -269,9 +291,9 @@ def test_geojson_of_the_svs_slide_with_the_model(cluster, data_dir, tmp_path):
 
 
 SLIDES3 = {  # three real images of different kinds, each a small slide
-    "nuclei": ("stardist_nuclei/images/img2d.tif", None),         # grey uint16
+    "nuclei": ("stardist_nuclei/images/img2d.tif", None),  # grey uint16
     "phase": ("usiigaci_phase/images/train_set1.tif", (512, 768)),  # grey uint16, cropped
-    "tissue": ("nuinsseg/images", None),                           # RGB uint8 H&E
+    "tissue": ("nuinsseg/images", None),  # RGB uint8 H&E
 }
 
 
@@ -285,8 +307,9 @@ def put_slides(client, data_dir: Path, tmp: Path) -> None:
         if crop:
             image = image[: crop[0], : crop[1]]
         path = tmp / f"{name}.tif"
-        tifffile.imwrite(path, image, tile=(128, 128),
-                         photometric="rgb" if image.ndim == 3 else "minisblack")
+        tifffile.imwrite(
+            path, image, tile=(128, 128), photometric="rgb" if image.ndim == 3 else "minisblack"
+        )
         client.put_object(Bucket="lab", Key=f"archive/{name}.tif", Body=path.read_bytes())
 
 
@@ -301,8 +324,10 @@ def read_three_ways(out: str) -> dict[str, pd.DataFrame]:
     return {
         "pandas": pd.read_parquet(f"{out}/cells"),
         "dask": dd.read_parquet(f"{out}/cells").compute(),
-        "duckdb": con.sql(f"SELECT * FROM read_parquet('{out}/cells/*/*.parquet', "
-                          "hive_partitioning = true, hive_types = {'slide': VARCHAR})").df(),
+        "duckdb": con.sql(
+            f"SELECT * FROM read_parquet('{out}/cells/*/*.parquet', "
+            "hive_partitioning = true, hive_types = {'slide': VARCHAR})"
+        ).df(),
     }
 
 
@@ -314,8 +339,9 @@ def test_archive_tables_on_s3_read_alike_and_rerun_replaces_one(cluster, data_di
     client, env = cluster
     put_slides(client, data_dir, tmp_path)
     out = "s3://results/archive"
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=256, halo=64,
-                        workers=2, roi_size=512)  # one window per small slide: faster
+    opts = SlideOptions(
+        weights=resolve_weights(None), tta=False, tile_size=256, halo=64, workers=2, roi_size=512
+    )  # one window per small slide: faster
     report = run_slides(["s3://lab/archive/"], out, opts)
     assert report["failed"] == {} and sorted(report["done"]) == sorted(SLIDES3)
     frames = read_three_ways(out)

@@ -14,17 +14,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely.geometry
+from s3_server import environment, s3_client, s3_server
+from test_cells_table import SLIDES, load_slide, normalise, stage_slide, write_archive
 
-from mediar_ray.cells import (cells_in_several_chunks, finalize, measure_chunk,
-                              merge_partials, split_partials, take_rows)
-from mediar_ray.cells.geojson import (features, outline_regions, write_feature_collection,
-                                      write_piece)
+from mediar_ray.cells import (
+    cells_in_several_chunks,
+    finalize,
+    measure_chunk,
+    merge_partials,
+    split_partials,
+    take_rows,
+)
+from mediar_ray.cells.geojson import (
+    features,
+    outline_regions,
+    write_feature_collection,
+    write_piece,
+)
 from mediar_ray.cells.summary import summarize_archive
 from mediar_ray.cells.table import commit_slide, partition_state
 from mediar_ray.cli import main
 from mediar_ray.pipeline.layout import tile_grid
-from s3_server import environment, s3_client, s3_server
-from test_cells_table import SLIDES, load_slide, normalise, stage_slide, write_archive
 
 OUT = "s3://results/archive"
 
@@ -52,8 +62,10 @@ def test_readers_agree_on_s3(s3_archive):
     frames = {
         "pandas": pd.read_parquet(f"{OUT}/cells"),
         "dask": dd.read_parquet(f"{OUT}/cells").compute(),
-        "duckdb": con.sql(f"SELECT * FROM read_parquet('{OUT}/cells/*/*.parquet', "
-                          "hive_partitioning = true, hive_types = {'slide': VARCHAR})").df(),
+        "duckdb": con.sql(
+            f"SELECT * FROM read_parquet('{OUT}/cells/*/*.parquet', "
+            "hive_partitioning = true, hive_types = {'slide': VARCHAR})"
+        ).df(),
     }
     for reader, df in frames.items():
         pd.testing.assert_frame_equal(normalise(df), expected, check_dtype=False, obj=reader)
@@ -80,8 +92,9 @@ def test_rerun_on_s3_replaces_one_partition(s3_archive, data_dir):
     assert not set(after["nuclei"]) & set(before["nuclei"]) and len(after["nuclei"]) == 1
     assert partition_state(OUT, "nuclei")["clean"]
     got = normalise(pd.read_parquet(f"{OUT}/cells"))
-    want = pd.concat([expected[expected["slide"] != "nuclei"],
-                      normalise(new_rows.assign(slide="nuclei"))])
+    want = pd.concat(
+        [expected[expected["slide"] != "nuclei"], normalise(new_rows.assign(slide="nuclei"))]
+    )
     pd.testing.assert_frame_equal(got, normalise(want), check_dtype=False)
 
 
@@ -90,7 +103,7 @@ def test_geojson_streamed_to_s3(s3_archive, data_dir):
     one gzip FeatureCollection on s3://; one valid Polygon per cell."""
     labels, _ = load_slide(data_dir, "nuclei")
     tiles = tile_grid(labels.shape, 128)
-    parts = [measure_chunk(labels[t.y0:t.y1, t.x0:t.x1], (t.y0, t.x0)) for t in tiles]
+    parts = [measure_chunk(labels[t.y0 : t.y1, t.x0 : t.x1], (t.y0, t.x0)) for t in tiles]
     shared = cells_in_several_chunks([p.ids for p in parts])
     scratch = f"{OUT}/nuclei.zarr/.scratch/geojson"
     pieces, border = [], []
@@ -98,13 +111,19 @@ def test_geojson_streamed_to_s3(s3_archive, data_dir):
         complete, rest = split_partials(p, shared)
         border.append(rest)
         pieces.append(f"{scratch}/{t.name}.json")
-        write_piece(pieces[-1], features(labels[t.y0:t.y1, t.x0:t.x1], (t.y0, t.x0),
-                                         finalize(complete), slide="nuclei"))
+        write_piece(
+            pieces[-1],
+            features(
+                labels[t.y0 : t.y1, t.x0 : t.x1], (t.y0, t.x0), finalize(complete), slide="nuclei"
+            ),
+        )
     merged = finalize(merge_partials(border))
     for k, ((y0, y1, x0, x1), idx) in enumerate(outline_regions(merged, 128)):
         pieces.append(f"{scratch}/border_{k}.json")
-        write_piece(pieces[-1], features(labels[y0:y1, x0:x1], (y0, x0),
-                                         take_rows(merged, idx), slide="nuclei"))
+        write_piece(
+            pieces[-1],
+            features(labels[y0:y1, x0:x1], (y0, x0), take_rows(merged, idx), slide="nuclei"),
+        )
     write_feature_collection(f"{OUT}/nuclei.geojson.gz", pieces)
     with fsspec.open(f"{OUT}/nuclei.geojson.gz", "rt", compression="gzip") as f:
         feats = json.load(f)["features"]

@@ -16,12 +16,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mediar_ray.cells import (cells_in_several_chunks, finalize, measure_chunk,
-                              merge_partials, split_partials)
+from mediar_ray.cells import (
+    cells_in_several_chunks,
+    finalize,
+    measure_chunk,
+    merge_partials,
+    split_partials,
+)
 from mediar_ray.cells.summary import QUANTILES, summarize_archive
-from mediar_ray.cells.table import (cells_dataset, cells_table, commit_slide,
-                                    partition_state, repair_partition, slide_infos,
-                                    write_part)
+from mediar_ray.cells.table import (
+    cells_dataset,
+    cells_table,
+    commit_slide,
+    partition_state,
+    repair_partition,
+    slide_infos,
+    write_part,
+)
 from mediar_ray.cli import main
 from mediar_ray.io import read_image
 from mediar_ray.pipeline.layout import tile_grid
@@ -42,23 +53,31 @@ def load_slide(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     if stem is None:  # the DSB2018 colour tissue image with the most cells
         cats = (data_dir / source / "categories.csv").read_text().splitlines()
         tissue = [line.split(",")[0] for line in cats if line.endswith(",color")]
-        stem = max(tissue, key=lambda s: len(np.unique(read_image(
-            str(labels_dir / f"{s}_label.tiff")))))
+        stem = max(
+            tissue, key=lambda s: len(np.unique(read_image(str(labels_dir / f"{s}_label.tiff"))))
+        )
     labels = read_image(str(labels_dir / f"{stem}_label.tiff")).astype(np.uint32)
     image = read_image(str(data_dir / source / "images" / f"{stem}{ext}"))
     return labels, image
 
 
-def stage_slide(labels: np.ndarray, image: np.ndarray, scratch: str, tile: int,
-                pixel_size) -> tuple[list[str], int, pd.DataFrame]:
+def stage_slide(
+    labels: np.ndarray, image: np.ndarray, scratch: str, tile: int, pixel_size
+) -> tuple[list[str], int, pd.DataFrame]:
     """Measure chunk by chunk as the pipeline does and stage one part per chunk plus
     one for the cells merged across chunks; returns (part URLs, rows, expected rows)."""
     grey = image.astype(np.float32).reshape(*labels.shape, -1).mean(axis=2)
     logit = ((grey - grey.mean()) / (grey.std() + 1e-6)).astype(np.float32)
     tiles = tile_grid(labels.shape, tile)
-    parts = [measure_chunk(labels[t.y0:t.y1, t.x0:t.x1], (t.y0, t.x0),
-                           logit[t.y0:t.y1, t.x0:t.x1], image[t.y0:t.y1, t.x0:t.x1])
-             for t in tiles]
+    parts = [
+        measure_chunk(
+            labels[t.y0 : t.y1, t.x0 : t.x1],
+            (t.y0, t.x0),
+            logit[t.y0 : t.y1, t.x0 : t.x1],
+            image[t.y0 : t.y1, t.x0 : t.x1],
+        )
+        for t in tiles
+    ]
     shared = cells_in_several_chunks([p.ids for p in parts])
     urls, total, expected, border = [], 0, [], []
     for t, p in zip(tiles, parts):
@@ -75,19 +94,25 @@ def stage_slide(labels: np.ndarray, image: np.ndarray, scratch: str, tile: int,
     return urls, total, pd.concat([t.to_pandas() for t in expected])
 
 
-def write_archive(data_dir: Path, output: str, tile: int = 256, rows_per_file: int = 40,
-                  row_group: int = 16) -> pd.DataFrame:
+def write_archive(
+    data_dir: Path, output: str, tile: int = 256, rows_per_file: int = 40, row_group: int = 16
+) -> pd.DataFrame:
     """The three slides' tables under ``output``; returns the rows expected back."""
     expected = []
     for name, (*_, pixel_size) in SLIDES.items():
         labels, image = load_slide(data_dir, name)
-        urls, rows, rows_df = stage_slide(labels, image, f"{output}/{name}.zarr/.scratch",
-                                          tile, pixel_size)
-        info = {"shape": list(labels.shape), "scale": [1.0, 1.0],
-                "pixel_size_um": list(pixel_size) if pixel_size else None,
-                "channels": 1 if image.ndim == 2 else image.shape[2]}
-        result = commit_slide(output, name, urls, info, rows=rows,
-                              rows_per_file=rows_per_file, row_group=row_group)
+        urls, rows, rows_df = stage_slide(
+            labels, image, f"{output}/{name}.zarr/.scratch", tile, pixel_size
+        )
+        info = {
+            "shape": list(labels.shape),
+            "scale": [1.0, 1.0],
+            "pixel_size_um": list(pixel_size) if pixel_size else None,
+            "channels": 1 if image.ndim == 2 else image.shape[2],
+        }
+        result = commit_slide(
+            output, name, urls, info, rows=rows, rows_per_file=rows_per_file, row_group=row_group
+        )
         assert result["rows"] == rows and len(result["files"]) == -(-rows // rows_per_file)
         expected.append(rows_df.assign(slide=name))
     return pd.concat(expected)
@@ -102,8 +127,10 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     for c in df.columns:  # Arrow-backed columns (Ray Data) to numpy, null -> NaN
         if c not in LIST_COLUMNS and c != "slide":
             kind = df[c].dtype.kind
-            df[c] = df[c].to_numpy(dtype="float64" if kind == "f" else "int64",
-                                   na_value=np.nan if kind == "f" else None)
+            df[c] = df[c].to_numpy(
+                dtype="float64" if kind == "f" else "int64",
+                na_value=np.nan if kind == "f" else None,
+            )
     df = df[sorted(df.columns)].sort_values(["slide", "id"]).reset_index(drop=True)
     return df
 
@@ -126,7 +153,8 @@ def test_readers_see_one_table(archive):
         "dask": dd.read_parquet(str(out / "cells")).compute(),
         "duckdb": duckdb.sql(
             f"SELECT * FROM read_parquet('{out}/cells/*/*.parquet', hive_partitioning = true, "
-            "hive_types = {'slide': VARCHAR})").df(),
+            "hive_types = {'slide': VARCHAR})"
+        ).df(),
         "cells_dataset": cells_dataset(str(out)).to_table().to_pandas(),
     }
     for reader, df in frames.items():
@@ -136,7 +164,8 @@ def test_readers_see_one_table(archive):
     # Per-channel columns keep each slide's channel count (1 grey, 3 colour).
     pandas = frames["pandas"]
     channels = pandas.groupby("slide", observed=True)["intensity_mean"].agg(
-        lambda s: {len(v) for v in s})
+        lambda s: {len(v) for v in s}
+    )
     assert channels.to_dict() == {"nuclei": {1}, "phase": {1}, "tissue": {3}}
     # The slide's info travels in the files' metadata.
     infos = slide_infos(str(out))
@@ -164,8 +193,9 @@ def test_cells_command_summary(archive, capsys):
     for slide, group in expected.groupby("slide"):
         r = rows[slide]
         assert r["cells"] == len(group) and r["clean"]
-        assert np.allclose([r["area_px"][str(q)] for q in QUANTILES],
-                           np.quantile(group["area"], QUANTILES))
+        assert np.allclose(
+            [r["area_px"][str(q)] for q in QUANTILES], np.quantile(group["area"], QUANTILES)
+        )
     phase = rows["phase"]
     h, w = read_shape(out, "phase")
     assert phase["basis"] == "slide"
@@ -194,14 +224,16 @@ def test_rerun_replaces_one_partition_only(data_dir, tmp_path):
     old_phase = set(partition_files(out, "phase"))
     # Rerun "phase" with other chunks (and a smaller image: its top half).
     labels, image = load_slide(data_dir, "phase")
-    urls, rows, expected = stage_slide(labels[:512], image[:512], str(tmp_path / "rerun"),
-                                       200, (0.65, 0.65))
+    urls, rows, expected = stage_slide(
+        labels[:512], image[:512], str(tmp_path / "rerun"), 200, (0.65, 0.65)
+    )
     commit_slide(str(out), "phase", urls, {"shape": [512, labels.shape[1]]}, rows_per_file=150)
     assert not old_phase & set(partition_files(out, "phase"))  # old files all gone
     assert {s: partition_files(out, s) for s in others} == others  # byte for byte
     got = pd.read_parquet(out / "cells", filters=[("slide", "==", "phase")])
-    pd.testing.assert_frame_equal(normalise(got), normalise(expected.assign(slide="phase")),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        normalise(got), normalise(expected.assign(slide="phase")), check_dtype=False
+    )
     assert partition_state(str(out), "phase")["clean"]
 
 

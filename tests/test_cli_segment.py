@@ -40,8 +40,21 @@ def inputs(ref_dir, tmp_path):
 def test_save_raw_matches_original(ref_dir, inputs, tmp_path, kind, flags):
     out = tmp_path / "out"
     weights = {"a": str(ref_dir / "model_a.pth"), "b": str(ref_dir / "model_b.pth")}
-    argv = ["segment", str(inputs), "--output", str(out), "--save-raw",
-            "--model-config", str(ref_dir / "index.json"), "--device", "cpu"]
+    # Parity with the original MEDIAR outputs holds in fp32 ("auto" is bf16 on CPUs with
+    # bf16 units).
+    argv = [
+        "segment",
+        str(inputs),
+        "--output",
+        str(out),
+        "--save-raw",
+        "--model-config",
+        str(ref_dir / "index.json"),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
     argv += [f.format(**weights) for f in flags]
     assert main(argv) == 0
     for name in FIXTURE_IMAGES:
@@ -55,9 +68,22 @@ def test_save_raw_matches_original(ref_dir, inputs, tmp_path, kind, flags):
 def test_bad_file_is_reported_and_the_rest_finish(ref_dir, inputs, tmp_path, caplog):
     (inputs / "broken.tif").write_bytes(b"II*\x00garbage")
     out = "memory://cli-test/out"
-    code = main(["segment", str(inputs), "--output", out, "--save-raw", "--no-tta",
-                 "--weights", str(ref_dir / "model_a.pth"),
-                 "--model-config", str(ref_dir / "index.json"), "--device", "cpu"])
+    code = main(
+        [
+            "segment",
+            str(inputs),
+            "--output",
+            out,
+            "--save-raw",
+            "--no-tta",
+            "--weights",
+            str(ref_dir / "model_a.pth"),
+            "--model-config",
+            str(ref_dir / "index.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 1
     import fsspec
 
@@ -68,8 +94,17 @@ def test_bad_file_is_reported_and_the_rest_finish(ref_dir, inputs, tmp_path, cap
 
 
 def test_missing_weights_file_is_a_clear_error(inputs, tmp_path, caplog):
-    code = main(["segment", str(inputs), "--output", str(tmp_path / "o"), "--save-raw",
-                 "--weights", str(tmp_path / "missing.pth")])
+    code = main(
+        [
+            "segment",
+            str(inputs),
+            "--output",
+            str(tmp_path / "o"),
+            "--save-raw",
+            "--weights",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     assert code == 2 and "missing.pth" in caplog.text
 
 
@@ -82,15 +117,15 @@ def _dsb(data_dir, prefix):
     return next((data_dir / "dsb2018/images").glob(prefix + "*.png"))
 
 
-def test_inputs_sharing_a_name_get_distinct_outputs_with_their_own_labels(data_dir, tmp_path,
-                                                                         capsys):
+def test_inputs_sharing_a_name_get_distinct_outputs_with_their_own_labels(
+    data_dir, tmp_path, capsys
+):
     """a.1.png and a.2.png, f1/slide.png and f2/slide.png used to give one output each
     (the second overwrote the first, and the report said "2 of 2")."""
     from mediar_ray.io import output_names, read_image
     from mediar_ray.segment import load_models, segment_image
 
-    inputs = [tmp_path / "in" / p for p in ("a.1.png", "a.2.png", "f1/slide.png",
-                                            "f2/slide.png")]
+    inputs = [tmp_path / "in" / p for p in ("a.1.png", "a.2.png", "f1/slide.png", "f2/slide.png")]
     for path, prefix in zip(inputs, DSB):
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(_dsb(data_dir, prefix), path)
@@ -100,7 +135,8 @@ def test_inputs_sharing_a_name_get_distinct_outputs_with_their_own_labels(data_d
     assert names[str(inputs[0])] == "a.1" and names[str(inputs[1])] == "a.2"
     assert names[str(inputs[2])] != names[str(inputs[3])]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{n}_label.tiff" for n in names.values())
+        f"{n}_label.tiff" for n in names.values()
+    )
     report = capsys.readouterr().out
     assert "segmented 4 of 4 image(s)" in report
     models = load_models(None, device="cpu")
@@ -108,8 +144,7 @@ def test_inputs_sharing_a_name_get_distinct_outputs_with_their_own_labels(data_d
         name = names[str(path)]
         assert f"{path} -> {name}_label.tiff" in report
         expected = segment_image(read_image(str(path)), models, tta=False, device="cpu")
-        np.testing.assert_array_equal(tifffile.imread(out / f"{name}_label.tiff"),
-                                      expected.labels)
+        np.testing.assert_array_equal(tifffile.imread(out / f"{name}_label.tiff"), expected.labels)
 
 
 def test_output_folder_among_the_inputs_is_not_segmented_again(data_dir, tmp_path, caplog):
@@ -134,7 +169,11 @@ def test_output_folder_among_the_inputs_is_not_segmented_again(data_dir, tmp_pat
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "mediar_ray.cli", "segment", "--help"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mediar_ray.cli", "segment", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--save-raw" in result.stdout and "--weights" in result.stdout
     assert shutil.which("mediar-ray") is not None

@@ -43,9 +43,7 @@ def _cluster_spec(doc: dict) -> dict:
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
 
 
-@pytest.mark.parametrize(
-    "path", sorted((CLUSTER / "kuberay").glob("*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted((CLUSTER / "kuberay").glob("*.yaml")), ids=lambda p: p.name)
 def test_kuberay_manifests(path):
     doc = yaml.safe_load(path.read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
@@ -100,18 +98,26 @@ def test_rayjob_entrypoint_parses_with_its_job(path):
     from mediar_ray.train.config import load_config
 
     load_config(str(CLUSTER.parent / args.config))  # shipped in the image, and valid
-    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]
-                                      ["limits"].get("nvidia.com/gpu", 0))
-               for g in spec["workerGroupSpecs"])
+    gpus = sum(
+        g["maxReplicas"]
+        * int(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        )
+        for g in spec["workerGroupSpecs"]
+    )
     assert args.num_workers <= gpus
     assert doc["spec"]["backoffLimit"] >= 1  # a retried job resumes from the checkpoints
 
 
 def _gpu_groups(doc: dict) -> int:
     """GPUs the manifest's worker groups can grow to."""
-    return sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]
-                                      ["limits"].get("nvidia.com/gpu", 0))
-               for g in _cluster_spec(doc)["workerGroupSpecs"])
+    return sum(
+        g["maxReplicas"]
+        * int(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
+        )
+        for g in _cluster_spec(doc)["workerGroupSpecs"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -140,8 +146,7 @@ def test_gpu_slide_job_names_the_released_ensemble(path, ref_dir, monkeypatch):
     # elastic: one actor to start, at most one per GPU the cluster may add
     assert args.num_gpus_per_worker == 1 and pool.min_workers == 1
     assert pool.max_workers == _gpu_groups(doc)
-    assert [w.rsplit("/", 1)[-1] for w in args.weights] == ["from_phase1.pth",
-                                                            "from_phase2.pth"]
+    assert [w.rsplit("/", 1)[-1] for w in args.weights] == ["from_phase1.pth", "from_phase2.pth"]
     assert all(w.split("://", 1)[0] in ("s3", "gs", "https") for w in args.weights)
     assert not any("your-bucket" in w or "example" in w for w in args.weights)
     assert args.tta is True
@@ -161,21 +166,31 @@ def test_nodes_install_nothing_and_the_image_pins_torch_and_cuda():
 
     config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     assert config["docker"]["image"].endswith("mediar-ray:0.1.0")
-    commands = [c for key in ("setup_commands", "head_setup_commands",
-                              "worker_setup_commands", "initialization_commands",
-                              "head_start_ray_commands", "worker_start_ray_commands")
-                for c in config.get(key, [])]
-    commands += [c for t in config["available_node_types"].values()
-                 for key in ("worker_setup_commands", "initialization_commands")
-                 for c in t.get(key, [])]
+    commands = [
+        c
+        for key in (
+            "setup_commands",
+            "head_setup_commands",
+            "worker_setup_commands",
+            "initialization_commands",
+            "head_start_ray_commands",
+            "worker_start_ray_commands",
+        )
+        for c in config.get(key, [])
+    ]
+    commands += [
+        c
+        for t in config["available_node_types"].values()
+        for key in ("worker_setup_commands", "initialization_commands")
+        for c in t.get(key, [])
+    ]
     assert not any("pip" in c or "conda" in c for c in commands), commands
     assert "file_mounts" not in config or not config["file_mounts"]
     docker = (CLUSTER / "Dockerfile").read_text()
     torch_pin = re.search(r"^ARG TORCH=(\d+\.\d+\.\d+)$", docker, re.M)
     cuda_pin = re.search(r"^ARG CUDA=(cu\d{3})$", docker, re.M)
-    assert torch_pin and cuda_pin and re.search(r"^ARG TORCHVISION=\d+\.\d+\.\d+$", docker,
-                                                re.M)
-    assert 'whl/${CUDA}' in docker and '"torch==${TORCH}"' in docker
+    assert torch_pin and cuda_pin and re.search(r"^ARG TORCHVISION=\d+\.\d+\.\d+$", docker, re.M)
+    assert "whl/${CUDA}" in docker and '"torch==${TORCH}"' in docker
     assert "torch.version.cuda" in docker  # the build fails on a torch without this CUDA
     assert "python -m mediar_ray.dynamics.warm" in docker
     assert warm() == 2  # the build step works: two touching cells found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
 from mediar_ray.dynamics import flows_to_labels, labels_to_flows
 from mediar_ray.dynamics.threads import task_threads
 from mediar_ray.io import read_image
@@ -13,8 +14,9 @@ def _raw(data_dir) -> np.ndarray:
     """Perfect network output of a real DSB2018 label image: (3, H, W) float32."""
     path = sorted((data_dir / "dsb2018/labels").glob("*_label.tiff"))[0]
     truth = read_image(str(path)).astype(np.int64)
-    return np.concatenate([labels_to_flows(truth) * 5,
-                           np.where(truth > 0, 5.0, -5.0)[None]]).astype(np.float32)
+    return np.concatenate(
+        [labels_to_flows(truth) * 5, np.where(truth > 0, 5.0, -5.0)[None]]
+    ).astype(np.float32)
 
 
 def _track(raw: np.ndarray, cpus: float | None = None) -> tuple[int, np.ndarray]:

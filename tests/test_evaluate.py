@@ -26,8 +26,20 @@ def test_evaluate_pairs_files_and_writes_csv(data_dir, tmp_path, capsys):
     half[np.isin(half, ids[::2])] = 0
     tifffile.imwrite(pred / labels[1].name, half)
     tifffile.imwrite(pred / "orphan_label.tiff", half)
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt),
-                 "--csv", str(tmp_path / "scores.csv")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(pred),
+                "--gt",
+                str(gt),
+                "--csv",
+                str(tmp_path / "scores.csv"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean" in out and labels[0].name[: -len("_label.tiff")] in out
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
@@ -62,8 +74,10 @@ def test_heldout_split_of_a_config_matches_segment_then_evaluate(dsb_config, tmp
         stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         shutil.copy(root / "labels" / f"{stem}_label.tiff", gt)
     assert main(["segment", *names, "--output", str(pred), "--no-tta", "--device", "cpu"]) == 0
-    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt),
-                 "--csv", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--csv", str(tmp_path / "s.csv")])
+        == 0
+    )
     rows = {r["name"]: float(r["f1"]) for r in csv.DictReader(open(tmp_path / "s.csv"))}
     for item in held["images"]:
         stem = item["image"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -72,19 +86,32 @@ def test_heldout_split_of_a_config_matches_segment_then_evaluate(dsb_config, tmp
     assert 0.0 < held["val_f1"] <= 1.0
     # --split train scores the other half of the config's pairs, and only those
     trained = tmp_path / "train.json"
-    assert main(["evaluate", "--config", str(config), "--split", "train", "--no-tta",
-                 "--json", str(trained)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--split",
+                "train",
+                "--no-tta",
+                "--json",
+                str(trained),
+            ]
+        )
+        == 0
+    )
     train_names = [i["image"] for i in json.loads(trained.read_text())["images"]]
     assert len(train_names) == 2 and not set(train_names) & set(names)
     assert {n.rsplit("/", 1)[-1] for n in train_names + names} == {
-        p.name for p in (root / "images").iterdir()}
+        p.name for p in (root / "images").iterdir()
+    }
 
 
 def test_missing_folder_is_one_line_and_exit_2(tmp_path, caplog):
     """A missing --pred or --gt folder was a traceback."""
     (tmp_path / "gt").mkdir()
-    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt",
-                 str(tmp_path / "gt")]) == 2
+    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "gt")]) == 2
     assert f"--pred {tmp_path / 'nope'}: not a readable folder" in caplog.text
 
 
@@ -106,8 +133,9 @@ def test_compare_prints_both_models_per_source_and_group(data_dir, tmp_path, cap
         shutil.copy(data_dir / f"nuinsseg/images/{stem}.png", root / "images")
         shutil.copy(data_dir / f"nuinsseg/labels/{stem}_label.tiff", root / "labels")
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                            "holdout_every": 2}}))
+    config.write_text(
+        yaml.safe_dump({"name": "t", "data": {"roots": [str(root)], "holdout_every": 2}})
+    )
     groups = tmp_path / "groups.csv"
     groups.write_text("stem,organ\n" + "".join(f"{s},{s.rsplit('_', 1)[0]}\n" for s in stems))
     out = tmp_path / "cmp.json"
@@ -147,8 +175,9 @@ def test_compare_column_is_the_other_models_own_score(data_dir, tmp_path):
         shutil.copy(data_dir / f"nuinsseg/images/{stem}.png", root / "images")
         shutil.copy(data_dir / f"nuinsseg/labels/{stem}_label.tiff", root / "labels")
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                            "holdout_every": 2}}))
+    config.write_text(
+        yaml.safe_dump({"name": "t", "data": {"roots": [str(root)], "holdout_every": 2}})
+    )
     argv = ["evaluate", "--config", str(config), "--no-tta", "--json"]
     assert main(argv + [str(tmp_path / "cmp.json"), "--compare", other]) == 0
     assert main(argv + [str(tmp_path / "other.json"), "--weights", other]) == 0

@@ -10,8 +10,13 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
 import mediar_ray.inference as inference
-from mediar_ray.inference import (partial_extent, predict_partial, predict_raw, predict_region,
-                                  window_starts)
+from mediar_ray.inference import (
+    partial_extent,
+    predict_partial,
+    predict_raw,
+    predict_region,
+    window_starts,
+)
 from mediar_ray.io import read_image
 from mediar_ray.model import load_model
 from mediar_ray.pipeline.layout import tile_grid
@@ -42,7 +47,6 @@ def _exact_fp32():
         yield
 
 
-
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -70,8 +74,9 @@ def test_single_tta_and_ensemble_match_original(ref_dir, models, name):
 @pytest.mark.parametrize("length", [512, 513, 600, 715, 716, 1000, 1024, 2967])
 def test_window_grid_is_monais(length):
     interval = _get_scan_interval((length,), (512,), 1, (0.6,))
-    expected = [int(s[0][0]) for s in dense_patch_slices((length,), (512,), interval,
-                                                      return_slice=False)]
+    expected = [
+        int(s[0][0]) for s in dense_patch_slices((length,), (512,), interval, return_slice=False)
+    ]
     assert window_starts(length, 512, 0.6) == expected
 
 
@@ -121,14 +126,16 @@ def _forward_counter(monkeypatch) -> list[int]:
         ("dsb2018/images", None, 512, 96),
     ],
 )
-def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypatch,
-                                                      source, crop, roi, tile):
+def test_partials_over_a_tile_grid_sum_to_whole_image(
+    models, data_dir, monkeypatch, source, crop, roi, tile
+):
     """Each tile runs only the windows it owns; the partials, added where they overlap,
     equal whole-image inference (TTA + two-model ensemble), each window run once."""
     path = data_dir / source
     if path.is_dir():  # the first real image there smaller than one window
-        path = next(p for p in sorted(path.glob("*.png"))
-                    if max(read_image(str(p)).shape[:2]) < roi)
+        path = next(
+            p for p in sorted(path.glob("*.png")) if max(read_image(str(p)).shape[:2]) < roi
+        )
     image = read_image(str(path))
     if crop:
         image = image[: crop[0], : crop[1]]
@@ -141,8 +148,14 @@ def test_partials_over_a_tile_grid_sum_to_whole_image(models, data_dir, monkeypa
     total = np.zeros_like(whole)
     for t in tile_grid((h, w), tile):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part = partial32(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w), region,
-                               models, tta=True, roi_size=roi)
+        part = partial32(
+            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
+            (h, w),
+            region,
+            models,
+            tta=True,
+            roi_size=roi,
+        )
         y0, y1, x0, x1 = partial_extent((h, w), region, roi)
         assert part.shape == (3, y1 - y0, x1 - x0) and part.dtype == np.float32
         assert y1 - t.y1 < roi and x1 - t.x1 < roi  # spills at most one window right/down
@@ -157,19 +170,26 @@ def _tiled_partials(image, models, roi, tile, sw_batch_size, skip=None):
     total, counts = np.zeros((3, h, w), np.float32), inference.WindowCounts()
     for t in tile_grid((h, w), tile):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part, c = partial32(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (h, w),
-                                  region, models, roi_size=roi, sw_batch_size=sw_batch_size,
-                                  skip=skip, return_counts=True)
+        part, c = partial32(
+            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
+            (h, w),
+            region,
+            models,
+            roi_size=roi,
+            sw_batch_size=sw_batch_size,
+            skip=skip,
+            return_counts=True,
+        )
         y0, y1, x0, x1 = partial_extent((h, w), region, roi)
         total[:, y0:y1, x0:x1] += part
-        counts = inference.WindowCounts(counts.run + c.run, counts.skipped + c.skipped,
-                                        counts.kept + c.kept)
+        counts = inference.WindowCounts(
+            counts.run + c.run, counts.skipped + c.skipped, counts.kept + c.kept
+        )
     return total, counts
 
 
 @pytest.mark.usefixtures("single_threaded")  # tiny forwards: 2 threads only contend
-def test_windows_off_tissue_are_skipped_and_tissue_pixels_unchanged(models, data_dir,
-                                                                     monkeypatch):
+def test_windows_off_tissue_are_skipped_and_tissue_pixels_unchanged(models, data_dir, monkeypatch):
     """A real H&E region on white glass, with its tissue mask: exactly the windows
     touching tissue are kept; on tissue the prediction equals the unmasked one bit for
     bit (one window per batch, and four: batches that run are the unmasked run's);
@@ -225,8 +245,9 @@ def test_all_windows_skipped_reads_nothing_and_gives_background(models):
     total = np.zeros((3, h, w), np.float32)
     for t in tile_grid((h, w), 250):
         region = (t.y0, t.y1, t.x0, t.x1)
-        part, counts = partial32(read, (h, w), region, models, roi_size=256,
-                                       skip=lambda *_: True, return_counts=True)
+        part, counts = partial32(
+            read, (h, w), region, models, roi_size=256, skip=lambda *_: True, return_counts=True
+        )
         assert counts.run == 0
         y0, y1, x0, x1 = partial_extent((h, w), region, 256)
         total[:, y0:y1, x0:x1] += part

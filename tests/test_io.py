@@ -117,8 +117,14 @@ def test_expand_inputs_folders_globs_and_urls(data_dir, tmp_path):
     from_dir = expand_inputs([str(images)])
     assert len(from_dir) == 15 and from_dir == sorted(from_dir)
     assert expand_inputs([str(images / "train_set1*.tif")]) == [
-        str(images / n) for n in ("train_set1.tif", "train_set10.tif", "train_set13.tif",
-                                  "train_set16.tif", "train_set19.tif")
+        str(images / n)
+        for n in (
+            "train_set1.tif",
+            "train_set10.tif",
+            "train_set13.tif",
+            "train_set16.tif",
+            "train_set19.tif",
+        )
     ]
     import fsspec
 
@@ -143,8 +149,18 @@ def test_image_name_is_the_file_name_less_its_extension():
 def test_output_names_are_unique_deterministic_and_safe(tmp_path, monkeypatch):
     from mediar_ray.io import output_names
 
-    urls = ["in/a.1.png", "in/a.2.png", "f1/slide.png", "f2/slide.png", "A.png", "a.tif",
-            "my image.png", "x.ome.tif", "s3://bucket/f1/slide.png", "in/a.1.png"]
+    urls = [
+        "in/a.1.png",
+        "in/a.2.png",
+        "f1/slide.png",
+        "f2/slide.png",
+        "A.png",
+        "a.tif",
+        "my image.png",
+        "x.ome.tif",
+        "s3://bucket/f1/slide.png",
+        "in/a.1.png",
+    ]
     names = output_names(urls)
     assert len(names) == 9  # a.1.png listed twice keeps one name
     assert names["in/a.1.png"] == "a.1" and names["in/a.2.png"] == "a.2"
@@ -166,8 +182,14 @@ def test_inputs_that_fail_are_listed_with_the_others_found(data_dir, tmp_path):
     from mediar_ray.io import find_inputs
 
     images = data_dir / "stardist_nuclei" / "images"
-    found, problems = find_inputs([str(tmp_path / "gone.png"), str(images),
-                                   "nosuchscheme://b/x.png", str(images / "img2d.tif")])
+    found, problems = find_inputs(
+        [
+            str(tmp_path / "gone.png"),
+            str(images),
+            "nosuchscheme://b/x.png",
+            str(images / "img2d.tif"),
+        ]
+    )
     assert found == [str(images / "img2d.tif")]  # listed once
     why = dict(problems)
     assert why[str(tmp_path / "gone.png")].startswith("not found")

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-
-from mediar_ray.io import read_image
 from ray_head import RayHead, ray_head, submit_job
 from s3_server import environment, s3_server
+
+from mediar_ray.io import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,17 +40,33 @@ def test_slide_job_through_ray_job_submit(data_dir, ref_dir, tmp_path):
         # The head gets the credentials from its environment, as from an instance profile.
         with ray_head(env=env) as head:
             result = submit(
-                head, "python", "jobs/segment_slides.py", "--input", "s3://lab/slides/",
-                "--output", "s3://results/mediar", "--weights", str(ref_dir / "model_a.pth"),
-                "--model-config", json.dumps(params), "--no-tta", "--roi-size", "256",
-                "--tile-size", "256", "--halo", "64")
+                head,
+                "python",
+                "jobs/segment_slides.py",
+                "--input",
+                "s3://lab/slides/",
+                "--output",
+                "s3://results/mediar",
+                "--weights",
+                str(ref_dir / "model_a.pth"),
+                "--model-config",
+                json.dumps(params),
+                "--no-tta",
+                "--roi-size",
+                "256",
+                "--tile-size",
+                "256",
+                "--halo",
+                "64",
+            )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in (result.stdout + result.stderr).lower()
         assert env["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
         labels = da.from_zarr("s3://results/mediar/nuclei.zarr/labels/cells/0")
         assert labels.shape == (512, 512) and labels.dtype == np.uint32
-        summary = json.loads(s3.get_object(Bucket="results", Key="mediar/run_summary.json")
-                             ["Body"].read())
+        summary = json.loads(
+            s3.get_object(Bucket="results", Key="mediar/run_summary.json")["Body"].read()
+        )
         assert list(summary["done"]) == ["nuclei"] and summary["failed"] == {}
 
 
@@ -59,19 +75,29 @@ def test_training_job_through_ray_job_submit(data_dir):
     """jobs/train.py with data, config and checkpoints in the bucket; Ray Train writes
     through s3fs with the endpoint and credentials of the head's environment."""
     import fsspec
+    from test_train_loop import TINY_MODEL
 
     from mediar_ray.model import load_model
-    from test_train_loop import TINY_MODEL
 
     labels = sorted((data_dir / "dsb2018" / "labels").glob("*_label.tiff"))[:8]
     config = {
-        "name": "submitted", "seed": 1,
+        "name": "submitted",
+        "seed": 1,
         "data": {"roots": ["s3://data/dsb"], "holdout_every": 0},
-        "model": TINY_MODEL, "augment": {"crop": 64}, "sampling": {"amplified": False},
+        "model": TINY_MODEL,
+        "augment": {"crop": 64},
+        "sampling": {"amplified": False},
         "optim": {"lr": 1e-3, "epochs": 2, "batch_size": 2},
-        "run": {"storage_path": "s3://results/runs", "num_workers": 2,
-                "cpus_per_worker": 0.5, "loader_workers": 1, "loader_cpus": 0.5,
-                "checkpoint_every": 1, "validate_every": 0, "max_steps_per_epoch": 2},
+        "run": {
+            "storage_path": "s3://results/runs",
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "loader_workers": 1,
+            "loader_cpus": 0.5,
+            "checkpoint_every": 1,
+            "validate_every": 0,
+            "max_steps_per_epoch": 2,
+        },
     }
     with s3_server() as env, environment(env):
         s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")

@@ -33,14 +33,24 @@ def slides_job():
 
 def test_slide_job_options_from_config_file_and_flags(slides_job, tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"input": "s3://lab/slides/", "output": "s3://out/",
-                                      "tile_size": 2048, "halo": 96, "tta": False,
-                                      "num-gpus-per-worker": 1}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": "s3://lab/slides/",
+                "output": "s3://out/",
+                "tile_size": 2048,
+                "halo": 96,
+                "tta": False,
+                "num-gpus-per-worker": 1,
+            }
+        )
+    )
     args = slides_job.parse_args(["--config", str(config), "--halo", "200"])
     assert args.input == ["s3://lab/slides/"] and args.output == "s3://out/"
     assert (args.tile_size, args.halo, args.tta, args.num_gpus_per_worker) == (2048, 200, False, 1)
-    args = slides_job.parse_args(["--config", str(config), "--input", "a.svs", "b.svs",
-                                  "--output", "out", "--tta"])
+    args = slides_job.parse_args(
+        ["--config", str(config), "--input", "a.svs", "b.svs", "--output", "out", "--tta"]
+    )
     assert args.input == ["a.svs", "b.svs"] and args.output == "out" and args.tta is True
     # a config anywhere fsspec reaches (here: memory://), JSON as well as YAML
     with fsspec.open("memory://cfg/job.json", "w") as f:
@@ -48,14 +58,21 @@ def test_slide_job_options_from_config_file_and_flags(slides_job, tmp_path):
     assert slides_job.parse_args(["--config", "memory://cfg/job.json"]).workers == 3
 
 
-@pytest.mark.parametrize("content, argv, message", [
-    ({"input": "x.tif", "output": "o", "tile": 512}, [], "unknown option(s) ['tile']"),
-    ({"tile_size": 512}, [], "--input and --output are required"),
-    (None, ["--input", "x.tif", "--output", "o", "--config", "missing.yaml"],
-     "cannot read config missing.yaml"),
-])
-def test_slide_job_bad_options_exit_2(slides_job, tmp_path, monkeypatch, capsys, content,
-                                      argv, message):
+@pytest.mark.parametrize(
+    "content, argv, message",
+    [
+        ({"input": "x.tif", "output": "o", "tile": 512}, [], "unknown option(s) ['tile']"),
+        ({"tile_size": 512}, [], "--input and --output are required"),
+        (
+            None,
+            ["--input", "x.tif", "--output", "o", "--config", "missing.yaml"],
+            "cannot read config missing.yaml",
+        ),
+    ],
+)
+def test_slide_job_bad_options_exit_2(
+    slides_job, tmp_path, monkeypatch, capsys, content, argv, message
+):
     monkeypatch.chdir(tmp_path)
     if content is not None:
         Path("job.yaml").write_text(yaml.safe_dump(content))
@@ -79,15 +96,18 @@ def test_train_job_bad_config_exit_2(tmp_path, caplog):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 << 20,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
     yield
     ray.shutdown()
 
 
 @pytest.mark.slow
-def test_slide_job_summary_output_location_and_exit_code(slides_job, local_ray, tmp_path,
-                                                         capsys):
+def test_slide_job_summary_output_location_and_exit_code(slides_job, local_ray, tmp_path, capsys):
     """One good slide and one unreadable one: the good one is done, the bad one failed
     with its reason, exit code 1; a rerun skips the done slide."""
     src = tmp_path / "in"
@@ -95,8 +115,19 @@ def test_slide_job_summary_output_location_and_exit_code(slides_job, local_ray, 
     shutil.copy(DEMO / "dsb_tissue_f952cc65.png", src / "tissue.png")
     (src / "broken.tif").write_bytes(b"not a tiff")
     out = tmp_path / "out"
-    argv = ["--input", str(src), "--output", str(out), "--no-tta", "--roi-size", "256",
-            "--tile-size", "256", "--halo", "64"]
+    argv = [
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--no-tta",
+        "--roi-size",
+        "256",
+        "--tile-size",
+        "256",
+        "--halo",
+        "64",
+    ]
     assert slides_job.main(argv) == 1
     printed = capsys.readouterr().out
     assert f"outputs: {out}/<slide>.zarr" in printed and f"{out}/run_summary.json" in printed

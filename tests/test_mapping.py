@@ -62,8 +62,7 @@ def broken_root(tmp_path: Path, data_dir: Path) -> tuple[Path, dict[str, Path]]:
     return root, bad
 
 
-def test_clean_root_maps_every_pair_and_exits_0(clean_root: Path, tmp_path: Path,
-                                                capsys) -> None:
+def test_clean_root_maps_every_pair_and_exits_0(clean_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "mapping.json"
     assert main(["map-dataset", str(clean_root), "--output", str(out)]) == 0
     mapping = json.loads(out.read_text())
@@ -81,19 +80,16 @@ def test_default_output_is_inside_the_root(clean_root: Path) -> None:
     assert len(json.loads((clean_root / "mapping.json").read_text())["pairs"]) == 6
 
 
-def test_broken_root_reports_each_problem_and_exits_1(broken_root, tmp_path: Path,
-                                                      capsys) -> None:
+def test_broken_root_reports_each_problem_and_exits_1(broken_root, tmp_path: Path, capsys) -> None:
     root, bad = broken_root
     out = tmp_path / "mapping.json"
     assert main(["map-dataset", str(root), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     mapping = json.loads(out.read_text())
     assert len(mapping["pairs"]) == 3  # the good ones only
-    assert sorted(Path(p).name for p in mapping["unpaired"]) == ["ghost_label.tiff",
-                                                                  "lonely.png"]
+    assert sorted(Path(p).name for p in mapping["unpaired"]) == ["ghost_label.tiff", "lonely.png"]
     reasons = {Path(u["path"]).name: u["reason"] for u in mapping["unreadable"]}
-    assert set(reasons) == {"empty.png", "corrupt.png", "mismatch.tif",
-                            "badlabel_label.tiff"}
+    assert set(reasons) == {"empty.png", "corrupt.png", "mismatch.tif", "badlabel_label.tiff"}
     assert "label not readable" in reasons["badlabel_label.tiff"]
     assert "empty" in reasons["empty.png"]
     assert "not readable" in reasons["corrupt.png"]
@@ -145,8 +141,9 @@ def test_real_data_maps_and_splits_by_name(data_dir: Path, tmp_path: Path) -> No
     assert split_holdout(list(reversed(pairs)), 5) == (train, held)
 
 
-def test_map_dataset_names_images_as_segment_names_its_outputs(data_dir: Path,
-                                                               tmp_path: Path) -> None:
+def test_map_dataset_names_images_as_segment_names_its_outputs(
+    data_dir: Path, tmp_path: Path
+) -> None:
     """map-dataset paired by the last dot and segment named by the first, so their pairs
     disagreed (x.ome.tif went unpaired); two images of one name were paired silently
     with one label. Now both follow io.output_names, and evaluate pairs segment's
@@ -167,16 +164,24 @@ def test_map_dataset_names_images_as_segment_names_its_outputs(data_dir: Path,
     rename(0, "a.1.png", "a.1_label.tiff")
     rename(1, "a.2.png", "a.2_label.tiff")
     rename(2, "my image.png", "my image_label.tiff")
-    tifffile.imwrite(images / "x.ome.tif", read_image(str(images / f"{stems[3]}.png")),
-                     ome=True, photometric="rgb")
+    tifffile.imwrite(
+        images / "x.ome.tif",
+        read_image(str(images / f"{stems[3]}.png")),
+        ome=True,
+        photometric="rgb",
+    )
     (images / f"{stems[3]}.png").unlink()
     (labels / f"{stems[3]}_label.tiff").rename(labels / "x_label.tiff")
     shutil.copy(images / f"{stems[4]}.png", images / f"{stems[4]}.tif")  # same name twice
     mapping = map_dataset(str(root), check=True)
     paired = {Path(p["image"]).name: Path(p["label"]).name for p in mapping["pairs"]}
-    assert paired == {"a.1.png": "a.1_label.tiff", "a.2.png": "a.2_label.tiff",
-                      "my image.png": "my image_label.tiff", "x.ome.tif": "x_label.tiff",
-                      f"{stems[5]}.png": f"{stems[5]}_label.tiff"}
+    assert paired == {
+        "a.1.png": "a.1_label.tiff",
+        "a.2.png": "a.2_label.tiff",
+        "my image.png": "my image_label.tiff",
+        "x.ome.tif": "x_label.tiff",
+        f"{stems[5]}.png": f"{stems[5]}_label.tiff",
+    }
     ambiguous = {Path(u["path"]).name: u["reason"] for u in mapping["unreadable"]}
     assert set(ambiguous) == {f"{stems[4]}.png", f"{stems[4]}.tif"}
     assert all("ambiguous" in why for why in ambiguous.values())

@@ -12,9 +12,16 @@ import pytest
 
 from mediar_ray.cli import main
 from mediar_ray.data.mapping import load_pairs
-from mediar_ray.data.modalities import (STAT_FEATURES, StatisticsEmbedder, embed_images,
-                                        image_statistics, kmeans, load_modality_table,
-                                        standardise, write_modality_table)
+from mediar_ray.data.modalities import (
+    STAT_FEATURES,
+    StatisticsEmbedder,
+    embed_images,
+    image_statistics,
+    kmeans,
+    load_modality_table,
+    standardise,
+    write_modality_table,
+)
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -24,8 +31,9 @@ def embedded(data_dir: Path):
     """Image statistics of every other real DSB2018 image (78: fluorescence, colour
     tissue and brightfield), read once for the module."""
     pairs = load_pairs(roots=[str(data_dir / "dsb2018")])[::2]
-    urls, features, bad = embed_images([p.image for p in pairs], StatisticsEmbedder(128),
-                                       progress=False)
+    urls, features, bad = embed_images(
+        [p.image for p in pairs], StatisticsEmbedder(128), progress=False
+    )
     assert not bad and len(urls) == 78
     return pairs, urls, standardise(features)
 
@@ -86,19 +94,22 @@ def small_root(tmp_path_factory, data_dir: Path) -> Path:
         (root / dest / "labels").mkdir()
         for lab in sorted((data_dir / source / "labels").glob("*_label.tiff"))[:n]:
             stem = lab.name[: -len("_label.tiff")]
-            shutil.copy(next((data_dir / source / "images").glob(stem + ".*")),
-                        root / dest / "images")
+            shutil.copy(
+                next((data_dir / source / "images").glob(stem + ".*")), root / dest / "images"
+            )
             shutil.copy(lab, root / dest / "labels")
     return root
 
 
-def test_cli_table_covers_every_image_and_is_deterministic(small_root: Path,
-                                                           tmp_path: Path) -> None:
+def test_cli_table_covers_every_image_and_is_deterministic(
+    small_root: Path, tmp_path: Path
+) -> None:
     mapping = tmp_path / "mapping.json"
     assert main(["map-dataset", str(small_root), "-o", str(mapping)]) == 0
     out = tmp_path / "t1.json"
-    assert main(["discover-modalities", str(mapping), "-k", "3", "--size", "128",
-                 "-o", str(out)]) == 0
+    assert (
+        main(["discover-modalities", str(mapping), "-k", "3", "--size", "128", "-o", str(out)]) == 0
+    )
     doc = json.loads(out.read_text())
     images = [p.image for p in load_pairs([str(mapping)])]
     # keys relative to the data root, so the table works from any checkout
@@ -109,8 +120,12 @@ def test_cli_table_covers_every_image_and_is_deterministic(small_root: Path,
     # A second run, from the dataset root instead of the mapping, gives the same table
     # (same image URLs, same seeded clusters).
     again = tmp_path / "t2.json"
-    assert main(["discover-modalities", str(small_root), "--k", "3", "--size", "128",
-                 "-o", str(again)]) == 0
+    assert (
+        main(
+            ["discover-modalities", str(small_root), "--k", "3", "--size", "128", "-o", str(again)]
+        )
+        == 0
+    )
     assert json.loads(again.read_text())["table"] == doc["table"]
 
 
@@ -119,8 +134,12 @@ def test_encoder_embedding_from_a_checkpoint(small_root: Path, tmp_path: Path) -
     from mediar_ray.model import build_model, save_model
 
     ckpt = tmp_path / "tiny.safetensors"
-    save_model(build_model(encoder_name="mit_b0", decoder_channels=[32, 16, 16, 16, 16],
-                           decoder_pab_channels=16), str(ckpt))
+    save_model(
+        build_model(
+            encoder_name="mit_b0", decoder_channels=[32, 16, 16, 16, 16], decoder_pab_channels=16
+        ),
+        str(ckpt),
+    )
     images = sorted(str(p) for p in (small_root / "dsb" / "images").iterdir())[:4]
     embed = EncoderEmbedder(str(ckpt), size=64)
     vec = embed(np.random.default_rng(0).random((3, 80, 90), dtype=np.float32))
@@ -130,15 +149,15 @@ def test_encoder_embedding_from_a_checkpoint(small_root: Path, tmp_path: Path) -
     assert doc["k"] == 4 and sorted(doc["table"]) == images  # k clamped to 4 images
 
 
-def test_unreadable_images_are_left_out_and_reported(small_root: Path, tmp_path: Path,
-                                                     capsys) -> None:
+def test_unreadable_images_are_left_out_and_reported(
+    small_root: Path, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "with_bad"
     shutil.copytree(small_root / "dsb", root)
     (root / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     shutil.copy(next((root / "labels").iterdir()), root / "labels" / "bad_label.tiff")
     out = tmp_path / "t.json"
-    assert main(["discover-modalities", str(root), "-k", "2", "--size", "64",
-                 "-o", str(out)]) == 1
+    assert main(["discover-modalities", str(root), "-k", "2", "--size", "64", "-o", str(out)]) == 1
     doc = json.loads(out.read_text())
     assert len(doc["table"]) == 10 and not any("bad.png" in u for u in doc["table"])
     assert [Path(u["image"]).name for u in doc["unreadable"]] == ["bad.png"]
@@ -155,8 +174,9 @@ def test_load_modality_table(tmp_path: Path, monkeypatch) -> None:
     assert "x/../x/images/a.png" in table and table["./x/images/a.png"] == 0
     assert table.get("x/images/missing.png") is None
     # Keys relative to a data root match any path that ends with them.
-    write_modality_table({"table": {"dsb/images/a.png": 1, "images/a.png": 2}},
-                         str(tmp_path / "r.json"))
+    write_modality_table(
+        {"table": {"dsb/images/a.png": 1, "images/a.png": 2}}, str(tmp_path / "r.json")
+    )
     relative = load_modality_table(str(tmp_path / "r.json"))
     assert relative["/elsewhere/data/dsb/images/a.png"] == 1  # the longest key wins
     assert relative["s3://bucket/other/images/a.png"] == 2
@@ -170,28 +190,37 @@ def test_load_modality_table(tmp_path: Path, monkeypatch) -> None:
         load_modality_table(str(tmp_path / "junk.json"))
 
 
-def test_training_data_takes_clusters_from_the_table(small_root: Path, tmp_path: Path,
-                                                     monkeypatch) -> None:
+def test_training_data_takes_clusters_from_the_table(
+    small_root: Path, tmp_path: Path, monkeypatch
+) -> None:
     """The trainer's data preparation finds every training image in a table written
     from an absolute root while the config names the root relatively."""
     from mediar_ray.train.config import TrainConfig
     from mediar_ray.train.loop import prepare_data
 
     table = tmp_path / "modalities.json"
-    assert main(["discover-modalities", str(small_root), "-k", "3", "--size", "64",
-                 "-o", str(table)]) == 0
+    assert (
+        main(["discover-modalities", str(small_root), "-k", "3", "--size", "64", "-o", str(table)])
+        == 0
+    )
     monkeypatch.chdir(small_root.parent)
-    cfg = TrainConfig.from_dict({"name": "t", "data": {
-        "roots": [f"./{small_root.name}/../{small_root.name}"], "holdout_every": 4,
-        "modality_table": str(table)}})
+    cfg = TrainConfig.from_dict(
+        {
+            "name": "t",
+            "data": {
+                "roots": [f"./{small_root.name}/../{small_root.name}"],
+                "holdout_every": 4,
+                "modality_table": str(table),
+            },
+        }
+    )
     data = prepare_data(cfg)
     written = load_modality_table(str(table))
     assert len(data.train) == 10 and len(data.held) == 2
     assert data.clusters.tolist() == [written[p.image] for p in data.train]
 
 
-def test_committed_table_covers_the_data_from_any_checkout(data_dir: Path,
-                                                           tmp_path: Path) -> None:
+def test_committed_table_covers_the_data_from_any_checkout(data_dir: Path, tmp_path: Path) -> None:
     """configs/cpu_small_modalities.json was keyed by /work/main/../shared/data/...:
     a clone elsewhere, whose ../shared is another path to the same data, found no image
     in it. Its keys are now relative to the data root."""

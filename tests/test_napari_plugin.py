@@ -55,8 +55,7 @@ def test_manifest_is_valid_and_names_reader_and_widget():
     manifest = PluginManifest.from_file(MANIFEST)
     assert manifest.name == "mediar-ray"
     assert [r.filename_patterns for r in manifest.contributions.readers] == [["*.zarr"]]
-    assert [w.display_name for w in manifest.contributions.widgets] == \
-        ["Segment cells (MEDIAR)"]
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment cells (MEDIAR)"]
     for command in manifest.contributions.commands:  # every python_name imports
         assert command.exec is not None or command.python_name
 
@@ -81,8 +80,9 @@ def test_reader_layers_scales_features_lazy(plugin, job_output):
     for layer in (image, tissue, cells):
         lo, hi = layer.extent.world
         half = np.asarray(layer.scale) / 2
-        np.testing.assert_allclose([lo - half, hi + half],
-                                   [[-MPP / 2] * 2, [768 * MPP - MPP / 2] * 2], atol=1e-6)
+        np.testing.assert_allclose(
+            [lo - half, hi + half], [[-MPP / 2] * 2, [768 * MPP - MPP / 2] * 2], atol=1e-6
+        )
     # Lazy: every level of every layer is a dask array over the zarr chunks.
     for layer in (image, tissue, cells):
         assert all(isinstance(level, da.Array) for level in layer.data)
@@ -111,8 +111,18 @@ def test_reader_declines_other_zarr_stores(tmp_path, plugin):
 
 
 def _segment_cli(image_path: Path, out: Path) -> np.ndarray:
-    cmd = [sys.executable, "-c", "from mediar_ray.cli import main; raise SystemExit(main())",
-           "segment", str(image_path), "--output", str(out), "--no-tta", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from mediar_ray.cli import main; raise SystemExit(main())",
+        "segment",
+        str(image_path),
+        "--output",
+        str(out),
+        "--no-tta",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return tifffile.imread(next(out.glob("*_label.tiff")))
@@ -139,8 +149,9 @@ def test_widget_gives_the_labels_of_mediar_ray_segment(qtbot, data_dir, tmp_path
     np.testing.assert_array_equal(np.asarray(result.data), expected)
     ids = np.unique(expected[expected > 0])
     np.testing.assert_array_equal(np.sort(result.features["index"].to_numpy()), ids)
-    np.testing.assert_array_equal(result.features["area"].to_numpy(),
-                                  np.bincount(expected.ravel())[ids])
+    np.testing.assert_array_equal(
+        result.features["area"].to_numpy(), np.bincount(expected.ravel())[ids]
+    )
 
 
 def test_widget_cancel_stops_before_a_layer_is_added(qtbot, data_dir):
@@ -186,22 +197,40 @@ def test_a_large_layer_goes_through_the_slide_jobs_tiled_path(data_dir, tmp_path
     assert isinstance(result, WidgetResult) and result.tiled
     path = tmp_path / "phase.tif"
     tifffile.imwrite(path, image, tile=(256, 256))
-    cmd = [sys.executable, "-c", "from mediar_ray.cli import main; raise SystemExit(main())",
-           "segment-slides", str(path), str(tmp_path / "out"), "--no-tta", "--tile-size",
-           "256", "--tissue", "off"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    cmd = [
+        sys.executable,
+        "-c",
+        "from mediar_ray.cli import main; raise SystemExit(main())",
+        "segment-slides",
+        str(path),
+        str(tmp_path / "out"),
+        "--no-tta",
+        "--tile-size",
+        "256",
+        "--tissue",
+        "off",
+    ]
+    done = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     expected = zarr.open_array(str(tmp_path / "out/phase.zarr/labels/cells/0"), mode="r")[:]
     assert expected.max() > 10
     np.testing.assert_array_equal(result.labels, expected)
-    np.testing.assert_array_equal(np.sort(result.features["index"].to_numpy()),
-                                  np.unique(expected[expected > 0]))
+    np.testing.assert_array_equal(
+        np.sort(result.features["index"].to_numpy()), np.unique(expected[expected > 0])
+    )
 
 
 @pytest.mark.slow  # uses the shared job output
 def test_reader_shows_labels_without_features_when_there_is_no_cell_table(
-        plugin, job_output, tmp_path):
+    plugin, job_output, tmp_path
+):
     """An output written with --no-cells (here: the real output copied without its
     OUTPUT/cells/) still opens: the same layers, the cells without features."""
     import shutil

@@ -14,8 +14,12 @@ from mediar_ray.io import read_image
 from mediar_ray.metrics import match_counts
 from mediar_ray.model import load_model
 from mediar_ray.pipeline.actors import is_device_fault, run_with_smaller_batches
-from mediar_ray.precision import (PrecisionError, default_batch_size, exact_fp32,
-                                  resolve_precision)
+from mediar_ray.precision import (
+    PrecisionError,
+    default_batch_size,
+    exact_fp32,
+    resolve_precision,
+)
 from mediar_ray.preprocess import normalize
 from mediar_ray.segment import load_models, segment_image
 
@@ -52,8 +56,9 @@ def test_segment_refuses_fp16_on_a_cpu_with_exit_2(data_dir, tmp_path, caplog):
     from mediar_ray.cli import main
 
     image = sorted((data_dir / "dsb2018/images").glob("*.png"))[0]
-    code = main(["segment", str(image), "--output", str(tmp_path), "--device", "cpu",
-                 "--precision", "fp16"])
+    code = main(
+        ["segment", str(image), "--output", str(tmp_path), "--device", "cpu", "--precision", "fp16"]
+    )
     assert code == 2 and "--precision fp16" in caplog.text
     assert not list(tmp_path.glob("*_label.tiff"))
 
@@ -68,10 +73,10 @@ def test_only_the_forward_runs_in_bf16(reference_models, data_dir):
     seen = []
     model = reference_models[0]
     hook = model.encoder.patch_embed1.proj.register_forward_hook(
-        lambda mod, inp, out: seen.append(out.dtype))
+        lambda mod, inp, out: seen.append(out.dtype)
+    )
     try:
-        image = normalize(read_image(str(sorted((data_dir / "dsb2018/images")
-                                                .glob("*.png"))[0])))
+        image = normalize(read_image(str(sorted((data_dir / "dsb2018/images").glob("*.png"))[0])))
         out = predict_raw(image, [model], tta=False, precision="bf16")
         ref = predict_raw(image, [model], tta=False, precision="fp32")
     finally:
@@ -142,15 +147,14 @@ class _OomAbove(torch.nn.Module):
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_result(reference_models, data_dir):
-    image = normalize(read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))
-                      [:160, :200])
+    image = normalize(
+        read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))[:160, :200]
+    )
     model = reference_models[0]
     with exact_fp32():
-        ref = predict_raw(image, [model], tta=False, roi_size=64, sw_batch_size=1,
-                          precision="fp32")
+        ref = predict_raw(image, [model], tta=False, roi_size=64, sw_batch_size=1, precision="fp32")
         small = _OomAbove(model, limit=2)
-        out = predict_raw(image, [small], tta=False, roi_size=64, sw_batch_size=8,
-                          precision="fp32")
+        out = predict_raw(image, [small], tta=False, roi_size=64, sw_batch_size=8, precision="fp32")
     assert 8 in small.sizes and max(s for s in small.sizes if s <= 2) == 2
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
     with pytest.raises(torch.OutOfMemoryError):  # one window that does not fit: raised
@@ -161,17 +165,25 @@ def test_actor_retries_a_tile_with_smaller_batches(reference_models, data_dir):
     """The actor's retry helper around a real partial inference; the stand-in step
     fails like a GPU out of memory outside the forward (e.g. the tile's canvas) above
     2 windows per forward."""
-    image = normalize(read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))
-                      [:160, :200])
+    image = normalize(
+        read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))[:160, :200]
+    )
     tried = []
 
     def step(batch: int) -> np.ndarray:
         tried.append(batch)
         if batch > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return predict_partial(lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1], (160, 200),
-                               (0, 96, 0, 96), reference_models[:1], tta=False, roi_size=64,
-                               sw_batch_size=batch, precision="fp32")
+        return predict_partial(
+            lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1],
+            (160, 200),
+            (0, 96, 0, 96),
+            reference_models[:1],
+            tta=False,
+            roi_size=64,
+            sw_batch_size=batch,
+            precision="fp32",
+        )
 
     died = []
     out, batch = run_with_smaller_batches(step, 8, die=died.append)
@@ -204,10 +216,19 @@ def test_precision_and_batch_options_of_segment_and_evaluate():
 
     parser = build_parser()
     args = parser.parse_args(["segment", "x.png", "-o", "out"])
-    assert (args.precision, args.batch_size) == ("auto", 0)
-    args = parser.parse_args(["segment", "x.png", "-o", "out", "--sw-batch-size", "8",
-                              "--amp"])
+    assert (args.precision, args.batch_size) == ("auto", None)  # None: the device's default
+    args = parser.parse_args(["segment", "x.png", "-o", "out", "--sw-batch-size", "8", "--amp"])
     assert (args.precision, args.batch_size) == ("fp16", 8)
-    args = parser.parse_args(["evaluate", "--config", "c.yaml", "--precision", "fp32",
-                              "--batch-size", "16"])
+    args = parser.parse_args(
+        ["evaluate", "--config", "c.yaml", "--precision", "fp32", "--batch-size", "16"]
+    )
     assert (args.precision, args.batch_size) == ("fp32", 16)
+
+
+def test_the_command_lines_precisions_are_the_libraries():
+    """The torch-free list the slide job's flags and the napari widget offer is the one
+    :mod:`mediar_ray.precision` resolves."""
+    from mediar_ray import precision
+    from mediar_ray.pipeline.options import PRECISIONS
+
+    assert PRECISIONS == precision.PRECISIONS

@@ -21,8 +21,11 @@ def test_normalize_matches_original(ref_dir, name):
 
 @pytest.mark.parametrize(
     "path",
-    ["usiigaci_phase/images/train_set1.tif", "stardist_nuclei/images/img2d.tif",
-     "dsb2018/images/0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed.png"],
+    [
+        "usiigaci_phase/images/train_set1.tif",
+        "stardist_nuclei/images/img2d.tif",
+        "dsb2018/images/0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed.png",
+    ],
 )
 def test_tilewise_normalisation_equals_whole_image(data_dir, path):
     image = read_image(str(data_dir / path))
@@ -78,8 +81,9 @@ def test_non_finite_values_are_background_and_out_of_the_statistics(data_dir, ca
     """One NaN used to invert the normalisation of a float image and one -inf to blank
     it. Now they are left out of the statistics and normalised to 0; everything else
     is normalised as in the clean image, whole or tile by tile."""
-    clean = read_image(str(data_dir / "stardist_nuclei/images/img2d.tif")).astype(
-        np.float32) / 1000.0
+    clean = (
+        read_image(str(data_dir / "stardist_nuclei/images/img2d.tif")).astype(np.float32) / 1000.0
+    )
     bad, missing = _with_non_finite(clean, case)
     stats = intensity_stats(bad)
     finite = bad[~missing]
@@ -102,8 +106,9 @@ def test_non_finite_values_are_background_and_out_of_the_statistics(data_dir, ca
     parts[0].merge(parts[1])
     assert parts[0].stats() == stats
     for y, x in tiles:
-        np.testing.assert_array_equal(normalize(bad[y : y + 97, x : x + 131], stats),
-                                      out[:, y : y + 97, x : x + 131])
+        np.testing.assert_array_equal(
+            normalize(bad[y : y + 97, x : x + 131], stats), out[:, y : y + 97, x : x + 131]
+        )
 
 
 def test_image_of_only_non_finite_and_zero_values_is_blank():

@@ -93,11 +93,12 @@ def test_plan_stream_rejects_cluster_min_of_a_cluster_with_no_pairs() -> None:
     from mediar_ray.train.stream import plan_stream
 
     cfg = SimpleNamespace(
-        seed=0, sampling=SimpleNamespace(amplified=True, min_per_cluster=10,
-                                         cluster_min={9: 20}),
+        seed=0,
+        sampling=SimpleNamespace(amplified=True, min_per_cluster=10, cluster_min={9: 20}),
         data=SimpleNamespace(replay_per_batch=0, modality_table="table.json"),
         optim=SimpleNamespace(epochs=1, batch_size=4),
-        run=SimpleNamespace(max_steps_per_epoch=0))
+        run=SimpleNamespace(max_steps_per_epoch=0),
+    )
     with pytest.raises(ValueError, match=r"cluster_min.*\[9\].*table.json"):
         plan_stream(cfg, _clusters((30, 12)), 0, 1)
     cfg.sampling.cluster_min = {1: 20}
@@ -107,11 +108,12 @@ def test_plan_stream_rejects_cluster_min_of_a_cluster_with_no_pairs() -> None:
 
 @pytest.mark.parametrize("per_batch, batch_size", [(1, 8), (2, 4), (3, 9)])
 def test_replay_puts_exactly_the_configured_public_samples_in_each_batch(
-        per_batch: int, batch_size: int) -> None:
+    per_batch: int, batch_size: int
+) -> None:
     main = np.random.default_rng(0).permutation(100)
     n_public = 13
     order = with_replay(main, n_public, per_batch, batch_size, np.random.default_rng(1))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in batches[:-1]:
         assert len(batch) == batch_size
         assert sum(kind == "public" for kind, _ in batch) == per_batch
@@ -127,8 +129,16 @@ def test_replay_through_the_epoch_stream() -> None:
     public samples, with amplified sampling on."""
     clusters = _clusters((40, 9, 3))
     for epoch in range(3):
-        batches = epoch_batches(epoch, 7, clusters, n_public=5, batch_size=8,
-                                replay_per_batch=1, min_per_cluster=20, amplified=True)
+        batches = epoch_batches(
+            epoch,
+            7,
+            clusters,
+            n_public=5,
+            batch_size=8,
+            replay_per_batch=1,
+            min_per_cluster=20,
+            amplified=True,
+        )
         assert batches
         for batch in batches:
             assert len(batch) == 8

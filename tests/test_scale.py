@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from mediar_ray.scale import (choose_level, load_mpp_table, lookup_mpp, processing_shape,
-                              processing_transform, read_resampled, slide_mpp,
-                              thumbnail_level)
+from mediar_ray.scale import (
+    choose_level,
+    load_mpp_table,
+    lookup_mpp,
+    processing_shape,
+    processing_transform,
+    read_resampled,
+    slide_mpp,
+    thumbnail_level,
+)
 from mediar_ray.sources import SlideSource, open_slide
 
 SVS = "slides/CMU-1-Small-Region.svs"
@@ -51,8 +58,9 @@ def tiled(source, level, scale, tile):
     return out
 
 
-@pytest.mark.parametrize("scale, tile", [(2.0, 317), (3.0, 200), (1.37, 301), (2.5, 256),
-                                         (0.7, 613)])
+@pytest.mark.parametrize(
+    "scale, tile", [(2.0, 317), (3.0, 200), (1.37, 301), (2.5, 256), (0.7, 613)]
+)
 def test_tiles_equal_the_whole_resample_bit_for_bit(svs, scale, tile):
     h, w = processing_shape(svs.shape, scale)
     whole = read_resampled(svs, 0, scale, 0, h, 0, w)
@@ -64,8 +72,9 @@ def test_tiles_equal_the_whole_resample_bit_for_bit(svs, scale, tile):
         y0, x0 = int(rng.integers(0, h - 40)), int(rng.integers(0, w - 40))
         y1 = int(rng.integers(y0 + 1, min(y0 + 400, h) + 1))
         x1 = int(rng.integers(x0 + 1, min(x0 + 400, w) + 1))
-        np.testing.assert_array_equal(read_resampled(svs, 0, scale, y0, y1, x0, x1),
-                                      whole[y0:y1, x0:x1])
+        np.testing.assert_array_equal(
+            read_resampled(svs, 0, scale, y0, y1, x0, x1), whole[y0:y1, x0:x1]
+        )
 
 
 def test_area_downsampling_by_two_is_block_means(svs):
@@ -94,8 +103,9 @@ def test_a_region_reads_only_its_footprint(svs, scale):
 
 
 def test_scale_one_reads_the_level_unchanged(svs):
-    np.testing.assert_array_equal(read_resampled(svs, 0, 1.0, 10, 90, 20, 70),
-                                  svs.read_region(0, 10, 90, 20, 70))
+    np.testing.assert_array_equal(
+        read_resampled(svs, 0, 1.0, 10, 90, 20, 70), svs.read_region(0, 10, 90, 20, 70)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +115,23 @@ def pyramid(svs, tmp_path_factory):
     path = tmp_path_factory.mktemp("pyramid") / "cmu1_pyramid.ome.tif"
     levels = [whole_image(svs, 0, s) for s in (1.0, 2.0, 4.0)]
     mpp = 0.25
-    options = dict(tile=(256, 256), photometric="rgb", compression="zlib",
-                   resolutionunit="CENTIMETER")
+    options = dict(
+        tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER"
+    )
     with tifffile.TiffWriter(path, ome=True) as tif:
-        tif.write(levels[0], subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp),
-                  metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
-                            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}, **options)
+        tif.write(
+            levels[0],
+            subifds=len(levels) - 1,
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            metadata={
+                "axes": "YXS",
+                "PhysicalSizeX": mpp,
+                "PhysicalSizeY": mpp,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeYUnit": "µm",
+            },
+            **options,
+        )
         for k, data in enumerate(levels[1:], start=1):
             px = mpp * 2**k
             tif.write(data, subfiletype=1, resolution=(1e4 / px, 1e4 / px), **options)
@@ -151,8 +172,11 @@ def test_choose_level_on_a_real_pyramid(pyramid, tmp_path):
         assert processing_shape(levels[0].shape, 2.4) == (h, w)
         # Aligned: no one-pixel shift brings the two anywhere near as close as no shift.
         core = direct[1:-1, 1:-1].astype(float)
-        diff = {(dy, dx): np.abs(whole[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] - core).mean()
-                for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        diff = {
+            (dy, dx): np.abs(whole[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] - core).mean()
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        }
         others = min(v for k, v in diff.items() if k != (0, 0))
         assert diff[0, 0] < 0.5 * others  # a half-pixel offset would not pass this
         # The tissue thumbnail of a level-0 run at 16x: read from level 2, 4x more.
@@ -178,14 +202,19 @@ def test_unknown_pixel_size_with_a_target_is_a_clear_error():
 
 def test_mpp_table_matches_and_precedence(svs, data_dir, tmp_path):
     csv_path = tmp_path / "mpp.csv"
-    csv_path.write_text("slide,mpp\n"
-                        "CMU-1-Small-Region,0.499\n"
-                        "\n# a comment\n"
-                        "s3://bucket/other/slide_b.ome.tif,0.25\n"
-                        "slide_c.ndpi, 0.23\n")
+    csv_path.write_text(
+        "slide,mpp\n"
+        "CMU-1-Small-Region,0.499\n"
+        "\n# a comment\n"
+        "s3://bucket/other/slide_b.ome.tif,0.25\n"
+        "slide_c.ndpi, 0.23\n"
+    )
     table = load_mpp_table(str(csv_path))
-    assert table == {"CMU-1-Small-Region": 0.499, "s3://bucket/other/slide_b.ome.tif": 0.25,
-                     "slide_c.ndpi": 0.23}
+    assert table == {
+        "CMU-1-Small-Region": 0.499,
+        "s3://bucket/other/slide_b.ome.tif": 0.25,
+        "slide_c.ndpi": 0.23,
+    }
     assert lookup_mpp(table, str(data_dir / SVS)) == 0.499  # name without extension
     assert lookup_mpp(table, "s3://bucket/other/slide_b.ome.tif") == 0.25  # full URL
     assert lookup_mpp(table, "s3://elsewhere/slide_b.ome.tif") is None
@@ -197,12 +226,15 @@ def test_mpp_table_matches_and_precedence(svs, data_dir, tmp_path):
     assert slide_mpp(svs, url, None, {}) == expected
 
 
-@pytest.mark.parametrize("text, line, what", [
-    ("slide,mpp\na.svs,0.5\nb.svs\n", 3, "two columns"),
-    ("a.svs,0.5\nb.svs,-1\n", 2, "positive"),
-    ("a.svs,0.5\nb.svs,abc\n", 2, "positive"),
-    ("a.svs,0.5\na.svs,0.4\n", 2, "twice"),
-])
+@pytest.mark.parametrize(
+    "text, line, what",
+    [
+        ("slide,mpp\na.svs,0.5\nb.svs\n", 3, "two columns"),
+        ("a.svs,0.5\nb.svs,-1\n", 2, "positive"),
+        ("a.svs,0.5\nb.svs,abc\n", 2, "positive"),
+        ("a.svs,0.5\na.svs,0.4\n", 2, "twice"),
+    ],
+)
 def test_bad_mpp_table_rows_name_file_and_line(tmp_path, text, line, what):
     path = tmp_path / "table.csv"
     path.write_text(text)

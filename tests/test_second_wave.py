@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -84,8 +83,14 @@ def test_pyramid_level_of_another_region_is_not_used(svs, tmp_path, caplog):
     write_ngff(path, svs, "0.4", levels=2)  # 0.499 um, level 1 at 2x
     group = zarr.open_group(str(path), mode="r+")
     other = np.moveaxis(svs[:292, :682], -1, 0)  # level 1 replaced by another region
-    group.create_array("1", shape=other.shape, chunks=(3, 256, 256), dtype=other.dtype,
-                       overwrite=True, chunk_key_encoding={"name": "v2", "separator": "/"})
+    group.create_array(
+        "1",
+        shape=other.shape,
+        chunks=(3, 256, 256),
+        dtype=other.dtype,
+        overwrite=True,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
     group["1"][...] = other
     with open_slide(str(path)) as source, caplog.at_level(logging.WARNING):
         assert len(source.levels) == 2 and source.levels[1].shape == (292, 682)
@@ -102,8 +107,13 @@ def test_real_pyramid_levels_are_still_used(svs, tmp_path):
     from mediar_ray.scale import choose_level, usable_levels
 
     path = tmp_path / "pyr.tif"
-    write_pyramid(path, svs[:1001, :999], levels=3, resolution=(1e4 / 0.5, 1e4 / 0.5),
-                  resolutionunit="CENTIMETER")
+    write_pyramid(
+        path,
+        svs[:1001, :999],
+        levels=3,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(str(path)) as source:
         assert usable_levels(source.levels) == [0, 1, 2]
         assert choose_level(source.levels, source.mpp, 2.0)[0] == 2
@@ -136,20 +146,28 @@ def test_adding_inputs_keeps_the_names_earlier_runs_gave(data_dir, tmp_path):
     assert second[str(tmp_path / "b/slide.png")].startswith("slide-")
     # A third run naming only b keeps b's name too.
     assert names([str(tmp_path / "b/slide.png")]) == {
-        str(tmp_path / "b/slide.png"): second[str(tmp_path / "b/slide.png")]}
+        str(tmp_path / "b/slide.png"): second[str(tmp_path / "b/slide.png")]
+    }
 
 
 # -------------------------------------------------------------- options up front
 
 
-@pytest.mark.parametrize("flags, option", [
-    (["--target-mpp", "inf"], "--target-mpp"), (["--target-mpp", "1e400"], "--target-mpp"),
-    (["--mpp", "inf"], "--mpp"), (["--device", "cuda"], "--device"),
-    (["--device", "cuda:0"], "--device"), (["--precision", "fp8"], "--precision"),
-    (["--batch-size", "-1"], "--batch-size"),
-])
-def test_absurd_options_stop_before_ray_with_exit_2(data_dir, tmp_path, caplog, capsys,
-                                                     flags, option):
+@pytest.mark.parametrize(
+    "flags, option",
+    [
+        (["--target-mpp", "inf"], "--target-mpp"),
+        (["--target-mpp", "1e400"], "--target-mpp"),
+        (["--mpp", "inf"], "--mpp"),
+        (["--device", "cuda"], "--device"),
+        (["--device", "cuda:0"], "--device"),
+        (["--precision", "fp8"], "--precision"),
+        (["--batch-size", "-1"], "--batch-size"),
+    ],
+)
+def test_absurd_options_stop_before_ray_with_exit_2(
+    data_dir, tmp_path, caplog, capsys, flags, option
+):
     """Row 7: inf pixel sizes passed the checks and every slide failed after Ray started,
     exit 1, without naming the option. (--device cuda without GPUs for the actors: the
     same; issue 42.)"""
@@ -181,10 +199,14 @@ def test_target_far_finer_than_the_slide_is_refused_with_its_size(data_dir):
         level, scale = choose_level(source.levels, source.mpp, 1e-4)
         shape = processing_shape(source.levels[level].shape, scale)
         assert shape[0] > 10_000_000
-        with pytest.raises(ValueError, match=r"--target-mpp 0.0001 would make a processing "
-                           r"image of 14,805,330 x 11,077,800 px"):
-            check_processing_size(source.levels[0], shape, target_mpp=1e-4, mpp0=source.mpp,
-                                  slide=str(data_dir / SVS))
+        with pytest.raises(
+            ValueError,
+            match=r"--target-mpp 0.0001 would make a processing "
+            r"image of 14,805,330 x 11,077,800 px",
+        ):
+            check_processing_size(
+                source.levels[0], shape, target_mpp=1e-4, mpp0=source.mpp, slide=str(data_dir / SVS)
+            )
         ok = processing_shape(source.levels[0].shape, 0.25 / 0.499)
         check_processing_size(source.levels[0], ok, target_mpp=0.25, mpp0=source.mpp)
 
@@ -210,12 +232,20 @@ def test_credentials_in_urls_never_reach_the_output(data_dir, tmp_path, caplog, 
     for argv in (
         ["segment-slides", f"s3://{ACCESS}:{SECRET}@no-such-bucket/a.svs", str(tmp_path / "o")],
         ["segment-slides", str(data_dir / NUINSSEG), f"s3://{ACCESS}:{SECRET}@no-such-bucket/o"],
-        ["segment-slides", str(data_dir / NUINSSEG), str(tmp_path / "o2"), "--mpp-csv",
-         f"s3://{ACCESS}:{SECRET}@no-such-bucket/mpp.csv"],
+        [
+            "segment-slides",
+            str(data_dir / NUINSSEG),
+            str(tmp_path / "o2"),
+            "--mpp-csv",
+            f"s3://{ACCESS}:{SECRET}@no-such-bucket/mpp.csv",
+        ],
     ):
         caplog.clear()
-        env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
-               "AWS_RETRY_MODE": "standard"}
+        env = {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_MAX_ATTEMPTS": "1",
+            "AWS_RETRY_MODE": "standard",
+        }
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -224,8 +254,7 @@ def test_credentials_in_urls_never_reach_the_output(data_dir, tmp_path, caplog, 
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         captured = capsys.readouterr()
-        everything = " ".join(r.getMessage() for r in caplog.records) + captured.out + \
-            captured.err
+        everything = " ".join(r.getMessage() for r in caplog.records) + captured.out + captured.err
         assert code == 2, everything
         assert SECRET not in everything and ACCESS not in everything
 
@@ -241,15 +270,25 @@ def test_tissue_mask_missing_or_of_another_shape_is_refused(data_dir, tmp_path, 
     from mediar_ray.tissue import load_mask
 
     out = tmp_path / "out"
-    code = main(["segment-slides", str(data_dir / NUINSSEG), str(out),
-                 "--tissue", str(tmp_path / "missing_{name}.png")])
+    code = main(
+        [
+            "segment-slides",
+            str(data_dir / NUINSSEG),
+            str(out),
+            "--tissue",
+            str(tmp_path / "missing_{name}.png"),
+        ]
+    )
     assert code == 2 and not ray.is_initialized() and not list(out.glob("*.zarr"))
-    assert any("--tissue" in line and "missing_human_bladder_01.png" in line
-               for line in error_lines(caplog))
+    assert any(
+        "--tissue" in line and "missing_human_bladder_01.png" in line
+        for line in error_lines(caplog)
+    )
     image = read_image(str(data_dir / NUINSSEG))  # 512 x 512
     wide = tmp_path / "wide.png"
-    Image.fromarray((np.tile(image[:128].min(axis=2), (1, 4)) < 128).astype(np.uint8) * 255
-                    ).save(wide)
+    Image.fromarray((np.tile(image[:128].min(axis=2), (1, 4)) < 128).astype(np.uint8) * 255).save(
+        wide
+    )
     with pytest.raises(ValueError, match="stretched"):
         load_mask(str(wide), (32, 32))
     square = tmp_path / "square.png"
@@ -274,8 +313,10 @@ def test_mpp_csv_conflicting_and_unmatched_rows(data_dir, tmp_path, caplog):
     table.write_text("slide,mpp\nnompp.tif,0.25\nother_slide,0.5\n")
     with caplog.at_level(logging.WARNING):
         assert pixel_size_overrides([str(slide)], opts) == {str(slide): 0.25}
-    assert any("other_slide" in r.getMessage() and "match no input" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "other_slide" in r.getMessage() and "match no input" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize("kind", ["blank", "black", "noisy"])
@@ -286,9 +327,11 @@ def test_glass_without_tissue_runs_no_window(data_dir, tmp_path, kind):
     from mediar_ray.tissue import tissue_mask
 
     rng = np.random.default_rng(3)
-    glass = {"blank": np.full((2048, 2048, 3), 255, np.uint8),
-             "black": np.zeros((2048, 2048, 3), np.uint8),
-             "noisy": np.clip(rng.normal(232, 14, (2048, 2048, 3)), 0, 255).astype(np.uint8)}
+    glass = {
+        "blank": np.full((2048, 2048, 3), 255, np.uint8),
+        "black": np.zeros((2048, 2048, 3), np.uint8),
+        "noisy": np.clip(rng.normal(232, 14, (2048, 2048, 3)), 0, 255).astype(np.uint8),
+    }
     thumb = thumbnail_of(glass[kind], tmp_path / "glass.tif", 16)
     assert not tissue_mask(thumb).any()
     # The same glass with a real H&E field on it: the field is tissue, the glass is not.
@@ -331,8 +374,10 @@ def test_nan_pixels_are_left_out_of_cell_intensities(data_dir):
     holed[ys[::3], xs[::3]] = np.nan  # a third of the cell's pixels
     # Measured in two chunks and merged, as cells across chunk borders are.
     cut = int(np.median(xs))
-    parts = [measure_chunk(labels[:, :cut], (0, 0), image=holed[:, :cut]),
-             measure_chunk(labels[:, cut:], (0, cut), image=holed[:, cut:])]
+    parts = [
+        measure_chunk(labels[:, :cut], (0, 0), image=holed[:, :cut]),
+        measure_chunk(labels[:, cut:], (0, cut), image=holed[:, cut:]),
+    ]
     rows = finalize(merge_partials(parts))
     i = int(np.flatnonzero(rows["id"] == cell)[0])
     finite = holed[labels == cell]
@@ -395,8 +440,8 @@ else:
 def test_a_killed_commit_leaves_no_partial_file(data_dir, tmp_path, what):
     """Row 9: kill -9 while committing the Parquet partition (or GeoJSON) left a partial
     file at its final path, and the whole archive's table could not be read."""
-    from mediar_ray.cells.table import cells_table, commit_slide, write_part
     from mediar_ray.cells import finalize, measure_chunk
+    from mediar_ray.cells.table import cells_table, commit_slide, write_part
 
     out = tmp_path / "out"
     out.mkdir()
@@ -406,9 +451,14 @@ def test_a_killed_commit_leaves_no_partial_file(data_dir, tmp_path, what):
     staged = tmp_path / "other.parquet"
     write_part(cells_table(finalize(measure_chunk(labels, (0, 0)))), str(staged))
     commit_slide(str(out), "other", [str(staged)], {"shape": list(labels.shape)})
-    proc = subprocess.run([sys.executable, "-c", KILLED_COMMIT, str(out), labels_url, what],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_COMMIT, str(out), labels_url, what],
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 9, proc.stderr
     visible = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     if what == "parquet":
@@ -458,8 +508,7 @@ FLAGS = ["--no-tta", "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
 
 
 @pytest.mark.slow  # three small slide jobs: about 40 s on 2 cores
-def test_overwrite_leaves_nothing_of_the_earlier_run_and_a_held_slide_is_left(
-        local_ray, tmp_path):
+def test_overwrite_leaves_nothing_of_the_earlier_run_and_a_held_slide_is_left(local_ray, tmp_path):
     """Row 4: `--overwrite --no-cells` (or without --geojson) on a slide done before with
     them kept the old table partition and GeoJSON. Row 10: a slide another live job
     holds is reported "in progress elsewhere", not failed, and left alone."""
@@ -492,3 +541,23 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_and_a_held_slide_is_left(
     assert report["elsewhere"] == {"tissue": other.job}
     assert (out / "tissue.zarr" / ".mediar_complete").read_text() == marker
     other.release_all()
+
+
+def test_fingerprints_of_the_earlier_version_still_match():
+    """Renaming ``tile`` to ``tile_size`` and adding ``precision`` must not make every
+    slide finished by the earlier version look stale on a rerun."""
+    from mediar_ray.pipeline.plan import _upgraded
+    from mediar_ray.pipeline.provenance import differences, fingerprint
+
+    opts = SlideOptions(tile_size=512, roi_size=256)
+    new = fingerprint({"size": 1}, {**opts.result_options(), "mpp": None}, ["w"])
+    old_options = {
+        ("tile" if k == "tile_size" else k): v
+        for k, v in new["options"].items()
+        if k != "precision"
+    }
+    old = {"input": {"size": 1}, "options": old_options, "weights": ["w"]}
+    assert differences(_upgraded(old), new) == []
+    changed = SlideOptions(tile_size=1024, roi_size=256, precision="bf16")
+    newer = fingerprint({"size": 1}, {**changed.result_options(), "mpp": None}, ["w"])
+    assert differences(_upgraded(old), newer) == ["options precision", "options tile_size"]

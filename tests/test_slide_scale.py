@@ -37,11 +37,10 @@ from mediar_ray.segment import resolve_weights
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from slide_scale import MPP, area_mean, build_slides  # noqa: E402
 
-HEIGHT = 704   # glass slide 704 x 2112 px: the smallest that auto detection accepts
+HEIGHT = 704  # glass slide 704 x 2112 px: the smallest that auto detection accepts
 ROI, TILE, HALO, THUMB = 512, 512, 128, 16
 # slow: three slide runs, about 1.5 min on 2 cores
-pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:Object at .* is not recognized")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Object at .* is not recognized")]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,15 @@ def slides(tmp_path_factory):
 
 
 def segment(slide: Path, output: Path, **options) -> dict:
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=TILE, halo=HALO,
-                        roi_size=ROI, workers=2, **options)
+    opts = SlideOptions(
+        weights=resolve_weights(None),
+        tta=False,
+        tile_size=TILE,
+        halo=HALO,
+        roi_size=ROI,
+        workers=2,
+        **options,
+    )
     report = run_slides([str(slide)], str(output), opts)
     assert report["failed"] == {}
     name = slide.stem
@@ -68,16 +74,23 @@ def masked(local_ray, slides, tmp_path_factory):
 @pytest.fixture(scope="module")
 def unmasked(local_ray, slides, tmp_path_factory):
     """The glass slide, every window run, the full image copied."""
-    return segment(slides["paths"]["glass"], tmp_path_factory.mktemp("unmasked"),
-                   tissue="off", copy_image=True)
+    return segment(
+        slides["paths"]["glass"], tmp_path_factory.mktemp("unmasked"), tissue="off", copy_image=True
+    )
 
 
 @pytest.fixture(scope="module")
 def at_target(local_ray, slides, tmp_path_factory):
     """The 2x slide at the glass slide's pixel size, tissue detected, labels also on its
     level-0 grid, the processing image copied."""
-    return segment(slides["paths"]["glass2x"], tmp_path_factory.mktemp("target"),
-                   tissue="auto", target_mpp=MPP, labels_level0=True, copy_image=True)
+    return segment(
+        slides["paths"]["glass2x"],
+        tmp_path_factory.mktemp("target"),
+        tissue="auto",
+        target_mpp=MPP,
+        labels_level0=True,
+        copy_image=True,
+    )
 
 
 def array(root: Path, *path: str) -> np.ndarray:
@@ -94,8 +107,7 @@ def agree(a: np.ndarray, b: np.ndarray) -> float:
     return match_counts(a, b).f1
 
 
-def test_tissue_mask_covers_the_tissue_and_only_windows_touching_it_run(
-        masked, unmasked, slides):
+def test_tissue_mask_covers_the_tissue_and_only_windows_touching_it_run(masked, unmasked, slides):
     summary = masked["summary"]
     assert summary["tissue_mask"] and not unmasked["summary"]["tissue_mask"]
     mask = array(masked["root"], "labels", "tissue", "0") > 0
@@ -113,12 +125,12 @@ def test_tissue_mask_covers_the_tissue_and_only_windows_touching_it_run(
     assert stained.mean() > 0.3
     assert full[y0:y1, x0:x1][stained].all()
     # Glass: nothing beyond the margin (the halo) and one mask pixel from the tissue.
-    assert not full[:, x1 + HALO + THUMB:].any()
+    assert not full[:, x1 + HALO + THUMB :].any()
     assert 0.33 <= mask.mean() < 0.45
     # Windows: each counted once (no TTA); the masked run skips a part of them, and runs
     # every window that touches the stored mask.
     grid = windows((h, w))
-    touching = sum(full[y:y + ROI, x:x + ROI].any() for y, x in grid)
+    touching = sum(full[y : y + ROI, x : x + ROI].any() for y, x in grid)
     run, skipped = summary["windows"]["run"], summary["windows"]["skipped"]
     assert unmasked["summary"]["windows"] == {"run": len(grid), "skipped": 0}
     assert run + skipped == len(grid)
@@ -128,8 +140,10 @@ def test_tissue_mask_covers_the_tissue_and_only_windows_touching_it_run(
     n_tiles = -(-h // TILE) * -(-w // TILE)
     seen = masked["report"]["tiles_inferred"]
     assert seen < n_tiles == unmasked["report"]["tiles_inferred"]
-    print(f"\nwindows run with the tissue mask: {run} of {len(grid)} ({touching} touch "
-          f"the mask); without it: {len(grid)}; tiles sent to the model {seen} of {n_tiles}")
+    print(
+        f"\nwindows run with the tissue mask: {run} of {len(grid)} ({touching} touch "
+        f"the mask); without it: {len(grid)}; tiles sent to the model {seen} of {n_tiles}"
+    )
 
 
 def test_labels_with_the_mask_equal_labels_without(masked, unmasked):
@@ -166,15 +180,19 @@ def test_2x_slide_at_the_original_pixel_size(at_target, unmasked, slides):
     total = sum(at_target["summary"]["windows"].values())
     level0 = len(windows((2 * h, 2 * w)))
     assert total == len(windows((h, w))) and total / level0 < 0.3
-    print(f"\nwindows at 0.499 um: {total} (run {at_target['summary']['windows']['run']}); "
-          f"at level 0 (0.2495 um): {level0}")
+    print(
+        f"\nwindows at 0.499 um: {total} (run {at_target['summary']['windows']['run']}); "
+        f"at level 0 (0.2495 um): {level0}"
+    )
     # Labels agree with the original-resolution run, on the same grid.
     labels = array(at_target["root"], "labels", "cells", "0")
     original = array(unmasked["root"], "labels", "cells", "0")
     assert labels.shape == original.shape
     f1 = agree(original, labels)
-    print(f"F1 of the 2x slide at 0.499 um against the original: {f1:.4f} "
-          f"({labels.max()} / {original.max()} cells)")
+    print(
+        f"F1 of the 2x slide at 0.499 um against the original: {f1:.4f} "
+        f"({labels.max()} / {original.max()} cells)"
+    )
     # 0.972 with the bundled model of 2026-12-01 (122 / 125 cells; 0.98 held with the one
     # before): at 0.499 um/px, half its best pixel size, more of its ~125 cells here are
     # faint, and a grey level of rounding tips a few of them.
@@ -217,12 +235,15 @@ def test_ngff_scales_are_the_pixel_sizes_and_the_output_validates(run, request, 
     mpp0 = MPP / 2 if run == "at_target" else MPP
     s = 2 if run == "at_target" else 1  # level-0 pixels per processing pixel
     n = len(transforms(root))
-    grids = {"image": (root, 4 if run == "masked" else 1),  # processing px per pixel
-             "cells": (root["labels/cells"], 1),
-             "tissue": (root.get("labels/tissue"), THUMB),
-             "cells_level0": (root.get("labels/cells_level0"), 1 / s)}
+    grids = {
+        "image": (root, 4 if run == "masked" else 1),  # processing px per pixel
+        "cells": (root["labels/cells"], 1),
+        "tissue": (root.get("labels/tissue"), THUMB),
+        "cells_level0": (root.get("labels/cells_level0"), 1 / s),
+    }
     assert names == {"cells"} | ({"tissue"} if run != "unmasked" else set()) | (
-        {"cells_level0"} if run == "at_target" else set())
+        {"cells_level0"} if run == "at_target" else set()
+    )
     extent = np.array(slides["shape"]) * MPP  # micrometres covered by every grid
     for name, (group, factor) in grids.items():
         if name != "image" and name not in names:
@@ -238,7 +259,8 @@ def test_ngff_scales_are_the_pixel_sizes_and_the_output_validates(run, request, 
     # The scales are the pixel sizes: the labels' that of the processing pixels, the
     # level-0 labels' that of the slide's TIFF tags.
     assert transforms(root["labels/cells"])[0][0] == pytest.approx(
-        out["summary"]["resolution"]["um_per_processing_pixel"])
+        out["summary"]["resolution"]["um_per_processing_pixel"]
+    )
     if "cells_level0" in names:
         assert transforms(root["labels/cells_level0"])[0][0] == pytest.approx([MPP / 2] * 2)
 
@@ -255,8 +277,9 @@ def test_copy_image_against_the_default_viewing_pyramid(masked, unmasked, slides
     view = array(masked["root"], "0")
     assert view.shape == (3, h // 4, w // 4)
     np.testing.assert_array_equal(np.moveaxis(view, 0, -1), level1)
-    assert transforms(zarr.open_group(str(masked["root"]), mode="r"))[0][0] == \
-        pytest.approx([4 * MPP] * 2)
+    assert transforms(zarr.open_group(str(masked["root"]), mode="r"))[0][0] == pytest.approx(
+        [4 * MPP] * 2
+    )
 
     def image_bytes(root: Path) -> int:
         levels = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]

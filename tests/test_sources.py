@@ -62,16 +62,27 @@ def write_pyramid(path, image, levels=3, **level0_kwargs):
         pyramid.append(pyramid[-1][::2, ::2])
     with tifffile.TiffWriter(path) as tw:
         for k, level in enumerate(pyramid):
-            tw.write(level, tile=(256, 256), photometric="rgb", compression="jpeg",
-                     compressionargs={"level": 95}, subfiletype=1 if k else 0,
-                     **(level0_kwargs if k == 0 else {}))
+            tw.write(
+                level,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 95},
+                subfiletype=1 if k else 0,
+                **(level0_kwargs if k == 0 else {}),
+            )
     return pyramid
 
 
 def test_tiff_pyramid_levels_have_their_real_downsamples(data_dir, svs_pixels, tmp_path):
     path = tmp_path / "pyramid.tif"
-    write_pyramid(path, svs_pixels, levels=3, resolution=(1e4 / 0.499, 1e4 / 0.499),
-                  resolutionunit="CENTIMETER")
+    write_pyramid(
+        path,
+        svs_pixels,
+        levels=3,
+        resolution=(1e4 / 0.499, 1e4 / 0.499),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(str(path)) as tf, open_slide(str(path), "openslide") as osl:
         assert [lv.shape for lv in tf.levels] == [(2967, 2220), (1484, 1110), (742, 555)]
         assert tf.levels[1].downsample == (2967 / 1484, 2.0)
@@ -85,8 +96,9 @@ def test_tiff_pyramid_levels_have_their_real_downsamples(data_dir, svs_pixels, t
             level2 = tif.series[0].levels[2].asarray()
         np.testing.assert_array_equal(tf.read_region(2, 100, 300, 50, 400), level2[100:300, 50:400])
         for y0, y1, x0, x1 in random_regions(tf.shape, 5, seed=1, max_side=400):
-            np.testing.assert_array_equal(tf.read_region(0, y0, y1, x0, x1),
-                                          osl.read_region(0, y0, y1, x0, x1))
+            np.testing.assert_array_equal(
+                tf.read_region(0, y0, y1, x0, x1), osl.read_region(0, y0, y1, x0, x1)
+            )
         a = tf.read_region(1, 200, 600, 100, 500).astype(int)
         b = osl.read_region(1, 200, 600, 100, 500).astype(int)
         assert np.abs(a - b).mean() < 1.0
@@ -123,8 +135,9 @@ def test_rgba_is_composited_onto_white(data_dir, tmp_path):
     rgba[10:60, 20:90, 3] = 0
     rgba[70:80, 20:90, 3] = 128
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    tifffile.imwrite(tmp_path / "a.tif", rgba, photometric="rgb", extrasamples=["unassalpha"],
-                     tile=(64, 64))
+    tifffile.imwrite(
+        tmp_path / "a.tif", rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(64, 64)
+    )
     expected = rgba[..., :3].copy()
     expected[10:60, 20:90] = 255
     half = rgba[70:80, 20:90, :3] * (128 / 255) + 255 * (127 / 255)
@@ -141,9 +154,16 @@ def test_composite_alpha_over_a_background_colour():
     rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 50, 51]]], np.uint8)
     out = composite_alpha(rgba, background=(240, 230, 220))
     a = 51 / 255
-    np.testing.assert_array_equal(out, [[[10, 20, 30], [240, 230, 220],
-                                         np.rint(np.array([200, 100, 50]) * a +
-                                                 np.array([240, 230, 220]) * (1 - a))]])
+    np.testing.assert_array_equal(
+        out,
+        [
+            [
+                [10, 20, 30],
+                [240, 230, 220],
+                np.rint(np.array([200, 100, 50]) * a + np.array([240, 230, 220]) * (1 - a)),
+            ]
+        ],
+    )
     premultiplied = composite_alpha(np.array([[[100, 50, 0, 128]]], np.uint8), premultiplied=True)
     np.testing.assert_array_equal(premultiplied, [[[100 + 127, 50 + 127, 0 + 127]]])
 
@@ -182,25 +202,38 @@ def test_unknown_reader_is_refused(data_dir):
 
 # ---- pixel size from metadata (issue 17, must-show 3) ------------------------------------
 
+
 def test_pixel_size_of_the_svs(data_dir):
     for reader in ("tifffile", "openslide"):
         with open_slide(str(data_dir / SVS), reader) as src:
             assert src.mpp == pytest.approx((0.499, 0.499), abs=1e-9)
 
 
-@pytest.mark.parametrize("size,unit,um", [(0.25, "µm", 0.25), (250, "nm", 0.25),
-                                          (0.0005, "mm", 0.5)])
+@pytest.mark.parametrize(
+    "size,unit,um", [(0.25, "µm", 0.25), (250, "nm", 0.25), (0.0005, "mm", 0.5)]
+)
 def test_pixel_size_of_an_ome_tiff_with_units(tmp_path, data_dir, size, unit, um):
     nuclei = read_image(str(data_dir / "stardist_nuclei/images/img2d.tif"))
     path = tmp_path / "p.ome.tif"
-    tifffile.imwrite(path, nuclei, ome=True, metadata={
-        "axes": "YX", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
-        "PhysicalSizeY": 2 * size, "PhysicalSizeYUnit": unit})
+    tifffile.imwrite(
+        path,
+        nuclei,
+        ome=True,
+        metadata={
+            "axes": "YX",
+            "PhysicalSizeX": size,
+            "PhysicalSizeXUnit": unit,
+            "PhysicalSizeY": 2 * size,
+            "PhysicalSizeYUnit": unit,
+        },
+    )
     with open_slide(str(path)) as src:
         assert src.mpp == pytest.approx((2 * um, um))
 
 
-@pytest.mark.parametrize("unit,per_unit,um", [("INCH", 50800.0, 0.5), ("CENTIMETER", 40000.0, 0.25)])
+@pytest.mark.parametrize(
+    "unit,per_unit,um", [("INCH", 50800.0, 0.5), ("CENTIMETER", 40000.0, 0.25)]
+)
 def test_pixel_size_of_a_tiff_with_resolution_tags(tmp_path, data_dir, unit, per_unit, um):
     nuclei = read_image(str(data_dir / "stardist_nuclei/images/img2d.tif"))
     path = tmp_path / "r.tif"
@@ -212,8 +245,9 @@ def test_pixel_size_of_a_tiff_with_resolution_tags(tmp_path, data_dir, unit, per
 def test_pixel_size_of_an_imagej_tiff(tmp_path, data_dir):
     nuclei = read_image(str(data_dir / "stardist_nuclei/images/img2d.tif"))
     path = tmp_path / "ij.tif"
-    tifffile.imwrite(path, nuclei, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
-                     metadata={"unit": "micron"})
+    tifffile.imwrite(
+        path, nuclei, imagej=True, resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "micron"}
+    )
     with open_slide(str(path)) as src:
         assert src.mpp == pytest.approx((0.325, 0.325))
 
@@ -257,9 +291,19 @@ def bad_files(folder: Path, data_dir: Path) -> dict[str, Path]:
     made["zstack.zarr"] = folder / "zstack.zarr"
     group = zarr.open_group(str(made["zstack.zarr"]), mode="w", zarr_format=3)
     group.create_array("0", shape=(4, 32, 32), dtype="uint8")
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
-        {"name": "z", "type": "space"}, {"name": "y", "type": "space"},
-        {"name": "x", "type": "space"}], "datasets": [{"path": "0"}]}]}
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "z", "type": "space"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
+                "datasets": [{"path": "0"}],
+            }
+        ],
+    }
     return made
 
 

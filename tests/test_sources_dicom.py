@@ -25,10 +25,18 @@ def to_dicom(svs: str, folder, encoding, **kwargs) -> list[str]:
     from wsidicomizer.wsidicomizer import SourceIdentifier
 
     folder.mkdir(parents=True, exist_ok=True)
-    return WsiDicomizer.convert(svs, str(folder), tile_size=TILE, encoding=encoding,
-                                preferred_source=SourceIdentifier.TIFFSLIDE, workers=1,
-                                include_label=False, include_overview=False,
-                                include_thumbnail=False, **kwargs)
+    return WsiDicomizer.convert(
+        svs,
+        str(folder),
+        tile_size=TILE,
+        encoding=encoding,
+        preferred_source=SourceIdentifier.TIFFSLIDE,
+        workers=1,
+        include_label=False,
+        include_overview=False,
+        include_thumbnail=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +57,17 @@ def test_lossless_dicom_equals_the_svs_pixel_for_pixel(data_dir, svs_pixels, tmp
     from wsidicom.codec import Channels, JpegLosslessSettings
 
     # RGB kept as RGB: a YCbCr conversion would round before the lossless coding
-    files = to_dicom(str(data_dir / SVS), tmp_path / "lossless",
-                     JpegLosslessSettings(channels=Channels.RGB))
+    files = to_dicom(
+        str(data_dir / SVS), tmp_path / "lossless", JpegLosslessSettings(channels=Channels.RGB)
+    )
     for target in (str(tmp_path / "lossless"), files):  # a folder, or a list of its files
         with open_slide(target) as src:
             assert src.reader == "wsidicom" and src.channels == 3 and src.dtype == np.uint8
             assert src.shape == (2967, 2220) and src.mpp == pytest.approx((0.499, 0.499))
             np.testing.assert_array_equal(src.read_region(0, 0, 2967, 0, 2220), svs_pixels)
-            np.testing.assert_array_equal(src.read_region(0, 1000, 1517, 300, 1111),
-                                          svs_pixels[1000:1517, 300:1111])
+            np.testing.assert_array_equal(
+                src.read_region(0, 1000, 1517, 300, 1111), svs_pixels[1000:1517, 300:1111]
+            )
 
 
 def test_jpeg_dicom_equals_the_jpeg_reencoding_of_the_svs_tiles(dicom_jpeg, svs_pixels):
@@ -70,8 +80,11 @@ def test_jpeg_dicom_equals_the_jpeg_reencoding_of_the_svs_tiles(dicom_jpeg, svs_
             for tx in range(2220 // TILE):
                 ys, xs = slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE)
                 tile = np.ascontiguousarray(svs_pixels[ys, xs])
-                expected = jpeg8_decode(jpeg8_encode(tile, level=QUALITY, subsampling="422",
-                                                     outcolorspace=JPEG8.CS.YCbCr))
+                expected = jpeg8_decode(
+                    jpeg8_encode(
+                        tile, level=QUALITY, subsampling="422", outcolorspace=JPEG8.CS.YCbCr
+                    )
+                )
                 np.testing.assert_array_equal(whole[ys, xs], expected)
         # and the whole slide is within JPEG error of the source (PSNR > 30 dB)
         mse = np.mean((whole - svs_pixels) ** 2)
@@ -81,10 +94,16 @@ def test_jpeg_dicom_equals_the_jpeg_reencoding_of_the_svs_tiles(dicom_jpeg, svs_
 def test_dicom_pyramid_levels_and_pixel_spacing(dicom_jpeg):
     with open_slide(str(dicom_jpeg)) as src:
         shapes = [lv.shape for lv in src.levels]
-        assert shapes[:3] == [(2967, 2220), (1483, 1110), (741, 555)] or \
-            shapes[:3] == [(2967, 2220), (1484, 1110), (742, 555)]
+        assert shapes[:3] == [(2967, 2220), (1483, 1110), (741, 555)] or shapes[:3] == [
+            (2967, 2220),
+            (1484, 1110),
+            (742, 555),
+        ]
         assert [lv.downsample for lv in src.levels[:3]] == [
-            pytest.approx((1.0, 1.0)), pytest.approx((2.0, 2.0)), pytest.approx((4.0, 4.0))]
+            pytest.approx((1.0, 1.0)),
+            pytest.approx((2.0, 2.0)),
+            pytest.approx((4.0, 4.0)),
+        ]
         # a level-1 region is the level-0 region averaged 2 x 2 (up to JPEG error)
         fine = src.read_region(0, 800, 1200, 400, 800).astype(np.float64)
         coarse = src.read_region(1, 400, 600, 200, 400).astype(np.float64)

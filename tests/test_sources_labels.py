@@ -20,15 +20,15 @@ import pytest
 import ray
 import tifffile
 import zarr
+from s3_server import environment, s3_client, s3_server
+from test_sources import bad_files
+from test_sources_dicom import to_dicom
+from test_sources_zarr import write_ngff
 
 from mediar_ray.io import read_image
 from mediar_ray.metrics import cellseg_f1
 from mediar_ray.pipeline import SlideOptions, run_slides
 from mediar_ray.sources import open_slide
-from s3_server import environment, s3_client, s3_server
-from test_sources import bad_files
-from test_sources_dicom import to_dicom
-from test_sources_zarr import write_ngff
 
 REPO = Path(__file__).resolve().parents[1]
 SVS = "slides/CMU-1-Small-Region.svs"
@@ -38,10 +38,26 @@ SVS_NAME = "CMU-1-Small-Region"
 # and the full image is copied into the output, which a later run reads as its input.
 # 512-px windows: one per small slide, a quarter of the bundled model's own 256-px
 # windows' work; what these tests compare (formats, readers) does not depend on it.
-COMMON = {"tta": False, "roi_size": 512, "tile_size": 512, "halo": 128, "tissue": "off",
-          "copy_image": True}
-JOB_FLAGS = ["--no-tta", "--roi-size", "512", "--tile-size", "512", "--halo", "128",
-             "--tissue", "off", "--copy-image"]
+COMMON = {
+    "tta": False,
+    "roi_size": 512,
+    "tile_size": 512,
+    "halo": 128,
+    "tissue": "off",
+    "copy_image": True,
+}
+JOB_FLAGS = [
+    "--no-tta",
+    "--roi-size",
+    "512",
+    "--tile-size",
+    "512",
+    "--halo",
+    "128",
+    "--tissue",
+    "off",
+    "--copy-image",
+]
 
 
 def options(**kw) -> SlideOptions:
@@ -68,12 +84,17 @@ def canonical(labels: np.ndarray) -> np.ndarray:
 def upload(client, folder: Path, prefix: str) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            client.put_object(Bucket="lab", Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
-                              Body=path.read_bytes())
+            client.put_object(
+                Bucket="lab",
+                Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
+                Body=path.read_bytes(),
+            )
 
 
 def job_main():
-    spec = importlib.util.spec_from_file_location("segment_slides_job", REPO / "jobs/segment_slides.py")
+    spec = importlib.util.spec_from_file_location(
+        "segment_slides_job", REPO / "jobs/segment_slides.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -90,8 +111,9 @@ def runs(data_dir, tmp_path_factory):
     archive = tmp / "archive"
     archive.mkdir()
     shutil.copy(svs, archive / svs.name)
-    tifffile.imwrite(archive / "crop.tif", crop, tile=(256, 256), photometric="rgb",
-                     compression="zlib")
+    tifffile.imwrite(
+        archive / "crop.tif", crop, tile=(256, 256), photometric="rgb", compression="zlib"
+    )
     zarrs = tmp / "zarrs"
     write_ngff(zarrs / "crop_v2.zarr", crop, "0.4", levels=2)
     write_ngff(zarrs / "crop_v3.zarr", crop, "0.5", levels=2)
@@ -102,26 +124,44 @@ def runs(data_dir, tmp_path_factory):
     # only a conversion that keeps the pixels can keep the labels; the JPEG conversions'
     # pixels are checked in test_sources_dicom.
     from wsidicom.codec import Channels, JpegLosslessSettings
+
     to_dicom(str(svs), archive / "svs_dicom", JpegLosslessSettings(channels=Channels.RGB))
 
     with s3_server() as env, environment(env):
         client = s3_client(env, "lab")
         upload(client, zarrs, "in")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env},
+        )
         try:
             out = {k: tmp / k for k in ("job", "openslide", "again")}
-            exit_code = job_main()(["--input", str(archive), "--output", str(out["job"])]
-                                   + JOB_FLAGS)
+            exit_code = job_main()(
+                ["--input", str(archive), "--output", str(out["job"])] + JOB_FLAGS
+            )
             report_job = json.loads((out["job"] / "run_summary.json").read_text())
             report_os = run_slides([str(svs)], str(out["openslide"]), options(reader="openslide"))
             report_again = run_slides(
-                [str(out["job"] / "crop.zarr"), "s3://lab/in/crop_v2.zarr",
-                 "s3://lab/in/crop_v3.zarr"], str(out["again"]), options())
+                [
+                    str(out["job"] / "crop.zarr"),
+                    "s3://lab/in/crop_v2.zarr",
+                    "s3://lab/in/crop_v3.zarr",
+                ],
+                str(out["again"]),
+                options(),
+            )
         finally:
             ray.shutdown()
-    return {"out": out, "exit": exit_code, "job": report_job, "openslide": report_os,
-            "again": report_again, "crop": crop}
+    return {
+        "out": out,
+        "exit": exit_code,
+        "job": report_job,
+        "openslide": report_os,
+        "again": report_again,
+        "crop": crop,
+    }
 
 
 @pytest.mark.slow
@@ -152,9 +192,13 @@ def test_ome_zarr_labels_equal_the_tiff_input(runs):
         assert src.reader == "ome-zarr"
         np.testing.assert_array_equal(src.read_region(0, 0, 1024, 0, 1024), crop)
     assert runs["again"]["failed"] == {}
-    for out, name in ((runs["out"]["job"], "crop_v2"), (runs["out"]["job"], "crop_v3"),
-                      (runs["out"]["again"], "crop"), (runs["out"]["again"], "crop_v2"),
-                      (runs["out"]["again"], "crop_v3")):
+    for out, name in (
+        (runs["out"]["job"], "crop_v2"),
+        (runs["out"]["job"], "crop_v3"),
+        (runs["out"]["again"], "crop"),
+        (runs["out"]["again"], "crop_v2"),
+        (runs["out"]["again"], "crop_v3"),
+    ):
         np.testing.assert_array_equal(canonical(labels_of(out, name)), reference, err_msg=name)
 
 
@@ -164,8 +208,7 @@ def test_the_archive_job_finishes_every_format(runs):
     assert set(runs["job"]["done"]) == {SVS_NAME, "crop", "crop_v2", "crop_v3", "svs_dicom"}
 
 
-def test_bad_files_fail_alone_naming_themselves_and_the_job_exits_1(data_dir, ref_dir,
-                                                                     tmp_path):
+def test_bad_files_fail_alone_naming_themselves_and_the_job_exits_1(data_dir, ref_dir, tmp_path):
     """A corrupt or unsupported file of every format among good slides (the small
     reference model keeps this quick)."""
     archive = tmp_path / "archive"
@@ -176,10 +219,27 @@ def test_bad_files_fail_alone_naming_themselves_and_the_job_exits_1(data_dir, re
     out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        code = job_main()(["--input", str(archive), "--output", str(out),
-                           "--weights", str(ref_dir / "model_a.pth"),
-                           "--model-config", json.dumps(params), "--roi-size", "256",
-                           "--tile-size", "256", "--halo", "64", "--no-tta", "--tissue", "off"])
+        code = job_main()(
+            [
+                "--input",
+                str(archive),
+                "--output",
+                str(out),
+                "--weights",
+                str(ref_dir / "model_a.pth"),
+                "--model-config",
+                json.dumps(params),
+                "--roi-size",
+                "256",
+                "--tile-size",
+                "256",
+                "--halo",
+                "64",
+                "--no-tta",
+                "--tissue",
+                "off",
+            ]
+        )
     finally:
         ray.shutdown()
     report = json.loads((out / "run_summary.json").read_text())
@@ -189,7 +249,6 @@ def test_bad_files_fail_alone_naming_themselves_and_the_job_exits_1(data_dir, re
     assert len(reasons) == len(bad)
     for name in bad:
         assert len([r for r in reasons if name in r]) == 1, (name, reasons)
-    for name in ("._CMU-1.svs", "fake.ndpi", "fake.mrxs", "broken.png", "bad_dicom",
-                 "bad.zarr"):
+    for name in ("._CMU-1.svs", "fake.ndpi", "fake.mrxs", "broken.png", "bad_dicom", "bad.zarr"):
         assert any(name in r and "not a slide/image" in r for r in reasons), name
     assert any("zstack.zarr" in r and "z=4" in r for r in reasons)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from s3_server import environment, s3_client, s3_server
 from zarr.storage import LocalStore, WrapperStore
 
 from mediar_ray.io import read_image
 from mediar_ray.sources import SlideReadError, open_slide
 from mediar_ray.sources.omezarr import OmeZarrSource
-from s3_server import environment, s3_client, s3_server
 
 SVS = "slides/CMU-1-Small-Region.svs"
 CHUNK = 256
@@ -27,7 +27,9 @@ def pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
     return [image[:: 2**k, :: 2**k] for k in range(levels)]
 
 
-def write_ngff(path: Path | str, image: np.ndarray, version: str, levels: int = 3) -> list[np.ndarray]:
+def write_ngff(
+    path: Path | str, image: np.ndarray, version: str, levels: int = 3
+) -> list[np.ndarray]:
     """An RGB image as OME-Zarr, as other tools write it.
 
     "0.4": zarr v2, axes (c, y, x) in micrometres, "/" chunk keys, metadata in .zattrs.
@@ -42,24 +44,39 @@ def write_ngff(path: Path | str, image: np.ndarray, version: str, levels: int = 
         cyx = np.moveaxis(level, -1, 0)
         data = cyx if v2 else cyx[None, :, None]
         lead = (3,) if v2 else (1, 3, 1)
-        kwargs = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}} if v2 else
-                  {"dimension_names": ["t", "c", "z", "y", "x"]})
-        arr = group.create_array(str(k), shape=data.shape, chunks=lead + (CHUNK, CHUNK),
-                                 dtype=data.dtype, **kwargs)
+        kwargs = (
+            {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+            if v2
+            else {"dimension_names": ["t", "c", "z", "y", "x"]}
+        )
+        arr = group.create_array(
+            str(k), shape=data.shape, chunks=lead + (CHUNK, CHUNK), dtype=data.dtype, **kwargs
+        )
         arr[...] = data
         f = 2.0**k
         scale = [1.0, MPP * f, MPP * f] if v2 else [1.0, 1.0, 1.0, 2 * f, 2 * f]
-        datasets.append({"path": str(k), "coordinateTransformations": [
-            {"type": "scale", "scale": scale}]})
-    space = [{"name": n, "type": "space", "unit": "micrometer" if v2 else "nanometer"}
-             for n in ("y", "x")]
-    axes = ([{"name": "c", "type": "channel"}] + space if v2 else
-            [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
-             {"name": "z", "type": "space", "unit": "nanometer"}] + space)
+        datasets.append(
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    space = [
+        {"name": n, "type": "space", "unit": "micrometer" if v2 else "nanometer"}
+        for n in ("y", "x")
+    ]
+    axes = (
+        [{"name": "c", "type": "channel"}] + space
+        if v2
+        else [
+            {"name": "t", "type": "time"},
+            {"name": "c", "type": "channel"},
+            {"name": "z", "type": "space", "unit": "nanometer"},
+        ]
+        + space
+    )
     multiscale = {"version": version, "name": "svs", "axes": axes, "datasets": datasets}
     if not v2:  # level-0 scale 2 nm times 249.5 = 499 nm = 0.499 um
         multiscale["coordinateTransformations"] = [
-            {"type": "scale", "scale": [1.0, 1.0, 1.0, MPP * 1000 / 2, MPP * 1000 / 2]}]
+            {"type": "scale", "scale": [1.0, 1.0, 1.0, MPP * 1000 / 2, MPP * 1000 / 2]}
+        ]
     if v2:
         group.attrs["multiscales"] = [multiscale]
     else:
@@ -75,8 +92,10 @@ def svs_pixels(data_dir):
 @pytest.fixture(scope="module")
 def ngff(svs_pixels, tmp_path_factory) -> dict[str, tuple[Path, list[np.ndarray]]]:
     root = tmp_path_factory.mktemp("ngff")
-    return {v: (root / f"svs_{v}.zarr", write_ngff(root / f"svs_{v}.zarr", svs_pixels, v))
-            for v in ("0.4", "0.5")}
+    return {
+        v: (root / f"svs_{v}.zarr", write_ngff(root / f"svs_{v}.zarr", svs_pixels, v))
+        for v in ("0.4", "0.5")
+    }
 
 
 def check_pixels(src, levels: list[np.ndarray], seed: int) -> None:
@@ -85,7 +104,10 @@ def check_pixels(src, levels: list[np.ndarray], seed: int) -> None:
         h, w = level.shape[:2]
         for _ in range(4):
             y0, x0 = int(rng.integers(0, h - 40)), int(rng.integers(0, w - 40))
-            y1, x1 = int(rng.integers(y0 + 1, min(h, y0 + 600))), int(rng.integers(x0 + 1, min(w, x0 + 600)))
+            y1, x1 = (
+                int(rng.integers(y0 + 1, min(h, y0 + 600))),
+                int(rng.integers(x0 + 1, min(w, x0 + 600))),
+            )
             np.testing.assert_array_equal(src.read_region(k, y0, y1, x0, x1), level[y0:y1, x0:x1])
 
 
@@ -100,8 +122,9 @@ def test_ngff_image_reads_like_the_svs(ngff, data_dir, svs_pixels, version):
         assert src.mpp == pytest.approx((MPP, MPP))
         with open_slide(str(data_dir / SVS)) as svs:
             for y0, y1, x0, x1 in ((0, 2967, 0, 2220), (1000, 1300, 700, 1100)):
-                np.testing.assert_array_equal(src.read_region(0, y0, y1, x0, x1),
-                                              svs.read_region(0, y0, y1, x0, x1))
+                np.testing.assert_array_equal(
+                    src.read_region(0, y0, y1, x0, x1), svs.read_region(0, y0, y1, x0, x1)
+                )
         check_pixels(src, levels, seed=int(version[-1]))
 
 
@@ -138,12 +161,18 @@ def test_a_region_read_fetches_only_the_chunks_it_touches(ngff, version):
     path, levels = ngff[version]
     store = RecordingStore(LocalStore(str(path), read_only=True))
     src = OmeZarrSource(str(path), store=store)
-    for level, (y0, y1, x0, x1) in [(0, (300, 700, 100, 400)), (0, (256, 512, 512, 768)),
-                                    (1, (1000, 1484, 1000, 1110)), (2, (5, 6, 7, 8))]:
+    for level, (y0, y1, x0, x1) in [
+        (0, (300, 700, 100, 400)),
+        (0, (256, 512, 512, 768)),
+        (1, (1000, 1484, 1000, 1110)),
+        (2, (5, 6, 7, 8)),
+    ]:
         store.keys.clear()
         region = src.read_region(level, y0, y1, x0, x1)
         np.testing.assert_array_equal(region, levels[level][y0:y1, x0:x1])
-        data_keys = [k for k in store.keys if not k.rsplit("/", 1)[-1].startswith((".z", "zarr.json"))]
+        data_keys = [
+            k for k in store.keys if not k.rsplit("/", 1)[-1].startswith((".z", "zarr.json"))
+        ]
         assert sorted(data_keys) == sorted(touched_chunks(level, y0, y1, x0, x1, version))
 
 
@@ -168,33 +197,63 @@ def test_unsupported_zarr_layouts_fail_naming_the_image(tmp_path, svs_pixels):
     stack = tmp_path / "stack.zarr"
     group = zarr.open_group(str(stack), mode="w", zarr_format=3)
     group.create_array("0", shape=(3, 64, 64), dtype="uint16")
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
-        {"name": "z", "type": "space"}, {"name": "y", "type": "space"},
-        {"name": "x", "type": "space"}], "datasets": [{"path": "0"}]}]}
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "z", "type": "space"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
+                "datasets": [{"path": "0"}],
+            }
+        ],
+    }
     with pytest.raises(SlideReadError, match=r"stack.zarr.*z=3"):
         open_slide(str(stack))
     # no units on the axes: the pixel size is unknown, not 1 um
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
-        {"name": "z", "type": "space"}, {"name": "y", "type": "space"},
-        {"name": "x", "type": "space"}], "datasets": [{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]}
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "z", "type": "space"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.5, 0.5]}],
+                    }
+                ],
+            }
+        ],
+    }
     group.create_array("0", shape=(1, 64, 64), dtype="uint16", overwrite=True)
     with open_slide(str(stack)) as src:
-        assert src.mpp is None and src.channels == 1 and src.read_region(0, 0, 4, 0, 4).shape == (4, 4)
+        assert (
+            src.mpp is None and src.channels == 1 and src.read_region(0, 0, 4, 0, 4).shape == (4, 4)
+        )
 
 
 def test_ngff_images_on_s3(ngff, svs_pixels):
     with s3_server() as env, environment(env):
         client = s3_client(env, "lab")
-        for version, (path, _) in ngff.items():
+        for path, _ in ngff.values():
             for f in sorted(path.rglob("*")):
                 if f.is_file():
-                    client.put_object(Bucket="lab", Key=f"zarr/{path.name}/{f.relative_to(path).as_posix()}",
-                                      Body=f.read_bytes())
-        for version, (path, levels) in ngff.items():
+                    client.put_object(
+                        Bucket="lab",
+                        Key=f"zarr/{path.name}/{f.relative_to(path).as_posix()}",
+                        Body=f.read_bytes(),
+                    )
+        for path, levels in ngff.values():
             with open_slide(f"s3://lab/zarr/{path.name}") as src:
                 assert src.reader == "ome-zarr" and src.mpp == pytest.approx((MPP, MPP))
                 assert [lv.downsample for lv in src.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
-                np.testing.assert_array_equal(src.read_region(0, 1000, 1300, 700, 1100),
-                                              svs_pixels[1000:1300, 700:1100])
+                np.testing.assert_array_equal(
+                    src.read_region(0, 1000, 1300, 700, 1100), svs_pixels[1000:1300, 700:1100]
+                )
                 check_pixels(src, levels, seed=5)

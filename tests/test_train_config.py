@@ -15,8 +15,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GOOD = {
     "name": "unit_test",
     "data": {"roots": ["/data/a"], "holdout_every": 5},
-    "model": {"encoder_name": "mit_b0", "decoder_channels": [32, 16, 16, 16, 16],
-              "decoder_pab_channels": 16},
+    "model": {
+        "encoder_name": "mit_b0",
+        "decoder_channels": [32, 16, 16, 16, 16],
+        "decoder_pab_channels": 16,
+    },
     "augment": {"crop": 128},
     "optim": {"lr": 1.0e-3, "epochs": 3, "batch_size": 2},
 }
@@ -44,32 +47,36 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 
 
-@pytest.mark.parametrize("section, key, value, words", [
-    (None, "optimiser", {}, ["unknown", "optimiser"]),
-    ("augment", "noise_pp", 0.1, ["unknown", "noise_pp", "augment"]),
-    ("run", "gpus", 1, ["unknown", "gpus", "run"]),
-    ("optim", "lr", "fast", ["optim.lr", "float"]),
-    ("optim", "epochs", 2.5, ["optim.epochs", "int"]),
-    ("run", "use_gpu", "yes", ["run.use_gpu", "bool"]),
-    ("data", "roots", "/data/a", ["data.roots", "list"]),
-    ("augment", "flip_p", 1.5, ["augment.flip_p", "probability"]),
-    ("augment", "crop", 100, ["augment.crop", "multiple of 32"]),
-    ("augment", "zoom_range", [1.5, 0.25], ["augment.zoom_range"]),
-    ("optim", "epochs", 0, ["optim.epochs", ">= 1"]),
-    ("optim", "lr", -1.0, ["optim.lr", "> 0"]),
-    ("data", "holdout_every", 1, ["data.holdout_every"]),
-    ("model", "decoder_channels", [64, 32, 16], ["model.decoder_channels", "five"]),
-    ("augment", "small_cell_area", -1, ["augment.small_cell_area", ">= 0"]),
-    ("augment", "small_cell_max_weight", 0.5, ["augment.small_cell_max_weight", ">= 1"]),
-    ("augment", "touching_weight", 0.0, ["augment.touching_weight", "> 0"]),
-    ("sampling", "cluster_min", {2: 0}, ["sampling.cluster_min", "int >= 1"]),
-    ("sampling", "cluster_min", {"tissue": 75}, ["sampling.cluster_min", "cluster id"]),
-    ("sampling", "cluster_min", [2, 75], ["sampling.cluster_min", "dict"]),
-    (None, "name", "has space", ["name"]),
-    (None, "augment", 5, ["augment", "mapping"]),
-])
+@pytest.mark.parametrize(
+    "section, key, value, words",
+    [
+        (None, "optimiser", {}, ["unknown", "optimiser"]),
+        ("augment", "noise_pp", 0.1, ["unknown", "noise_pp", "augment"]),
+        ("run", "gpus", 1, ["unknown", "gpus", "run"]),
+        ("optim", "lr", "fast", ["optim.lr", "float"]),
+        ("optim", "epochs", 2.5, ["optim.epochs", "int"]),
+        ("run", "use_gpu", "yes", ["run.use_gpu", "bool"]),
+        ("data", "roots", "/data/a", ["data.roots", "list"]),
+        ("augment", "flip_p", 1.5, ["augment.flip_p", "probability"]),
+        ("augment", "crop", 100, ["augment.crop", "multiple of 32"]),
+        ("augment", "zoom_range", [1.5, 0.25], ["augment.zoom_range"]),
+        ("optim", "epochs", 0, ["optim.epochs", ">= 1"]),
+        ("optim", "lr", -1.0, ["optim.lr", "> 0"]),
+        ("data", "holdout_every", 1, ["data.holdout_every"]),
+        ("model", "decoder_channels", [64, 32, 16], ["model.decoder_channels", "five"]),
+        ("augment", "small_cell_area", -1, ["augment.small_cell_area", ">= 0"]),
+        ("augment", "small_cell_max_weight", 0.5, ["augment.small_cell_max_weight", ">= 1"]),
+        ("augment", "touching_weight", 0.0, ["augment.touching_weight", "> 0"]),
+        ("sampling", "cluster_min", {2: 0}, ["sampling.cluster_min", "int >= 1"]),
+        ("sampling", "cluster_min", {"tissue": 75}, ["sampling.cluster_min", "cluster id"]),
+        ("sampling", "cluster_min", [2, 75], ["sampling.cluster_min", "dict"]),
+        (None, "name", "has space", ["name"]),
+        (None, "augment", 5, ["augment", "mapping"]),
+    ],
+)
 def test_bad_values_raise_config_error_naming_file_and_key(
-        tmp_path: Path, section, key, value, words) -> None:
+    tmp_path: Path, section, key, value, words
+) -> None:
     path = _write(tmp_path, _with(section, key, value), "bad_config.yaml")
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
@@ -112,6 +119,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 # --- the files in configs/ ---------------------------------------------------------
 
+
 def _slide_parser() -> argparse.ArgumentParser:
     from mediar_ray.commands.segment_slides import add_arguments
 
@@ -145,9 +153,15 @@ def _is_training(data: dict) -> bool:
 def test_every_config_in_configs_validates() -> None:
     files = sorted(CONFIGS.glob("*.yaml"))
     names = {p.name for p in files}
-    expected = {"pretrain_phase1.yaml", "pretrain_phase2.yaml", "finetune1.yaml",
-                "finetune2.yaml", "baseline.yaml", "predict_single.yaml",
-                "predict_ensemble_tta.yaml"}
+    expected = {
+        "pretrain_phase1.yaml",
+        "pretrain_phase2.yaml",
+        "finetune1.yaml",
+        "finetune2.yaml",
+        "baseline.yaml",
+        "predict_single.yaml",
+        "predict_ensemble_tta.yaml",
+    }
     assert expected <= names, expected - names
     training = []
     for path in files:

@@ -41,8 +41,7 @@ def label_root(tmp_path: Path, data_dir: Path) -> tuple[Path, dict[str, str]]:
     for kind, stem in kinds.items():
         path = root / "labels" / f"{stem}_label.tiff"
         labels = read_image(str(path)).astype(np.float32)
-        labels = {"whole_float": labels, "fractional": labels * 0.5,
-                  "negative": -labels}[kind]
+        labels = {"whole_float": labels, "fractional": labels * 0.5, "negative": -labels}[kind]
         tifffile.imwrite(path, labels)
     return root, kinds
 
@@ -90,16 +89,19 @@ def test_data_roots_are_checked_before_training(tmp_path, data_dir, caplog):
     shutil.copy(phase, root / "images" / f"{stems[1]}.tif")  # 1022x1024 vs a DSB label
     shutil.copy(next((root / "images").glob(stems[2] + ".*")), root / "images" / "lonely.png")
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)],
-                                                            "holdout_every": 2}}))
+    config.write_text(
+        yaml.safe_dump({"name": "t", "data": {"roots": [str(root)], "holdout_every": 2}})
+    )
     cfg = load_config(str(config))
     with caplog.at_level("WARNING", logger="mediar_ray.train"):
         train, held = split_config_pairs(cfg)
     used = {Path(p.image).stem for p in train + held}
     assert used == set(stems[2:])
-    reasons = {line.split(": ", 1)[0].rsplit("/", 1)[-1]: line.split(": ", 1)[1]
-               for line in (r.getMessage().removeprefix("left out: ") for r in caplog.records)
-               if ": " in line}
+    reasons = {
+        line.split(": ", 1)[0].rsplit("/", 1)[-1]: line.split(": ", 1)[1]
+        for line in (r.getMessage().removeprefix("left out: ") for r in caplog.records)
+        if ": " in line
+    }
     assert "not readable" in reasons[image.name]
     assert "its label is" in reasons[f"{stems[1]}.tif"]
     assert reasons["lonely.png"] == "image without label"
@@ -126,12 +128,28 @@ def test_mapping_with_an_undecodable_image_trains_on_the_rest(tmp_path, data_dir
     cut.write_bytes(cut.read_bytes()[:200])  # cut after the mapping was made
     images = [p["image"] for p in json.loads(mapping.read_text())["pairs"]]
     table = tmp_path / "modalities.json"
-    table.write_text(json.dumps({"version": 1, "unreadable": [
-        {"image": str(cut), "reason": "not readable"}],
-        "table": {u: i % 2 for i, u in enumerate(images) if u != str(cut)}}))
+    table.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "unreadable": [{"image": str(cut), "reason": "not readable"}],
+                "table": {u: i % 2 for i, u in enumerate(images) if u != str(cut)},
+            }
+        )
+    )
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {
-        "mappings": [str(mapping)], "holdout_every": 0, "modality_table": str(table)}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "data": {
+                    "mappings": [str(mapping)],
+                    "holdout_every": 0,
+                    "modality_table": str(table),
+                },
+            }
+        )
+    )
     data = prepare_data(load_config(str(config)))
     assert sorted(Path(p.image).stem for p in data.train) == sorted(stems[1:])
     assert len(data.clusters) == 3
@@ -156,13 +174,15 @@ def test_validation_and_evaluate_score_every_good_pair(label_root, tmp_path):
     labels = sorted((root / "labels").glob("*_label.tiff"))
     keep = [p for p in labels if not any(s in p.name for s in kinds.values())][:2]
     keep += [root / "labels" / f"{kinds['fractional']}_label.tiff"]
-    pairs = [Pair(str(next((root / "images").glob(p.name[:-11] + ".*"))), str(p), "dsb")
-             for p in keep]
+    pairs = [
+        Pair(str(next((root / "images").glob(p.name[:-11] + ".*"))), str(p), "dsb") for p in keep
+    ]
     import torch
 
     torch.manual_seed(0)
-    model = build_model(encoder_name="mit_b0", decoder_channels=[32, 16, 16, 16, 16],
-                        decoder_pab_channels=16)
+    model = build_model(
+        encoder_name="mit_b0", decoder_channels=[32, 16, 16, 16, 16], decoder_pab_channels=16
+    )
     bad: list = []
     report = validate(model, pairs, roi_size=256, bad=bad)
     assert report["val_images"] == 2 and report["val_bad"] == 1

@@ -26,8 +26,9 @@ def test_readme_train_command_from_a_fresh_clone(tmp_path: Path, data_dir: Path)
 
     clone = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     subprocess.run(["git", "checkout", "-q", head], cwd=clone, check=True)
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(data_dir)
@@ -39,11 +40,27 @@ def test_readme_train_command_from_a_fresh_clone(tmp_path: Path, data_dir: Path)
     env = {**os.environ, "PYTHONPATH": str(clone)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "mediar_ray.cli", "train", "--config", "configs/cpu_small.yaml",
-         "--epochs", "1", "--storage-path", str(tmp_path / "runs")],
-        cwd=clone, env=env, capture_output=True, text=True, timeout=1500, check=False)
+        [
+            sys.executable,
+            "-m",
+            "mediar_ray.cli",
+            "train",
+            "--config",
+            "configs/cpu_small.yaml",
+            "--epochs",
+            "1",
+            "--storage-path",
+            str(tmp_path / "runs"),
+        ],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["epochs_done"] == 1 and summary["ran"] == 1
     path, state = latest_checkpoint(str(tmp_path / "runs" / "cpu_small"))
     assert state["epoch"] == 0 and path.endswith("checkpoint_epoch_00000")

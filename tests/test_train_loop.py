@@ -12,16 +12,20 @@ import pytest
 
 from mediar_ray.train.checkpoint import latest_checkpoint
 
-TINY_MODEL = {"encoder_name": "mit_b0", "decoder_channels": [32, 16, 16, 16, 16],
-              "decoder_pab_channels": 16}
+TINY_MODEL = {
+    "encoder_name": "mit_b0",
+    "decoder_channels": [32, 16, 16, 16, 16],
+    "decoder_pab_channels": 16,
+}
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=4, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -42,23 +46,37 @@ def small_root(tmp_path_factory, data_dir: Path) -> Path:
 def _config(root: Path, storage: Path, epochs: int):
     from mediar_ray.train.config import TrainConfig
 
-    return TrainConfig.from_dict({
-        "name": "ddp_test", "seed": 3,
-        "data": {"roots": [str(root)], "holdout_every": 5},
-        "model": TINY_MODEL,
-        "augment": {"crop": 64},
-        "sampling": {"amplified": False},
-        "optim": {"lr": 2e-3, "epochs": epochs, "batch_size": 2},
-        "run": {"storage_path": str(storage), "num_workers": 2, "checkpoint_every": 1,
-                "validate_every": 0, "max_steps_per_epoch": 3, "cpus_per_worker": 1,
-                "loader_workers": 1, "loader_cpus": 1},
-    })
+    return TrainConfig.from_dict(
+        {
+            "name": "ddp_test",
+            "seed": 3,
+            "data": {"roots": [str(root)], "holdout_every": 5},
+            "model": TINY_MODEL,
+            "augment": {"crop": 64},
+            "sampling": {"amplified": False},
+            "optim": {"lr": 2e-3, "epochs": epochs, "batch_size": 2},
+            "run": {
+                "storage_path": str(storage),
+                "num_workers": 2,
+                "checkpoint_every": 1,
+                "validate_every": 0,
+                "max_steps_per_epoch": 3,
+                "cpus_per_worker": 1,
+                "loader_workers": 1,
+                "loader_cpus": 1,
+            },
+        }
+    )
 
 
 def _states(run: Path) -> dict[int, dict]:
-    return {json.loads((d / "state.json").read_text())["epoch"]:
-            json.loads((d / "state.json").read_text())
-            for d in sorted(run.glob("checkpoint_epoch_*")) if (d / "state.json").exists()}
+    return {
+        json.loads((d / "state.json").read_text())["epoch"]: json.loads(
+            (d / "state.json").read_text()
+        )
+        for d in sorted(run.glob("checkpoint_epoch_*"))
+        if (d / "state.json").exists()
+    }
 
 
 def _cut_copy(run: Path, epoch: int) -> None:
@@ -112,10 +130,18 @@ def test_ddp_two_workers_checkpoint_and_resume(ray_local, small_root, tmp_path):
     # epoch 3 was trained on the batches planned for epoch 3
     cfg = _config(small_root, storage, epochs=5)
     plan = plan_stream(cfg, prepare_data(cfg).clusters, 0, 2, 0)
-    planned = sorted(f"main:{i}" for r in plan.rows if r["epoch"] == 3
-                     for _, i in json.loads(r["items"]))
-    trained = sorted(sum((json.loads((run / "checkpoint_epoch_00003" /
-                                      f"seen_rank{r}.json").read_text()) for r in (0, 1)), []))
+    planned = sorted(
+        f"main:{i}" for r in plan.rows if r["epoch"] == 3 for _, i in json.loads(r["items"])
+    )
+    trained = sorted(
+        sum(
+            (
+                json.loads((run / "checkpoint_epoch_00003" / f"seen_rank{r}.json").read_text())
+                for r in (0, 1)
+            ),
+            [],
+        )
+    )
     assert trained == planned
     # the resumed epoch runs at the learning rate the interrupted run would have used
     assert states[3]["lr"] == pytest.approx(states[2]["next_lr"], rel=1e-12)

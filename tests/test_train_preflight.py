@@ -17,23 +17,38 @@ from mediar_ray.train.config import ConfigError, TrainConfig, load_config
 from mediar_ray.train.preflight import resolve_model_init
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"encoder_name": "mit_b0", "decoder_channels": [32, 16, 16, 16, 16],
-        "decoder_pab_channels": 16}
+TINY = {
+    "encoder_name": "mit_b0",
+    "decoder_channels": [32, 16, 16, 16, 16],
+    "decoder_pab_channels": 16,
+}
 
 
 def _train_cli(config: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "mediar_ray.cli", "train", "--config",
-                           str(config), *flags], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=config.parent, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "mediar_ray.cli", "train", "--config", str(config), *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=config.parent,
+        check=False,
+    )
 
 
 def _small_config(dsb_config, tmp_path: Path, **run) -> Path:
     config, _ = dsb_config(4)
     data = yaml.safe_load(config.read_text())
-    data.update({"model": TINY, "augment": {"crop": 64}, "optim": {"epochs": 1},
-                 "run": {"storage_path": str(tmp_path / "runs"), **run}})
+    data.update(
+        {
+            "model": TINY,
+            "augment": {"crop": 64},
+            "optim": {"epochs": 1},
+            "run": {"storage_path": str(tmp_path / "runs"), **run},
+        }
+    )
     config.write_text(yaml.safe_dump(data))
     return config
 
@@ -92,10 +107,14 @@ def test_model_init_fills_the_model_section_from_the_checkpoint(tmp_path):
 def test_model_init_conflict_and_missing_file_are_named(tmp_path):
     init = str(REPO / "configs" / "cpu_small_stage1.safetensors")
     path = tmp_path / "init.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "model": {"init": init,
-                                                           "encoder_name": "mit_b1"}}))
-    with pytest.raises(ConfigError, match=r"model.encoder_name = 'mit_b1' but the checkpoint "
-                                          r"has 'mit_b0'.*remove those keys"):
+    path.write_text(
+        yaml.safe_dump({"name": "x", "model": {"init": init, "encoder_name": "mit_b1"}})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"model.encoder_name = 'mit_b1' but the checkpoint "
+        r"has 'mit_b0'.*remove those keys",
+    ):
         resolve_model_init(load_config(str(path)))
     missing = TrainConfig.from_dict({"name": "x", "model": {"init": str(tmp_path / "no.pth")}})
     with pytest.raises(ConfigError, match="model.init: .*no.pth does not exist"):
@@ -112,17 +131,26 @@ def test_model_is_on_its_device_before_the_optimizer_state_is_loaded(tmp_path):
 
     cfg = TrainConfig.from_dict({"name": "m", "model": TINY, "optim": {"epochs": 3}})
     model, optimizer, scheduler, _, _ = build_training(cfg, "cpu")
-    batch = {"image": torch.rand(1, 3, 64, 64), "flows": torch.zeros(1, 2, 64, 64),
-             "cell": torch.zeros(1, 64, 64), "valid": torch.ones(1, 64, 64)}
+    batch = {
+        "image": torch.rand(1, 3, 64, 64),
+        "flows": torch.zeros(1, 2, 64, 64),
+        "cell": torch.zeros(1, 64, 64),
+        "valid": torch.ones(1, 64, 64),
+    }
     train_step(model, optimizer, batch)
     folder = tmp_path / "checkpoint_epoch_00000"
     save_training_state(folder, model, optimizer, scheduler, {"epoch": 0, "step": 1})
-    model, optimizer, _, epoch, step = build_training(cfg, "meta", resume_from=str(folder),
-                                                      stream_start=1)
+    model, optimizer, _, epoch, step = build_training(
+        cfg, "meta", resume_from=str(folder), stream_start=1
+    )
     assert (epoch, step) == (1, 1)
     assert next(model.parameters()).device.type == "meta"
-    moments = [(k, t.device.type) for st in optimizer.state.values() for k, t in st.items()
-               if torch.is_tensor(t) and k != "step"]  # AdamW keeps its step count on CPU
+    moments = [
+        (k, t.device.type)
+        for st in optimizer.state.values()
+        for k, t in st.items()
+        if torch.is_tensor(t) and k != "step"
+    ]  # AdamW keeps its step count on CPU
     assert len(moments) == 2 * len(list(model.parameters()))
     assert {device for _, device in moments} == {"meta"}
 
@@ -156,12 +184,16 @@ def test_autoscaling_cluster_wait_is_bounded(monkeypatch):
     from mediar_ray.train.preflight import TrainResourceError, check_resources
 
     monkeypatch.setattr(cluster, "autoscaler_present", lambda: True)
-    run = TrainConfig.from_dict({"name": "x", "run": {"num_workers": 2,
-                                                      "resource_timeout": 1.0}}).run
+    run = TrainConfig.from_dict(
+        {"name": "x", "run": {"num_workers": 2, "resource_timeout": 1.0}}
+    ).run
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.raises(TrainResourceError, match=r"after waiting 1 s \(run.resource_timeout\)"
-                                                     r".*need 3 CPUs.*has 1 CPUs"):
+        with pytest.raises(
+            TrainResourceError,
+            match=r"after waiting 1 s \(run.resource_timeout\)"
+            r".*need 3 CPUs.*has 1 CPUs",
+        ):
             check_resources(run, poll_seconds=0.2)
     finally:
         ray.shutdown()
@@ -178,13 +210,20 @@ def test_reused_name_with_other_data_is_refused(tmp_path, data_dir):
     cfg = TrainConfig.from_dict({"name": "r", "model": TINY, "optim": {"epochs": 3}})
     model, optimizer, scheduler, _, _ = build_training(cfg, "cpu")
     run = tmp_path / "runs" / "r"
-    save_training_state(run / "checkpoint_epoch_00000", model, optimizer, scheduler,
-                        {"epoch": 0, "step": 1, "config": cfg.to_dict(),
-                         "pairs": pairs_fingerprint(pairs)})
+    save_training_state(
+        run / "checkpoint_epoch_00000",
+        model,
+        optimizer,
+        scheduler,
+        {"epoch": 0, "step": 1, "config": cfg.to_dict(), "pairs": pairs_fingerprint(pairs)},
+    )
     check_run_name(str(run), cfg, pairs_fingerprint(pairs))  # same run: resumes
     fewer = pairs_fingerprint(pairs[:-1])
-    with pytest.raises(ConfigError, match=r"different config or data \(training pairs\): "
-                                          "give a new --name, or --overwrite"):
+    with pytest.raises(
+        ConfigError,
+        match=r"different config or data \(training pairs\): "
+        "give a new --name, or --overwrite",
+    ):
         check_run_name(str(run), cfg, fewer)
     check_run_name(str(run), cfg, fewer, overwrite=True)
     assert not run.exists()

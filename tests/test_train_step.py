@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_loop import TINY_MODEL  # the DDP test's model
 
 from mediar_ray.data.mapping import Pair
 from mediar_ray.model import build_model
 from mediar_ray.train.config import AugmentSection
 from mediar_ray.train.loop import train_step
 from mediar_ray.train.stream import BatchMaker
-from test_train_loop import TINY_MODEL  # the DDP test's model
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -84,14 +84,15 @@ def test_loss_is_mediars_with_unit_weights_and_a_weighted_mean_otherwise(batch) 
     with torch.no_grad():
         out = model(batch["image"])
     flows, cell = batch["flows"], batch["cell"]
-    plain = (F.binary_cross_entropy_with_logits(out[:, 2], cell)
-             + 0.5 * F.mse_loss(out[:, :2], FLOW_SCALE * flows))
+    plain = F.binary_cross_entropy_with_logits(out[:, 2], cell) + 0.5 * F.mse_loss(
+        out[:, :2], FLOW_SCALE * flows
+    )
     assert float(mediar_loss(out, flows, cell)) == pytest.approx(float(plain), rel=1e-5)
-    assert float(mediar_loss(out, flows, cell, torch.ones_like(cell))) == \
-        pytest.approx(float(plain), rel=1e-5)
+    assert float(mediar_loss(out, flows, cell, torch.ones_like(cell))) == pytest.approx(
+        float(plain), rel=1e-5
+    )
     weights = torch.rand_like(cell) * 3 + 0.5
     bce = F.binary_cross_entropy_with_logits(out[:, 2], cell, reduction="none")
     mse = ((out[:, :2] - FLOW_SCALE * flows) ** 2).mean(dim=1)
     expected = ((bce * weights).sum() + 0.5 * (mse * weights).sum()) / weights.sum()
-    assert float(mediar_loss(out, flows, cell, weights)) == pytest.approx(float(expected),
-                                                                         rel=1e-5)
+    assert float(mediar_loss(out, flows, cell, weights)) == pytest.approx(float(expected), rel=1e-5)

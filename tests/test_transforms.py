@@ -16,8 +16,14 @@ from mediar_ray.train.config import AugmentSection
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-NO_INTENSITY = {"cell_aware_p": 0.0, "noise_p": 0.0, "contrast_p": 0.0, "smooth_p": 0.0,
-                "hist_shift_p": 0.0, "sharpen_p": 0.0}
+NO_INTENSITY = {
+    "cell_aware_p": 0.0,
+    "noise_p": 0.0,
+    "contrast_p": 0.0,
+    "smooth_p": 0.0,
+    "hist_shift_p": 0.0,
+    "sharpen_p": 0.0,
+}
 
 
 def _stem_pair(data_dir: Path, source: str, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,14 +71,28 @@ def _assert_flows_match(actual: np.ndarray, expected: np.ndarray, labels: np.nda
 
 # Each spatial transform's possible outcomes: name -> (labels op, image op, flows op).
 SPATIAL = {
-    "flip": (T.axis_flip, {
-        f"axis{a}": (lambda lab, a=a: np.flip(lab, a),
-                     lambda img, a=a: np.flip(img, a + 1),
-                     lambda fl, a=a: _flip_flows(fl, a)) for a in (0, 1)}),
-    "rot90": (T.rotate90, {
-        f"k{k}": (lambda lab, k=k: np.rot90(lab, k),
-                  lambda img, k=k: np.rot90(img, k, axes=(1, 2)),
-                  lambda fl, k=k: _rot_flows(fl, k)) for k in (1, 2, 3)}),
+    "flip": (
+        T.axis_flip,
+        {
+            f"axis{a}": (
+                lambda lab, a=a: np.flip(lab, a),
+                lambda img, a=a: np.flip(img, a + 1),
+                lambda fl, a=a: _flip_flows(fl, a),
+            )
+            for a in (0, 1)
+        },
+    ),
+    "rot90": (
+        T.rotate90,
+        {
+            f"k{k}": (
+                lambda lab, k=k: np.rot90(lab, k),
+                lambda img, k=k: np.rot90(img, k, axes=(1, 2)),
+                lambda fl, k=k: _rot_flows(fl, k),
+            )
+            for k in (1, 2, 3)
+        },
+    ),
 }
 
 
@@ -88,8 +108,9 @@ def test_spatial_transform_flows_equal_transformed_flows(real, name: str) -> Non
     seen = set()
     for seed in range(16):
         img_t, lab_t = transform(img, labels, np.random.default_rng(seed))
-        key = next(k for k, (lab_op, _, _) in outcomes.items()
-                   if np.array_equal(lab_t, lab_op(labels)))
+        key = next(
+            k for k, (lab_op, _, _) in outcomes.items() if np.array_equal(lab_t, lab_op(labels))
+        )
         _, img_op, flow_op = outcomes[key]
         assert np.array_equal(img_t, img_op(img))
         if key not in seen:
@@ -127,8 +148,9 @@ def test_crop_flip_rotate_keep_image_and_targets_aligned(real) -> None:
     the output image give exactly the output's cell mask and flows."""
     _, labels = real
     img, scale = _encode(labels)
-    cfg = AugmentSection.from_dict({"crop": 96, "zoom_p": 0.0, "flip_p": 1.0,
-                                    "rotate_p": 1.0, **NO_INTENSITY})
+    cfg = AugmentSection.from_dict(
+        {"crop": 96, "zoom_p": 0.0, "flip_p": 1.0, "rotate_p": 1.0, **NO_INTENSITY}
+    )
     for seed in range(3):
         out = T.augment_sample(img, labels, np.random.default_rng(seed), cfg)
         lab = _decode(out["image"], scale)
@@ -148,8 +170,7 @@ def test_zoom_keeps_ids_and_pure_pixels_agree(real, factor: float) -> None:
     codes = np.random.default_rng(1).uniform(0.2, 1.0, labels.max() + 1)
     codes[0] = 0.0
     img = np.stack([codes[labels], codes[labels] ** 2, np.zeros(labels.shape)])
-    img_z, lab_z = T.zoom_crop(img.astype(np.float32), labels, 64, factor,
-                               np.random.default_rng(5))
+    img_z, lab_z = T.zoom_crop(img.astype(np.float32), labels, 64, factor, np.random.default_rng(5))
     assert img_z.shape == (3, 64, 64) and lab_z.shape == (64, 64)
     assert set(np.unique(lab_z)) <= set(np.unique(labels))
     value = img_z[0].astype(np.float64)
@@ -171,8 +192,12 @@ def test_zoom_labels_are_not_shifted_against_the_image(data_dir: Path) -> None:
         img_z, lab_z = T.zoom_crop(fg, labels, 256, 0.25, np.random.default_rng(0))
         yy, xx = np.mgrid[:256, :256]
         mass, mask = img_z[0], lab_z > 0
-        shifts.append((np.sum(mass * yy) / mass.sum() - yy[mask].mean(),
-                       np.sum(mass * xx) / mass.sum() - xx[mask].mean()))
+        shifts.append(
+            (
+                np.sum(mass * yy) / mass.sum() - yy[mask].mean(),
+                np.sum(mass * xx) / mass.sum() - xx[mask].mean(),
+            )
+        )
     assert np.abs(np.mean(shifts, axis=0)).max() < 0.25, np.mean(shifts, axis=0)
 
 
@@ -182,8 +207,9 @@ def test_public_samples_get_spatial_transforms_only(real) -> None:
     _, labels = real
     img, scale = _encode(labels)
     every = {k: 1.0 for k in NO_INTENSITY}
-    cfg = AugmentSection.from_dict({"crop": 96, "zoom_p": 1.0, "flip_p": 1.0,
-                                    "rotate_p": 1.0, **every})
+    cfg = AugmentSection.from_dict(
+        {"crop": 96, "zoom_p": 1.0, "flip_p": 1.0, "rotate_p": 1.0, **every}
+    )
     out = T.augment_sample(img, labels, np.random.default_rng(0), cfg, public=True)
     lab = _decode(out["image"], scale)
     assert np.array_equal(out["valid"] == 0, T.excluded_pixels(lab))
@@ -216,8 +242,16 @@ def test_cell_aware_probability_in_augment_sample(real) -> None:
     cells); the rest leave the image untouched."""
     _, labels = real
     img, scale = _encode(labels)
-    cfg = AugmentSection.from_dict({"crop": 64, "zoom_p": 0.0, "flip_p": 0.0,
-                                    "rotate_p": 0.0, **NO_INTENSITY, "cell_aware_p": 0.25})
+    cfg = AugmentSection.from_dict(
+        {
+            "crop": 64,
+            "zoom_p": 0.0,
+            "flip_p": 0.0,
+            "rotate_p": 0.0,
+            **NO_INTENSITY,
+            "cell_aware_p": 0.25,
+        }
+    )
     n, hit = 120, 0
     for seed in range(n):
         rng = np.random.default_rng(seed)
@@ -228,8 +262,12 @@ def test_cell_aware_probability_in_augment_sample(real) -> None:
 
 
 def test_border_pixels_match_skimage_inner_boundaries(data_dir: Path) -> None:
-    for source, index in (("dsb2018", 0), ("dsb2018", 40), ("usiigaci_phase", 2),
-                          ("stardist_nuclei", 0)):
+    for source, index in (
+        ("dsb2018", 0),
+        ("dsb2018", 40),
+        ("usiigaci_phase", 2),
+        ("stardist_nuclei", 0),
+    ):
         _, labels = _stem_pair(data_dir, source, index)
         expected = find_boundaries(labels, mode="inner", connectivity=1)
         got = T.border_pixels(labels)
@@ -360,14 +398,15 @@ def test_spatial_probabilities_match_mediar_table() -> None:
 def test_intensity_probabilities_match_mediar_table() -> None:
     """Noise, contrast, smoothing, histogram shift and sharpening at 0.25 each: an image
     comes out unchanged with probability 0.75 ** 5."""
-    cfg = AugmentSection.from_dict({"crop": 32, "zoom_p": 0.0, "flip_p": 0.0,
-                                    "rotate_p": 0.0})
+    cfg = AugmentSection.from_dict({"crop": 32, "zoom_p": 0.0, "flip_p": 0.0, "rotate_p": 0.0})
     assert [getattr(cfg, k) for k in NO_INTENSITY] == [0.25] * 6
     img = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
     labels = np.zeros((32, 32), np.int64)
     n = 1000
-    same = sum(np.array_equal(T.augment_sample(img, labels, np.random.default_rng(s),
-                                               cfg)["image"], img) for s in range(n))
+    same = sum(
+        np.array_equal(T.augment_sample(img, labels, np.random.default_rng(s), cfg)["image"], img)
+        for s in range(n)
+    )
     assert abs(same / n - 0.75**5) < 0.055, same / n  # four standard errors
 
 
@@ -399,10 +438,10 @@ def test_pixel_weights_hand_made_cases() -> None:
     (4 px) would weigh 3 and is capped at 2.5; a 7 x 7 one (49 px) is not small. The two
     cells one pixel apart get the touching weight on both sides of their gap."""
     labels = np.zeros((12, 20), int)
-    labels[1:4, 1:4] = 1          # 9 px
-    labels[1:4, 5:8] = 2          # 9 px, one-pixel gap to cell 1 (column 4)
-    labels[8:10, 9:11] = 3        # 4 px, alone
-    labels[2:9, 15:20][:7] = 4    # 7 x 5 = 35 px, alone
+    labels[1:4, 1:4] = 1  # 9 px
+    labels[1:4, 5:8] = 2  # 9 px, one-pixel gap to cell 1 (column 4)
+    labels[8:10, 9:11] = 3  # 4 px, alone
+    labels[2:9, 15:20][:7] = 4  # 7 x 5 = 35 px, alone
     off = T.pixel_weights(labels)
     assert off.dtype == np.float32 and (off == 1).all()
     w = T.pixel_weights(labels, small_area=36, small_max=2.5)
@@ -422,8 +461,9 @@ def test_loss_weights_reach_augment_sample_only_when_asked(real) -> None:
     the touching weight on some pixels (small cells at a seam) and >= it on few."""
     image, labels = real
     img = normalize(image)
-    plain = T.augment_sample(img, labels, np.random.default_rng(7),
-                             AugmentSection(crop=128, **NO_INTENSITY))
+    plain = T.augment_sample(
+        img, labels, np.random.default_rng(7), AugmentSection(crop=128, **NO_INTENSITY)
+    )
     assert (plain["valid"] == 1).all()
     cfg = AugmentSection(crop=128, small_cell_area=400, touching_weight=5.0, **NO_INTENSITY)
     weighted = T.augment_sample(img, labels, np.random.default_rng(7), cfg)

@@ -83,8 +83,17 @@ def test_device_that_is_not_there_is_one_line_and_exit_2(data_dir, tmp_path, cap
     number of GPUs is absent on every machine, with or without GPUs."""
     device = f"cuda:{torch.cuda.device_count()}"
     out = tmp_path / "out"
-    code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(out),
-                 "--device", device, "--no-tta"])
+    code = main(
+        [
+            "segment",
+            str(dsb_image(data_dir, DSB[0])),
+            "-o",
+            str(out),
+            "--device",
+            device,
+            "--no-tta",
+        ]
+    )
     assert code == 2
     assert one_line_naming(caplog, f"--device {device}", "--device cpu")
     assert not list(out.glob("*_label.tiff"))
@@ -102,8 +111,15 @@ def train_config(tmp_path, data_dir):
     shutil.copy(image, root / "images")
     shutil.copy(data_dir / "dsb2018/labels" / (image.stem + "_label.tiff"), root / "labels")
     config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "data": {"roots": [str(root)]},
-                                      "run": {"storage_path": str(tmp_path / "runs")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "data": {"roots": [str(root)]},
+                "run": {"storage_path": str(tmp_path / "runs")},
+            }
+        )
+    )
     return config
 
 
@@ -119,13 +135,17 @@ def train_config(tmp_path, data_dir):
         ("train", "--max-epochs-this-run", "0", "an integer of at least 1"),
     ],
 )
-def test_option_out_of_range_stops_before_any_work(data_dir, tmp_path, train_config, capsys,
-                                                   command, option, value, valid):
+def test_option_out_of_range_stops_before_any_work(
+    data_dir, tmp_path, train_config, capsys, command, option, value, valid
+):
     """A bad --roi-size or --sw-batch-size used to fail every image late with an internal
     message (or, negative, write empty labels); now argparse stops at once."""
     out = tmp_path / "out"
-    argv = (["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(out), *FAST]
-            if command == "segment" else ["train", "--config", str(train_config)])
+    argv = (
+        ["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(out), *FAST]
+        if command == "segment"
+        else ["train", "--config", str(train_config)]
+    )
     with pytest.raises(SystemExit) as stop:
         main([*argv, option, value])
     assert stop.value.code == 2
@@ -141,14 +161,12 @@ def test_unwritable_output_is_one_line_and_exit_2(data_dir, tmp_path, caplog):
     """An output folder that cannot be created was a traceback."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(blocker / "out"),
-                 *FAST])
+    code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(blocker / "out"), *FAST])
     assert code == 2
     assert one_line_naming(caplog, "--output", str(blocker / "out"), "writable folder")
 
 
-def test_missing_input_is_reported_and_the_others_are_segmented(data_dir, tmp_path, capsys,
-                                                               caplog):
+def test_missing_input_is_reported_and_the_others_are_segmented(data_dir, tmp_path, capsys, caplog):
     """One missing input used to stop the whole command before any image was done."""
     good = dsb_image(data_dir, DSB[0])
     missing = tmp_path / "nope" / "gone.png"
@@ -161,13 +179,13 @@ def test_missing_input_is_reported_and_the_others_are_segmented(data_dir, tmp_pa
     assert one_line_naming(caplog, str(missing), "not found: check the path")
 
 
-def test_bad_url_scheme_is_reported_and_the_others_are_segmented(data_dir, tmp_path, capsys,
-                                                                caplog):
+def test_bad_url_scheme_is_reported_and_the_others_are_segmented(
+    data_dir, tmp_path, capsys, caplog
+):
     """An unknown URL scheme stopped everything with fsspec's bare 'Protocol not known'."""
     good = dsb_image(data_dir, DSB[0])
     out = tmp_path / "out"
-    assert main(["segment", "nosuchscheme://bucket/a.png", str(good), "-o", str(out),
-                 *FAST]) == 1
+    assert main(["segment", "nosuchscheme://bucket/a.png", str(good), "-o", str(out), *FAST]) == 1
     assert (out / f"{good.stem}_label.tiff").is_file()
     assert one_line_naming(caplog, "nosuchscheme://bucket/a.png", "unknown URL scheme")
     assert main(["segment", "nosuchscheme://bucket/a.png", "-o", str(out), *FAST]) == 2
@@ -176,24 +194,53 @@ def test_bad_url_scheme_is_reported_and_the_others_are_segmented(data_dir, tmp_p
 def test_unknown_encoder_is_one_line_and_exit_2(data_dir, tmp_path, caplog):
     """An unknown encoder name in --model-config was a KeyError traceback listing every
     encoder segmentation_models_pytorch knows."""
-    code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(tmp_path / "o"),
-                 "--model-config", '{"encoder_name": "mit_b9"}', *FAST])
+    code = main(
+        [
+            "segment",
+            str(dsb_image(data_dir, DSB[0])),
+            "-o",
+            str(tmp_path / "o"),
+            "--model-config",
+            '{"encoder_name": "mit_b9"}',
+            *FAST,
+        ]
+    )
     assert code == 2
     assert one_line_naming(caplog, "unknown encoder_name 'mit_b9'", "mit_b5")
 
 
-def test_corrupt_and_missing_checkpoints_are_one_line_and_exit_2(data_dir, tmp_path,
-                                                                train_config, caplog):
+def test_corrupt_and_missing_checkpoints_are_one_line_and_exit_2(
+    data_dir, tmp_path, train_config, caplog
+):
     """A missing checkpoint was a traceback in ``evaluate --config``."""
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
-    code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", str(tmp_path / "o"),
-                 "--weights", str(corrupt), *FAST])
+    code = main(
+        [
+            "segment",
+            str(dsb_image(data_dir, DSB[0])),
+            "-o",
+            str(tmp_path / "o"),
+            "--weights",
+            str(corrupt),
+            *FAST,
+        ]
+    )
     assert code == 2 and one_line_naming(caplog, str(corrupt), "corrupt")
     caplog.clear()
     missing = tmp_path / "missing.safetensors"
-    code = main(["evaluate", "--config", str(train_config), "--split", "train",
-                 "--weights", str(missing), "--no-tta"])
+    code = main(
+        [
+            "evaluate",
+            "--config",
+            str(train_config),
+            "--split",
+            "train",
+            "--weights",
+            str(missing),
+            "--no-tta",
+        ]
+    )
     assert code == 2 and one_line_naming(caplog, str(missing), "not found")
 
 
@@ -205,15 +252,20 @@ def s3_without_credentials(monkeypatch, tmp_path, data_dir):
     """A real S3 server on loopback holding one image; the environment then loses its
     credentials (and any other place botocore could find some)."""
     import fsspec
-
     from s3_server import s3_client, s3_server
 
     with s3_server() as env:
         client = s3_client(env, "lab")
-        client.put_object(Bucket="lab", Key="in/cells.png",
-                          Body=dsb_image(data_dir, DSB[0]).read_bytes())
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                    "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        client.put_object(
+            Bucket="lab", Key="in/cells.png", Body=dsb_image(data_dir, DSB[0]).read_bytes()
+        )
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+        ):
             monkeypatch.delenv(key, raising=False)
         monkeypatch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -225,8 +277,9 @@ def s3_without_credentials(monkeypatch, tmp_path, data_dir):
         fsspec.filesystem("s3").clear_instance_cache()
 
 
-def test_s3_without_credentials_is_one_line_and_exit_2(s3_without_credentials, data_dir,
-                                                       tmp_path, caplog):
+def test_s3_without_credentials_is_one_line_and_exit_2(
+    s3_without_credentials, data_dir, tmp_path, caplog
+):
     """Missing credentials for an s3:// input or output were a botocore traceback."""
     code = main(["segment", "s3://lab/in/", "-o", str(tmp_path / "out"), *FAST])
     assert code == 2
@@ -234,8 +287,7 @@ def test_s3_without_credentials_is_one_line_and_exit_2(s3_without_credentials, d
     caplog.clear()
     code = main(["segment", str(dsb_image(data_dir, DSB[0])), "-o", "s3://lab/out", *FAST])
     assert code == 2
-    assert one_line_naming(caplog, "--output s3://lab/out", "no credentials",
-                           "AWS_ACCESS_KEY_ID")
+    assert one_line_naming(caplog, "--output s3://lab/out", "no credentials", "AWS_ACCESS_KEY_ID")
 
 
 # ------------------------------------------------------------------ evaluate

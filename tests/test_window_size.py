@@ -14,12 +14,14 @@ from mediar_ray.io import read_image
 from mediar_ray.model import build_model, save_model
 from mediar_ray.segment import load_models, models_window, segment_image
 from mediar_ray.train.config import load_config
-from mediar_ray.weights import (DEFAULT_ROI_SIZE, CheckpointError, default_weights,
-                                window_size)
+from mediar_ray.weights import DEFAULT_ROI_SIZE, CheckpointError, default_weights, window_size
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"encoder_name": "mit_b0", "decoder_channels": [16, 16, 16, 16, 16],
-        "decoder_pab_channels": 16}
+TINY = {
+    "encoder_name": "mit_b0",
+    "decoder_channels": [16, 16, 16, 16, 16],
+    "decoder_pab_channels": 16,
+}
 
 
 def _saved(tmp_path, name: str, metadata: dict | None) -> str:
@@ -56,15 +58,30 @@ def test_segment_uses_the_models_window_unless_told(data_dir, tmp_path):
     image = read_image(image_url)
     assert image.shape[:2] == (256, 320)
     models = load_models(None, None, "cpu")
-    expected = {roi: segment_image(image, models, tta=False, roi_size=roi).raw
-                for roi in (256, 512)}
+    expected = {
+        roi: segment_image(image, models, tta=False, roi_size=roi).raw for roi in (256, 512)
+    }
     assert not np.allclose(expected[256], expected[512], atol=1e-3)
     assert [m.roi_size for m in models] == [256]
     np.testing.assert_array_equal(segment_image(image, models, tta=False).raw, expected[256])
     for flags, roi in (([], 256), (["--roi-size", "512"], 512)):
         out = tmp_path / f"out{roi}"
-        assert main(["segment", image_url, "--output", str(out), "--no-tta", "--save-raw",
-                     "--device", "cpu", *flags]) == 0
+        assert (
+            main(
+                [
+                    "segment",
+                    image_url,
+                    "--output",
+                    str(out),
+                    "--no-tta",
+                    "--save-raw",
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         raw = np.load(next(out.glob("*_raw.npy")))
         np.testing.assert_allclose(raw, expected[roi], atol=1e-5)
 
@@ -75,8 +92,11 @@ def test_slide_job_resolves_the_window_with_its_weights(ref_dir):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    for argv, roi in (([], 256), (["--weights", str(ref_dir / "model_a.pth")], 512),
-                      (["--roi-size", "128"], 128)):
+    for argv, roi in (
+        ([], 256),
+        (["--weights", str(ref_dir / "model_a.pth")], 512),
+        (["--roi-size", "128"], 128),
+    ):
         opts = options_from_args(parser.parse_args(argv))
         opts, _ = check_weights(opts)
         assert opts.roi_size == roi and opts.result_options()["roi_size"] == roi
@@ -86,8 +106,10 @@ def test_evaluate_reports_the_window_it_used(dsb_config, tmp_path):
     config, _ = dsb_config(2)
     for flags, roi in (([], 256), (["--roi-size", "512"], 512)):
         report = tmp_path / f"held{roi}.json"
-        assert main(["evaluate", "--config", str(config), "--no-tta", "--json", str(report),
-                     *flags]) == 0
+        assert (
+            main(["evaluate", "--config", str(config), "--no-tta", "--json", str(report), *flags])
+            == 0
+        )
         assert json.loads(report.read_text())["roi_size"] == roi
 
 

@@ -49,8 +49,11 @@ def _measurements(columns: dict[str, np.ndarray]) -> list[dict[str, int | float]
         col = np.asarray(col)
         if name in _SKIP:
             continue
-        parts = [(name, col)] if col.ndim == 1 else [
-            (f"{name}_{c}", col[:, c]) for c in range(col.shape[1])]
+        parts = (
+            [(name, col)]
+            if col.ndim == 1
+            else [(f"{name}_{c}", col[:, c]) for c in range(col.shape[1])]
+        )
         for part_name, v in parts:
             names.append(part_name)
             values.append(np.round(v, 4).tolist() if v.dtype.kind == "f" else v.tolist())
@@ -64,9 +67,14 @@ def _coordinate(values: np.ndarray, scale: float) -> list:
     return np.round(values * float(scale), 3).tolist()
 
 
-def features(labels: np.ndarray, origin: tuple[int, int], columns: dict[str, np.ndarray],
-             scale: tuple[float, float] = (1.0, 1.0), slide: str | None = None,
-             classification: dict[str, Any] | None = None) -> Iterator[str]:
+def features(
+    labels: np.ndarray,
+    origin: tuple[int, int],
+    columns: dict[str, np.ndarray],
+    scale: tuple[float, float] = (1.0, 1.0),
+    slide: str | None = None,
+    classification: dict[str, Any] | None = None,
+) -> Iterator[str]:
     """GeoJSON Feature text (one string per cell) for the cells of ``columns``.
 
     Parameters
@@ -89,12 +97,15 @@ def features(labels: np.ndarray, origin: tuple[int, int], columns: dict[str, np.
     oy, ox = int(origin[0]), int(origin[1])
     h, w = lab.shape
     ids = np.asarray(columns["id"])
-    box = np.stack([np.asarray(columns[k]) for k in ("bbox_y0", "bbox_x0", "bbox_y1",
-                                                     "bbox_x1")], axis=1) - (oy, ox, oy, ox)
+    box = np.stack(
+        [np.asarray(columns[k]) for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")], axis=1
+    ) - (oy, ox, oy, ox)
     outside = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 2] > h) | (box[:, 3] > w)
     if outside.any():
-        raise ValueError(f"cells {ids[outside][:5].tolist()}...: their boxes are not inside "
-                         f"the label region given ({h} x {w} px at {origin})")
+        raise ValueError(
+            f"cells {ids[outside][:5].tolist()}...: their boxes are not inside "
+            f"the label region given ({h} x {w} px at {origin})"
+        )
     outlined = outlines(lab, ids)
     for cell, measurements in zip(ids.tolist(), _measurements(columns)):
         rings = []
@@ -116,7 +127,7 @@ def features(labels: np.ndarray, origin: tuple[int, int], columns: dict[str, np.
 
 
 def write_piece(url: str, texts: Iterable[str]) -> int:
-    """Stage Feature texts as one piece (features separated by ``,\\n``); returns how
+    r"""Stage Feature texts as one piece (features separated by ``,\n``); returns how
     many. Rewriting a piece (a retried task) replaces it."""
     texts = list(texts)
     fs, path = fsspec.core.url_to_fs(url)
@@ -151,8 +162,9 @@ def write_feature_collection(url: str, pieces: Iterable[str]) -> None:
         out.write("\n]}\n")
 
 
-def outline_regions(columns: dict[str, np.ndarray],
-                    tile: int) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+def outline_regions(
+    columns: dict[str, np.ndarray], tile: int
+) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
     """Group cells that span chunks into label regions to read for their outlines.
 
     Cells are grouped by the chunk (of side ``tile``) holding the top-left corner of
@@ -169,7 +181,11 @@ def outline_regions(columns: dict[str, np.ndarray],
     groups = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         rows = order[s:e]
-        region = (int(y0[rows].min()), int(y1[rows].max()), int(x0[rows].min()),
-                  int(x1[rows].max()))
+        region = (
+            int(y0[rows].min()),
+            int(y1[rows].max()),
+            int(x0[rows].min()),
+            int(x1[rows].max()),
+        )
         groups.append((region, rows))
     return groups

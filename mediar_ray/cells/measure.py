@@ -36,8 +36,14 @@ from typing import Iterable
 import numpy as np
 
 __all__ = [
-    "CellPartials", "cells_in_several_chunks", "finalize", "measure_chunk",
-    "merge_partials", "split_partials", "take_rows", "touches_neighbour",
+    "CellPartials",
+    "cells_in_several_chunks",
+    "finalize",
+    "measure_chunk",
+    "merge_partials",
+    "split_partials",
+    "take_rows",
+    "touches_neighbour",
 ]
 
 _MOMENTS = ("sy", "sx", "syy", "sxx", "syx")
@@ -90,6 +96,7 @@ class CellPartials:
 
     @property
     def channels(self) -> int:
+        """Number of image channels ``C`` the intensities were measured on (0: none)."""
         return int(self.int_sum.shape[1])
 
     def take(self, index: np.ndarray) -> "CellPartials":
@@ -98,12 +105,31 @@ class CellPartials:
 
     @classmethod
     def empty(cls, channels: int = 0) -> "CellPartials":
-        return cls(ids=np.zeros(0, np.uint32), count=np.zeros(0, np.int64),
-                   bbox=np.zeros((0, 4), np.int64), moments=np.zeros((0, 5), np.int64),
-                   prob_sum=np.zeros(0), logit_max=np.zeros(0),
-                   int_sum=np.zeros((0, channels)), int_min=np.zeros((0, channels)),
-                   int_max=np.zeros((0, channels)),
-                   int_count=np.zeros((0, channels), np.int64))
+        """Partials of no cell (``k = 0``).
+
+        Parameters
+        ----------
+        channels : int
+            Number of image channels ``C`` of the intensity fields.
+
+        Returns
+        -------
+        CellPartials
+            Every field a zero-row array of its documented dtype; the intensity
+            fields are (0, C).
+        """
+        return cls(
+            ids=np.zeros(0, np.uint32),
+            count=np.zeros(0, np.int64),
+            bbox=np.zeros((0, 4), np.int64),
+            moments=np.zeros((0, 5), np.int64),
+            prob_sum=np.zeros(0),
+            logit_max=np.zeros(0),
+            int_sum=np.zeros((0, channels)),
+            int_min=np.zeros((0, channels)),
+            int_max=np.zeros((0, channels)),
+            int_count=np.zeros((0, channels), np.int64),
+        )
 
 
 def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +138,12 @@ def _segments(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.r_[starts, keys.size])
 
 
-def measure_chunk(labels: np.ndarray, origin: tuple[int, int],
-                  logit: np.ndarray | None = None,
-                  image: np.ndarray | None = None) -> CellPartials:
+def measure_chunk(
+    labels: np.ndarray,
+    origin: tuple[int, int],
+    logit: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+) -> CellPartials:
     """Partial measurements of every cell present in one chunk.
 
     Parameters
@@ -164,8 +193,9 @@ def measure_chunk(labels: np.ndarray, origin: tuple[int, int],
     x_left = np.minimum.reduceat(xs, starts)
     x_right = np.maximum.reduceat(xs, starts)
     dy, dx = ys - np.repeat(y_top, count), xs - np.repeat(x_left, count)
-    moments = np.stack([np.add.reduceat(v, starts) for v in (dy, dx, dy * dy, dx * dx, dy * dx)],
-                       axis=1)
+    moments = np.stack(
+        [np.add.reduceat(v, starts) for v in (dy, dx, dy * dy, dx * dx, dy * dx)], axis=1
+    )
     oy, ox = int(origin[0]), int(origin[1])
     bbox = np.stack([y_top + oy, x_left + ox, y_bottom + 1 + oy, x_right + 1 + ox], axis=1)
     k = starts.size
@@ -188,10 +218,18 @@ def measure_chunk(labels: np.ndarray, origin: tuple[int, int],
         int_min = np.fmin.reduceat(masked, starts, axis=0)
         int_max = np.fmax.reduceat(masked, starts, axis=0)
         int_count = np.add.reduceat(finite.astype(np.int64), starts, axis=0)
-    return CellPartials(ids=pixel_ids[starts].astype(np.uint32), count=count.astype(np.int64),
-                        bbox=bbox, moments=moments, prob_sum=prob_sum, logit_max=logit_max,
-                        int_sum=int_sum, int_min=int_min, int_max=int_max,
-                        int_count=int_count)
+    return CellPartials(
+        ids=pixel_ids[starts].astype(np.uint32),
+        count=count.astype(np.int64),
+        bbox=bbox,
+        moments=moments,
+        prob_sum=prob_sum,
+        logit_max=logit_max,
+        int_sum=int_sum,
+        int_min=int_min,
+        int_max=int_max,
+        int_count=int_count,
+    )
 
 
 def merge_partials(parts: Iterable[CellPartials]) -> CellPartials:
@@ -206,8 +244,12 @@ def merge_partials(parts: Iterable[CellPartials]) -> CellPartials:
         return CellPartials.empty()
     if len({p.channels for p in parts}) > 1:
         raise ValueError("partials with different numbers of image channels cannot merge")
-    cat = CellPartials(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                          for f in fields(CellPartials)})
+    cat = CellPartials(
+        **{
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in fields(CellPartials)
+        }
+    )
     cat = cat.take(np.argsort(cat.ids, kind="stable"))
     starts, sizes = _segments(cat.ids)
     if starts.size == len(cat):
@@ -222,11 +264,19 @@ def merge_partials(parts: Iterable[CellPartials]) -> CellPartials:
     # y = y0 + d + dy, sum (d + dy)^2 = syy + 2 d sy + n d^2, and so on.
     dy = cat.bbox[:, 0] - np.repeat(y0, sizes)
     dx = cat.bbox[:, 1] - np.repeat(x0, sizes)
-    shifted = np.stack([sy + n * dy, sx + n * dx, syy + 2 * dy * sy + n * dy * dy,
-                        sxx + 2 * dx * sx + n * dx * dx, syx + dy * sx + dx * sy + n * dy * dx],
-                       axis=1)
+    shifted = np.stack(
+        [
+            sy + n * dy,
+            sx + n * dx,
+            syy + 2 * dy * sy + n * dy * dy,
+            sxx + 2 * dx * sx + n * dx * dx,
+            syx + dy * sx + dx * sy + n * dy * dx,
+        ],
+        axis=1,
+    )
     return CellPartials(
-        ids=cat.ids[starts], count=np.add.reduceat(n, starts),
+        ids=cat.ids[starts],
+        count=np.add.reduceat(n, starts),
         bbox=np.stack([y0, x0, y1, x1], axis=1),
         moments=np.add.reduceat(shifted, starts, axis=0),
         prob_sum=np.add.reduceat(cat.prob_sum, starts),
@@ -258,16 +308,16 @@ def cells_in_several_chunks(chunk_ids: Iterable[np.ndarray]) -> np.ndarray:
     return ids[seen > 1].astype(np.uint32)
 
 
-def split_partials(partials: CellPartials,
-                   shared: np.ndarray) -> tuple[CellPartials, CellPartials]:
+def split_partials(partials: CellPartials, shared: np.ndarray) -> tuple[CellPartials, CellPartials]:
     """``(complete, partial)``: the rows whose id is not / is in ``shared`` (the sorted
     ids of :func:`cells_in_several_chunks`)."""
     mask = np.isin(partials.ids, np.asarray(shared, np.uint32))
     return partials.take(~mask), partials.take(mask)
 
 
-def touches_neighbour(partials: CellPartials, core: tuple[int, int, int, int],
-                      shape: tuple[int, int]) -> np.ndarray:
+def touches_neighbour(
+    partials: CellPartials, core: tuple[int, int, int, int], shape: tuple[int, int]
+) -> np.ndarray:
     """Boolean mask of the cells whose box reaches an edge of the chunk ``core``
     (``y0, y1, x0, x1``) beyond which the slide (``shape``) goes on.
 
@@ -278,8 +328,12 @@ def touches_neighbour(partials: CellPartials, core: tuple[int, int, int, int],
     y0, y1, x0, x1 = core
     h, w = shape
     b = partials.bbox
-    return (((b[:, 0] == y0) & (y0 > 0)) | ((b[:, 2] == y1) & (y1 < h))
-            | ((b[:, 1] == x0) & (x0 > 0)) | ((b[:, 3] == x1) & (x1 < w)))
+    return (
+        ((b[:, 0] == y0) & (y0 > 0))
+        | ((b[:, 2] == y1) & (y1 < h))
+        | ((b[:, 1] == x0) & (x0 > 0))
+        | ((b[:, 3] == x1) & (x1 < w))
+    )
 
 
 def _exact_central(n: np.ndarray, s2: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -293,8 +347,11 @@ def _exact_central(n: np.ndarray, s2: np.ndarray, a: np.ndarray, b: np.ndarray) 
     return out
 
 
-def finalize(partials: CellPartials, scale: tuple[float, float] = (1.0, 1.0),
-             pixel_size_um: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+def finalize(
+    partials: CellPartials,
+    scale: tuple[float, float] = (1.0, 1.0),
+    pixel_size_um: tuple[float, float] | None = None,
+) -> dict[str, np.ndarray]:
     """One row per cell: the columns of the cell table (see :mod:`mediar_ray.cells.table`).
 
     Parameters
@@ -329,8 +386,11 @@ def finalize(partials: CellPartials, scale: tuple[float, float] = (1.0, 1.0),
         half, disc = (a + c) / 2, np.hypot((a - c) / 2, b)
         l1, l2 = np.clip(half + disc, 0, None), np.clip(half - disc, 0, None)
         ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, None)), 0.0)
-        orientation = np.where(num_xx == num_yy, np.where(b < 0, math.pi / 4, -math.pi / 4),
-                               0.5 * np.arctan2(-2 * b, c - a))
+        orientation = np.where(
+            num_xx == num_yy,
+            np.where(b < 0, math.pi / 4, -math.pi / 4),
+            0.5 * np.arctan2(-2 * b, c - a),
+        )
         prob_mean = p.prob_sum / nf
         int_mean = p.int_sum / p.int_count  # finite pixels only (NaN: none finite)
     sy_, sx_ = float(scale[0]), float(scale[1])
@@ -344,18 +404,28 @@ def finalize(partials: CellPartials, scale: tuple[float, float] = (1.0, 1.0),
         "id": p.ids.astype(np.uint32),
         "area": n.astype(np.int64),
         "area_um2": area_um2,
-        "centroid_y": cy, "centroid_x": cx,
-        "centroid_y_level0": ly, "centroid_x_level0": lx,
-        "centroid_y_um": um_y, "centroid_x_um": um_x,
-        "bbox_y0": y0, "bbox_x0": x0, "bbox_y1": y1, "bbox_x1": x1,
+        "centroid_y": cy,
+        "centroid_x": cx,
+        "centroid_y_level0": ly,
+        "centroid_x_level0": lx,
+        "centroid_y_um": um_y,
+        "centroid_x_um": um_x,
+        "bbox_y0": y0,
+        "bbox_x0": x0,
+        "bbox_y1": y1,
+        "bbox_x1": x1,
         "equivalent_diameter": np.sqrt(4 * nf / math.pi),
-        "axis_major_length": 4 * np.sqrt(l1), "axis_minor_length": 4 * np.sqrt(l2),
-        "eccentricity": ecc, "orientation": orientation,
+        "axis_major_length": 4 * np.sqrt(l1),
+        "axis_minor_length": 4 * np.sqrt(l2),
+        "eccentricity": ecc,
+        "orientation": orientation,
         "extent": nf / ((y1 - y0) * (x1 - x0)),
-        "prob_mean": prob_mean, "prob_max": 1.0 / (1.0 + np.exp(-p.logit_max)),
-        "intensity_mean": int_mean, "intensity_min": p.int_min, "intensity_max": p.int_max,
+        "prob_mean": prob_mean,
+        "prob_max": 1.0 / (1.0 + np.exp(-p.logit_max)),
+        "intensity_mean": int_mean,
+        "intensity_min": p.int_min,
+        "intensity_max": p.int_max,
     }
-
 
 
 def take_rows(columns: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:

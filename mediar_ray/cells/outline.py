@@ -30,8 +30,12 @@ __all__ = ["outline", "outlines"]
 _EIGHT = np.ones((3, 3), bool)
 # Edge kinds: (which neighbour differs, start corner, end corner) relative to pixel (i, j).
 # Top edges run east, right edges south, bottom edges west, left edges north.
-_KINDS = (((-1, 0), (0, 0), (0, 1)), ((0, 1), (0, 1), (1, 1)),
-          ((1, 0), (1, 1), (1, 0)), ((0, -1), (1, 0), (0, 0)))
+_KINDS = (
+    ((-1, 0), (0, 0), (0, 1)),
+    ((0, 1), (0, 1), (1, 1)),
+    ((1, 0), (1, 1), (1, 0)),
+    ((0, -1), (1, 0), (0, 0)),
+)
 
 
 def _corridor(r0: int, c0: int, r1: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +139,14 @@ def _walk_order(keys_start: np.ndarray, keys_end: np.ndarray) -> tuple[np.ndarra
     return np.lexsort((-dist, low)), low
 
 
-def _rings_of(cells: np.ndarray, starts: np.ndarray, kinds: np.ndarray, cycle: np.ndarray,
-              order: np.ndarray, stride: int) -> dict[int, list[np.ndarray]]:
+def _rings_of(
+    cells: np.ndarray,
+    starts: np.ndarray,
+    kinds: np.ndarray,
+    cycle: np.ndarray,
+    order: np.ndarray,
+    stride: int,
+) -> dict[int, list[np.ndarray]]:
     """Corner vertices of each cycle, grouped by cell (exterior first)."""
     cells, starts, kinds, cycle = cells[order], starts[order], kinds[order], cycle[order]
     head = np.r_[True, cycle[1:] != cycle[:-1]]

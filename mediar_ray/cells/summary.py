@@ -67,9 +67,13 @@ def summarize_archive(output: str) -> list[dict[str, Any]]:
         state = info["state"]
         hist = _area_histogram(output, slide, info["run"])
         q_px = histogram_quantiles(hist)
-        row: dict[str, Any] = {"slide": slide, "cells": int(info["cells"] or 0),
-                               "clean": state["clean"], "runs": len(state["runs"]),
-                               "area_px": dict(zip(map(str, QUANTILES), q_px))}
+        row: dict[str, Any] = {
+            "slide": slide,
+            "cells": int(info["cells"] or 0),
+            "clean": state["clean"],
+            "runs": len(state["runs"]),
+            "area_px": dict(zip(map(str, QUANTILES), q_px)),
+        }
         size = info.get("pixel_size_um")
         sy, sx = info.get("scale") or (1.0, 1.0)
         if size:
@@ -80,7 +84,10 @@ def summarize_archive(output: str) -> list[dict[str, Any]]:
             else:
                 basis, px = "slide", float(np.prod(info.get("shape") or (0, 0)))
             area_mm2 = px * um2_per_px / 1e6
-            row.update(basis=basis, area_mm2=area_mm2,
-                       density_per_mm2=row["cells"] / area_mm2 if area_mm2 > 0 else None)
+            row.update(
+                basis=basis,
+                area_mm2=area_mm2,
+                density_per_mm2=row["cells"] / area_mm2 if area_mm2 > 0 else None,
+            )
         rows.append(row)
     return rows

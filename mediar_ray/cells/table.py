@@ -35,18 +35,28 @@ import uuid
 from typing import Any, Iterable, Sequence
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
-    "COLUMNS", "CELLS_DIR", "METADATA_KEY", "arrow_filesystem", "cells_dataset",
-    "cells_schema", "cells_table", "cells_url", "commit_slide", "partition_state",
+    "COLUMNS",
+    "CELLS_DIR",
+    "METADATA_KEY",
+    "arrow_filesystem",
+    "cells_dataset",
+    "cells_schema",
+    "cells_table",
+    "cells_url",
+    "commit_slide",
+    "partition_state",
     "partition_url",
-    "repair_partition", "slide_infos", "write_part",
+    "repair_partition",
+    "slide_infos",
+    "write_part",
 ]
 
 CELLS_DIR = "cells"
@@ -85,8 +95,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
 def cells_schema(info: dict[str, Any] | None = None) -> pa.Schema:
     """The table's schema; ``info`` (JSON-able) goes into its metadata under
     :data:`METADATA_KEY`."""
-    schema = pa.schema([pa.field(name, typ, metadata={"description": doc})
-                        for name, typ, doc in COLUMNS])
+    schema = pa.schema(
+        [pa.field(name, typ, metadata={"description": doc}) for name, typ, doc in COLUMNS]
+    )
     if info is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(info).encode()})
     return schema
@@ -133,8 +144,10 @@ def partition_url(output: str, slide: str) -> str:
     """``OUTPUT/cells/slide=<slide>`` (slide names are safe file names)."""
     # Hive readers URL-decode partition values: keep to characters that need no coding.
     if not re.fullmatch(r"[A-Za-z0-9._-]+", slide):
-        raise ValueError(f"unsafe slide name {slide!r} for a cell-table partition "
-                         "(letters, digits, '.', '_' and '-' only)")
+        raise ValueError(
+            f"unsafe slide name {slide!r} for a cell-table partition "
+            "(letters, digits, '.', '_' and '-' only)"
+        )
     return f"{cells_url(output)}/slide={slide}"
 
 
@@ -190,9 +203,15 @@ def _by_file(tables: Iterable[pa.Table], rows_per_file: int) -> Iterable[tuple[i
             table = table.slice(take)
 
 
-def commit_slide(output: str, slide: str, parts: Sequence[str], info: dict[str, Any],
-                 rows: int | None = None, rows_per_file: int = 1_000_000,
-                 row_group: int = 65_536) -> dict[str, Any]:
+def commit_slide(
+    output: str,
+    slide: str,
+    parts: Sequence[str],
+    info: dict[str, Any],
+    rows: int | None = None,
+    rows_per_file: int = 1_000_000,
+    row_group: int = 65_536,
+) -> dict[str, Any]:
     """Replace the slide's partition by the rows of the staged ``parts``.
 
     Writes ``part-<run>-<k>.parquet`` files (``rows_per_file`` rows each, the last one
@@ -213,12 +232,25 @@ def commit_slide(output: str, slide: str, parts: Sequence[str], info: dict[str, 
     url = partition_url(output, slide)
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
-    base = {**info, "slide": slide, "run": run, "files": n_files, "rows": total,
-            "written": time.time()}
+    base = {
+        **info,
+        "slide": slide,
+        "run": run,
+        "files": n_files,
+        "rows": total,
+        "written": time.time(),
+    }
     names = [f"part-{run}-{k:05d}.parquet" for k in range(n_files)]
     try:
-        _write_run(fs, root, names, _by_file(_slices(parts, row_group), rows_per_file),
-                   base, total, rows_per_file)
+        _write_run(
+            fs,
+            root,
+            names,
+            _by_file(_slices(parts, row_group), rows_per_file),
+            base,
+            total,
+            rows_per_file,
+        )
     except BaseException:
         fs.rm([f"{root}/{n}" for n in names if fs.exists(f"{root}/{n}")])
         raise
@@ -226,15 +258,23 @@ def commit_slide(output: str, slide: str, parts: Sequence[str], info: dict[str, 
     return {"run": run, "files": [f"{url}/{n}" for n in names], "rows": total}
 
 
-def _write_run(fs: fsspec.AbstractFileSystem, root: str, names: list[str],
-               pieces: Iterable[tuple[int, pa.Table]], base: dict[str, Any], total: int,
-               rows_per_file: int) -> None:
+def _write_run(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    names: list[str],
+    pieces: Iterable[tuple[int, pa.Table]],
+    base: dict[str, Any],
+    total: int,
+    rows_per_file: int,
+) -> None:
     pieces = iter(pieces)
     seen = 0
     for k, name in enumerate(names):
         schema = cells_schema({**base, "file": k})
-        with _open_final(fs, f"{root}/{name}") as f, \
-                pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        with (
+            _open_final(fs, f"{root}/{name}") as f,
+            pq.ParquetWriter(f, schema, compression="zstd") as writer,
+        ):
             if total == 0:
                 writer.write_table(schema.empty_table())
             end = min(total, (k + 1) * rows_per_file)
@@ -245,8 +285,10 @@ def _write_run(fs: fsspec.AbstractFileSystem, root: str, names: list[str],
                 writer.write_table(piece)
                 seen += piece.num_rows
     if seen != total or next(pieces, None) is not None:
-        raise RuntimeError(f"the staged cell parts of slide {base['slide']} do not hold the "
-                           f"{total} rows announced; the old partition was kept")
+        raise RuntimeError(
+            f"the staged cell parts of slide {base['slide']} do not hold the "
+            f"{total} rows announced; the old partition was kept"
+        )
 
 
 def _open_final(fs: fsspec.AbstractFileSystem, path: str):
@@ -264,9 +306,12 @@ def _listing(fs: fsspec.AbstractFileSystem, root: str, detail: bool = False) -> 
 
 
 def _remove_other_runs(fs: fsspec.AbstractFileSystem, root: str, keep: str) -> None:
-    old = [p for p in _listing(fs, root)
-           if p.rsplit("/", 1)[-1].startswith("part-")
-           and not p.rsplit("/", 1)[-1].startswith(f"part-{keep}-")]
+    old = [
+        p
+        for p in _listing(fs, root)
+        if p.rsplit("/", 1)[-1].startswith("part-")
+        and not p.rsplit("/", 1)[-1].startswith(f"part-{keep}-")
+    ]
     if old:
         fs.rm(old)
 
@@ -293,9 +338,9 @@ def partition_state(output: str, slide: str) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for name in names:
         if name.startswith("part-") and name.endswith(".parquet"):
-            run = name[len("part-"):].rsplit("-", 1)[0]
+            run = name[len("part-") :].rsplit("-", 1)[0]
             runs.setdefault(run, {"present": 0, "first": name})["present"] += 1
-    for run, r in runs.items():
+    for r in runs.values():
         info = _file_info(fs, f"{root}/{r.pop('first')}")
         r.update(files=info.get("files"), rows=info.get("rows"), written=info.get("written"))
     complete = [run for run, r in runs.items() if r["present"] == r["files"]]
@@ -311,8 +356,7 @@ def repair_partition(output: str, slide: str) -> str | None:
     keep = max(state["complete"], key=lambda r: state["runs"][r]["written"] or 0, default=None)
     if keep is None:
         if state["runs"]:
-            fs.rm([p for p in _listing(fs, root)
-                   if p.rsplit("/", 1)[-1].startswith("part-")])
+            fs.rm([p for p in _listing(fs, root) if p.rsplit("/", 1)[-1].startswith("part-")])
         return None
     _remove_other_runs(fs, root, keep)
     return keep
@@ -323,8 +367,7 @@ def cells_dataset(output: str) -> pads.Dataset:
     a string column even for numeric-looking slide names)."""
     filesystem, path = arrow_filesystem(cells_url(output))
     partitioning = pads.partitioning(pa.schema([("slide", pa.string())]), flavor="hive")
-    return pads.dataset(path, filesystem=filesystem, format="parquet",
-                        partitioning=partitioning)
+    return pads.dataset(path, filesystem=filesystem, format="parquet", partitioning=partitioning)
 
 
 def slide_infos(output: str) -> dict[str, dict[str, Any]]:
@@ -340,7 +383,7 @@ def slide_infos(output: str) -> dict[str, dict[str, Any]]:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if entry["type"] != "directory" or not name.startswith("slide="):
             continue
-        slide = name[len("slide="):]
+        slide = name[len("slide=") :]
         state = partition_state(output, slide)
         if not state["runs"]:
             continue

@@ -7,6 +7,13 @@ import json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``cells`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "cells",
         help="per-slide summary of an archive's cell table (OUTPUT/cells/)",
@@ -31,28 +38,35 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         q = r["area_px"]
         note = "" if r["clean"] else f"{r['runs']} runs: interrupted rewrite, rerun the slide"
-        lines.append([
-            r["slide"], f"{r['cells']:,}", _fmt(r.get("density_per_mm2")),
-            r.get("basis", "-"), "/".join(_fmt(q[k], 0) for k in ("0.05", "0.5", "0.95")),
-            _fmt(r.get("area_um2", {}).get("0.5")), note,
-        ])
-    lines.append(["total", f"{sum(r['cells'] for r in rows):,}", "", "", "", "",
-                  f"{len(rows)} slides"])
+        lines.append(
+            [
+                r["slide"],
+                f"{r['cells']:,}",
+                _fmt(r.get("density_per_mm2")),
+                r.get("basis", "-"),
+                "/".join(_fmt(q[k], 0) for k in ("0.05", "0.5", "0.95")),
+                _fmt(r.get("area_um2", {}).get("0.5")),
+                note,
+            ]
+        )
+    lines.append(
+        ["total", f"{sum(r['cells'] for r in rows):,}", "", "", "", "", f"{len(rows)} slides"]
+    )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary; exit code 1 when a slide's partition was left half-rewritten."""
     from mediar_ray.cells.summary import summarize_archive
-    from mediar_ray.io import InputError
-    from mediar_ray.io import safe_url
+    from mediar_ray.io import InputError, safe_url
 
     rows = summarize_archive(args.output)  # unreadable roots and credentials: cli's errors
     if not rows:
-        raise InputError(f"no cell table under {safe_url(args.output)}/cells/: give the "
-                                "output root of a segment-slides run that has finished slides")
+        raise InputError(
+            f"no cell table under {safe_url(args.output)}/cells/: give the "
+            "output root of a segment-slides run that has finished slides"
+        )
     if args.json:
         for r in rows:
             print(json.dumps(r))

@@ -14,25 +14,59 @@ log = logging.getLogger("mediar_ray.modalities")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``discover-modalities`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "discover-modalities",
         help="K-means the training images into modality clusters (for amplified sampling)",
         description="Embed every training image (a checkpoint's encoder features, or image "
         "statistics without --checkpoint), cluster the embeddings with K-means and write "
         "the modality table (JSON: image URL -> cluster id) that a training config names "
-        "in data.modality_table. Give the same mappings/roots as the training config.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="mapping JSON files (from map-dataset) and/or dataset roots")
-    p.add_argument("--output", "-o", required=True, metavar="URL",
-                   help="modality table to write (path or fsspec URL)")
-    p.add_argument("-k", "--k", "--clusters", dest="clusters", type=int, default=40,
-                   help="number of clusters (MEDIAR: 40; clamped to the number of images)")
-    p.add_argument("--checkpoint", metavar="CKPT",
-                   help="embed with this checkpoint's encoder (default: image statistics)")
-    p.add_argument("--model-config", metavar="JSON",
-                   help="model parameters for a .pth checkpoint (file or inline JSON)")
-    p.add_argument("--size", type=int, default=512,
-                   help="side in pixels the image is resized to before embedding")
+        "in data.modality_table. Give the same mappings/roots as the training config.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="mapping JSON files (from map-dataset) and/or dataset roots",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="URL",
+        help="modality table to write (path or fsspec URL)",
+    )
+    p.add_argument(
+        "-k",
+        "--k",
+        "--clusters",
+        dest="clusters",
+        type=int,
+        default=40,
+        help="number of clusters (MEDIAR: 40; clamped to the number of images)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="embed with this checkpoint's encoder (default: image statistics)",
+    )
+    p.add_argument(
+        "--model-config",
+        metavar="JSON",
+        help="model parameters for a .pth checkpoint (file or inline JSON)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=512,
+        help="side in pixels the image is resized to before embedding",
+    )
     p.add_argument("--seed", type=int, default=0, help="K-means seed")
     p.add_argument("--device", default="cpu", help="torch device of the encoder")
     p.set_defaults(func=run)
@@ -73,16 +107,35 @@ def _model_params(value: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mediar_ray.data.modalities import (discover_modalities, relative_keys,
-                                            write_modality_table)
+    """Embed and cluster the training images and write the modality table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray discover-modalities``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 every image embedded; 1 some images unreadable (left out of the
+        table, listed); 2 bad inputs or options.
+    """
+    from mediar_ray.data.modalities import discover_modalities, relative_keys, write_modality_table
 
     if args.clusters < 1 or args.size < 1:
         log.error("--clusters and --size must be >= 1")
         return 2
     try:
         images = _images(args.inputs)
-        doc = discover_modalities(images, args.clusters, args.checkpoint, args.seed,
-                                  args.size, args.device, _model_params(args.model_config))
+        doc = discover_modalities(
+            images,
+            args.clusters,
+            args.checkpoint,
+            args.seed,
+            args.size,
+            args.device,
+            _model_params(args.model_config),
+        )
         doc["table"] = relative_keys(doc["table"], _bases(args.inputs))
     except (ValueError, FileNotFoundError, KeyError) as err:
         log.error("%s", err)
@@ -91,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({k: doc[k] for k in ("method", "k", "k_requested", "sizes")}))
     print(f"{len(doc['table'])} images in {doc['k']} clusters written to {args.output}")
     if doc["unreadable"]:
-        log.error("%d image(s) could not be read and are not in the table:",
-                  len(doc["unreadable"]))
+        log.error("%d image(s) could not be read and are not in the table:", len(doc["unreadable"]))
         for item in doc["unreadable"]:
             log.error("  %s: %s", item["image"], item["reason"])
         return 1

@@ -18,6 +18,13 @@ log = logging.getLogger("mediar_ray.evaluate")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``evaluate`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "evaluate",
         help="score <name>_label.tiff predictions against ground truth",
@@ -29,31 +36,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pred", help="folder of <stem>_label.tiff predictions")
     p.add_argument("--gt", help="folder of ground-truth labels")
     p.add_argument("--csv", help="also write the per-image table to this CSV file/URL")
-    p.add_argument("--keep-border", action="store_true",
-                   help="do not drop cells that touch the image border")
+    p.add_argument(
+        "--keep-border", action="store_true", help="do not drop cells that touch the image border"
+    )
     held = p.add_argument_group(
         "split of a training config",
         "instead of --pred/--gt: segment the held-out (or training) pairs of a training "
-        "config (as `mediar-ray segment` would) and report F1 per source")
+        "config (as `mediar-ray segment` would) and report F1 per source",
+    )
     held.add_argument("--config", metavar="FILE", help="training config (configs/*.yaml)")
-    held.add_argument("--split", choices=("heldout", "train"), default="heldout",
-                      help="which pairs of the config to score (default: heldout; train "
-                      "tells underfitting from overfitting)")
-    held.add_argument("--weights", action="append", metavar="CKPT",
-                      help="checkpoint(s); default: the bundled model")
+    held.add_argument(
+        "--split",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="which pairs of the config to score (default: heldout; train "
+        "tells underfitting from overfitting)",
+    )
+    held.add_argument(
+        "--weights",
+        action="append",
+        metavar="CKPT",
+        help="checkpoint(s); default: the bundled model",
+    )
     held.add_argument("--model-config", metavar="JSON", help="parameters of a .pth checkpoint")
-    held.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                      help="test-time augmentation (default: on, as `segment`)")
-    held.add_argument("--roi-size", type=roi_size, default=None,
-                      help="sliding-window size (default: as `segment`, each model's own: "
-                      "the crop size it was trained on, else 512)")
+    held.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="test-time augmentation (default: on, as `segment`)",
+    )
+    held.add_argument(
+        "--roi-size",
+        type=roi_size,
+        default=None,
+        help="sliding-window size (default: as `segment`, each model's own: "
+        "the crop size it was trained on, else 512)",
+    )
     held.add_argument("--json", metavar="URL", help="also write the report as JSON")
-    held.add_argument("--compare", action="append", metavar="CKPT",
-                      help="also score these checkpoint(s) (e.g. the previous model) on "
-                      "the same pairs and print both in one table")
-    held.add_argument("--groups", action="append", metavar="CSV",
-                      help="CSV of image name -> group (columns: stem, group; e.g. "
-                      "dsb2018/categories.csv, nuinsseg/organs.csv): adds a row per group")
+    held.add_argument(
+        "--compare",
+        action="append",
+        metavar="CKPT",
+        help="also score these checkpoint(s) (e.g. the previous model) on "
+        "the same pairs and print both in one table",
+    )
+    held.add_argument(
+        "--groups",
+        action="append",
+        metavar="CSV",
+        help="CSV of image name -> group (columns: stem, group; e.g. "
+        "dsb2018/categories.csv, nuinsseg/organs.csv): adds a row per group",
+    )
     add_precision_options(held)
     p.set_defaults(func=run)
 
@@ -82,8 +115,12 @@ def run_split(args: argparse.Namespace) -> int:
         return 1
     pairs = held if args.split == "heldout" else train
     if not pairs:
-        log.error("%s has no %s pairs (data.holdout_every = %d)", args.config, args.split,
-                  cfg.data.holdout_every)
+        log.error(
+            "%s has no %s pairs (data.holdout_every = %d)",
+            args.config,
+            args.split,
+            cfg.data.holdout_every,
+        )
         return 1
     try:
         resolve_precision(args.precision, "cpu")  # fp16 on a CPU: exit 2 before any work
@@ -94,14 +131,24 @@ def run_split(args: argparse.Namespace) -> int:
         return 2
     rows: list = []
     bad: list = []
-    report = validate(models, pairs, roi_size=roi, tta=args.tta, per_image=rows, bad=bad,
-                      precision=args.precision, sw_batch_size=args.batch_size)
+    report = validate(
+        models,
+        pairs,
+        roi_size=roi,
+        tta=args.tta,
+        per_image=rows,
+        bad=bad,
+        precision=args.precision,
+        sw_batch_size=args.batch_size,
+    )
     for pair in bad:
         print(f"not scored: {pair.reason}", file=sys.stderr)
     report["roi_size"] = roi
     for image, source, f1, n_true, n_pred in rows:
-        print(f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
-              f"true {n_true:5d} pred {n_pred:5d}")
+        print(
+            f"{source:<18} {image.rsplit('/', 1)[-1][:40]:<40} F1 {f1:.4f} "
+            f"true {n_true:5d} pred {n_pred:5d}"
+        )
     for key, value in report.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     compared: list = []
@@ -113,8 +160,16 @@ def run_split(args: argparse.Namespace) -> int:
             log.error("--compare: %s", err)
             return 2
         print(f"--compare: {other_roi}-px windows")
-        validate(other, pairs, roi_size=other_roi, tta=args.tta, per_image=compared, bad=[],
-                 precision=args.precision, sw_batch_size=args.batch_size)
+        validate(
+            other,
+            pairs,
+            roi_size=other_roi,
+            tta=args.tta,
+            per_image=compared,
+            bad=[],
+            precision=args.precision,
+            sw_batch_size=args.batch_size,
+        )
     try:
         groups = _read_groups(args.groups or [])
     except (ValueError, OSError) as err:
@@ -123,12 +178,23 @@ def run_split(args: argparse.Namespace) -> int:
     table = comparison_rows(rows, compared, groups)
     print_comparison(table, ["this model"] + (["--compare"] if compared else []))
     if args.json:
+
         def dump() -> None:
             with fsspec.open(args.json, "w") as f:
-                json.dump({"config": args.config, "split": args.split, "tta": args.tta,
-                           **report, "images": [dict(zip(("image", "source", "f1", "true",
-                                                          "pred"), r)) for r in rows],
-                           "table": table}, f, indent=1)
+                json.dump(
+                    {
+                        "config": args.config,
+                        "split": args.split,
+                        "tta": args.tta,
+                        **report,
+                        "images": [
+                            dict(zip(("image", "source", "f1", "true", "pred"), r)) for r in rows
+                        ],
+                        "table": table,
+                    },
+                    f,
+                    indent=1,
+                )
 
         if not _write(dump, "--json", args.json):
             return 2
@@ -168,14 +234,18 @@ def comparison_rows(rows: list, compared: list, groups: dict[str, str]) -> list[
             entry["f1"].append(f1)
             if compared:
                 entry["compare"].append(compared[i][2])
+
     def order(entry: dict) -> tuple:
         name = entry["row"]
         return (0 if name == "all images" else 1 if name.startswith("source") else 2, name)
 
     out = []
     for entry in sorted(table.values(), key=order):
-        row = {"row": entry["row"], "images": entry["images"],
-               "f1": sum(entry["f1"]) / entry["images"]}
+        row = {
+            "row": entry["row"],
+            "images": entry["images"],
+            "f1": sum(entry["f1"]) / entry["images"],
+        }
         if entry["compare"]:
             row["f1_compare"] = sum(entry["compare"]) / entry["images"]
         out.append(row)
@@ -200,14 +270,32 @@ def _write(write, option: str, url: str) -> bool:
     try:
         write()
     except Exception as err:  # the scores are printed already; say why the file is not
-        log.error("%s %s: cannot write (%s); choose a writable path", option, safe_url(url),
-                  describe_error(err))
+        log.error(
+            "%s %s: cannot write (%s); choose a writable path",
+            option,
+            safe_url(url),
+            describe_error(err),
+        )
         return False
     log.info("wrote %s", safe_url(url))
     return True
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score the predictions of ``--pred`` against ``--gt`` (or, with ``--config``, a
+    training config's split, see :func:`run_split`) and print the per-image table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray evaluate``.
+
+    Returns
+    -------
+    int
+        Exit code: 0 every pair scored; 1 some pairs not scored or none paired; 2 usage
+        error (missing folder, bad option, unwritable ``--csv``).
+    """
     from mediar_ray.evaluate import evaluate_dirs, pair_files, write_csv
 
     if args.config:
@@ -227,16 +315,18 @@ def run(args: argparse.Namespace) -> int:
         log.error("no prediction in %s has a ground truth in %s", args.pred, args.gt)
         return 1
     failures: list[tuple[str, str]] = []
-    scores = evaluate_dirs(args.pred, args.gt, drop_border=not args.keep_border,
-                           failures=failures)
+    scores = evaluate_dirs(args.pred, args.gt, drop_border=not args.keep_border, failures=failures)
     if scores:
         print_table(scores)
     if args.csv and scores:
         if not _write(lambda: write_csv(scores, args.csv), "--csv", args.csv):
             return 2
     if failures:
-        log.error("%d of %d pair(s) could not be scored (left out of the mean):",
-                  len(failures), len(pairs))
+        log.error(
+            "%d of %d pair(s) could not be scored (left out of the mean):",
+            len(failures),
+            len(pairs),
+        )
         for name, why in failures:
             log.error("  %s: %s", name, why)
         return 1
@@ -248,8 +338,12 @@ def print_table(scores: list) -> None:
     width = max(len(s.name) for s in scores)
     print(f"{'image':<{width}}  precision  recall      F1   true   pred")
     for s in scores:
-        print(f"{s.name:<{width}}  {s.precision:9.4f} {s.recall:7.4f} {s.f1:7.4f} "
-              f"{s.n_true:6d} {s.n_pred:6d}")
+        print(
+            f"{s.name:<{width}}  {s.precision:9.4f} {s.recall:7.4f} {s.f1:7.4f} "
+            f"{s.n_true:6d} {s.n_pred:6d}"
+        )
     n = len(scores)
-    print(f"{'mean':<{width}}  {sum(s.precision for s in scores) / n:9.4f} "
-          f"{sum(s.recall for s in scores) / n:7.4f} {sum(s.f1 for s in scores) / n:7.4f}")
+    print(
+        f"{'mean':<{width}}  {sum(s.precision for s in scores) / n:9.4f} "
+        f"{sum(s.recall for s in scores) / n:7.4f} {sum(s.f1 for s in scores) / n:7.4f}"
+    )

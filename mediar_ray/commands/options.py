@@ -44,16 +44,36 @@ positive_int = int_range(1)
 
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
     """``--precision`` and ``--batch-size`` (alias ``--sw-batch-size``) of the commands
-    that run the network (``args.precision``, ``args.batch_size``; 0 = device default)."""
+    that run the network (``args.precision``, ``args.batch_size``; None = the device's
+    default)."""
     parser.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
         help="number format of the network forward (normalisation, blending and flows "
         "stay float32). auto (default): bf16 on CPUs with AMX/AVX512-BF16 units and on "
         "CUDA GPUs of compute capability 8.0 or newer, fp16 on older CUDA GPUs, else "
-        "fp32. fp16 is refused on CPUs; use fp32 for bit-reproducible outputs")
+        "fp32. fp16 is refused on CPUs; use fp32 for bit-reproducible outputs",
+    )
     parser.add_argument(
-        "--batch-size", "--sw-batch-size", dest="batch_size", type=int_range(0, 1024),
-        default=0, help="windows per forward pass, 1 to 1024 (default 0: 4 on a CPU, 32 "
-        "on a CUDA GPU; halved on a GPU out-of-memory error)")
-    parser.add_argument("--amp", dest="precision", action="store_const", const="fp16",
-                        help="old spelling of --precision fp16")
+        "--batch-size",
+        dest="batch_size",
+        type=batch_size,
+        default=None,
+        help="windows per forward pass, 1 to 1024 (default: 4 on a CPU, 32 on a CUDA GPU; "
+        "halved on a GPU out-of-memory error)",
+    )
+    parser.add_argument(
+        "--sw-batch-size",
+        dest="batch_size",
+        type=batch_size,
+        default=None,
+        help="old spelling of --batch-size",
+    )
+    parser.add_argument(
+        "--amp",
+        dest="precision",
+        action="store_const",
+        const="fp16",
+        help="old spelling of --precision fp16",
+    )

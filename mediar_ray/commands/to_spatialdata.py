@@ -9,6 +9,13 @@ from dataclasses import asdict
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``to-spatialdata`` sub-command and its options; ``func`` is :func:`run`.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` sub-command registry (from ``add_subparsers``).
+    """
     p = subparsers.add_parser(
         "to-spatialdata",
         help="write a slide output as a SpatialData store (needs mediar_ray[spatialdata])",
@@ -25,6 +32,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the slide output ``args.source`` as the SpatialData store ``args.dest`` and
+    print its summary as JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``mediar-ray to-spatialdata``.
+
+    Returns
+    -------
+    int
+        Exit code 0 (errors are raised for :func:`mediar_ray.cli.main` to report).
+    """
     from mediar_ray.export.spatialdata import to_spatialdata
 
     summary = to_spatialdata(args.source, args.dest, overwrite=args.overwrite)

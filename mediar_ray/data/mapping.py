@@ -28,8 +28,19 @@ import numpy as np
 
 from mediar_ray.io import InputError
 
-__all__ = ["BadPair", "LabelError", "Pair", "check_pair", "check_pairs", "label_problem",
-           "load_pairs", "map_dataset", "read_labels", "split_holdout", "write_mapping"]
+__all__ = [
+    "BadPair",
+    "LabelError",
+    "Pair",
+    "check_pair",
+    "check_pairs",
+    "label_problem",
+    "load_pairs",
+    "map_dataset",
+    "read_labels",
+    "split_holdout",
+    "write_mapping",
+]
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label.tiff"
@@ -71,8 +82,10 @@ def label_problem(labels: np.ndarray) -> str | None:
             return "label has NaN or infinite values; cell ids must be whole numbers"
         if not np.array_equal(labels, np.round(labels)):
             bad = labels[labels != np.round(labels)].flat[0]
-            return (f"label has fractional values ({labels.dtype}, e.g. {bad:g}); cell ids "
-                    "must be whole numbers (save it as uint16/uint32)")
+            return (
+                f"label has fractional values ({labels.dtype}, e.g. {bad:g}); cell ids "
+                "must be whole numbers (save it as uint16/uint32)"
+            )
     elif kind not in "iub":
         return f"label has dtype {labels.dtype}; cell ids must be integers"
     if kind in "if" and labels.size and labels.min() < 0:
@@ -110,16 +123,20 @@ def _name(path: str) -> str:
 
 def _join(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Back from a filesystem path to a URL the rest of mediar_ray can open."""
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) \
-        and "file" not in fs.protocol else path
+    return (
+        fs.unstrip_protocol(path)
+        if fs.protocol not in ("file", ("file", "local")) and "file" not in fs.protocol
+        else path
+    )
 
 
 def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """``root`` itself if it holds images/ and labels/, else its subfolders that do."""
     if fs.isdir(f"{root}/images") and fs.isdir(f"{root}/labels"):
         return [root]
-    return sorted(p for p in fs.ls(root, detail=False)
-                  if fs.isdir(f"{p}/images") and fs.isdir(f"{p}/labels"))
+    return sorted(
+        p for p in fs.ls(root, detail=False) if fs.isdir(f"{p}/images") and fs.isdir(f"{p}/labels")
+    )
 
 
 def _header_dims(url: str) -> tuple[int, int, int]:
@@ -191,8 +208,9 @@ def _drop_unreadable(out: dict, decode: bool, threads: int = 8) -> None:
     out["unreadable"] += [{"path": bad[0], "reason": bad[1]} for bad in found if bad]
 
 
-def check_pairs(pairs: Sequence[Pair], *, decode: bool = True, threads: int = 8
-                ) -> tuple[list[Pair], list[BadPair]]:
+def check_pairs(
+    pairs: Sequence[Pair], *, decode: bool = True, threads: int = 8
+) -> tuple[list[Pair], list[BadPair]]:
     """(good pairs, bad ones with the file at fault and why), by :func:`check_pair`.
 
     ``decode`` (default) decodes the images too, so a truncated image is found here and
@@ -216,8 +234,9 @@ def _label_key(file: str) -> str | None:
     return safe_name(file[: -len(LABEL_SUFFIX)]) if file.endswith(LABEL_SUFFIX) else None
 
 
-def _by_name(fs: fsspec.AbstractFileSystem, folder: str, key, out: dict
-             ) -> tuple[dict[str, dict], set[str]]:
+def _by_name(
+    fs: fsspec.AbstractFileSystem, folder: str, key, out: dict
+) -> tuple[dict[str, dict], set[str]]:
     """Name -> listing entry of the files of ``folder`` that ``key`` names, and the names
     that several files share: those are ambiguous, added to ``out["unreadable"]`` and
     left out."""
@@ -230,9 +249,13 @@ def _by_name(fs: fsspec.AbstractFileSystem, folder: str, key, out: dict
         if len(entries) > 1:
             files = sorted(_name(e["name"]) for e in entries)
             out["unreadable"] += [
-                {"path": _join(fs, e["name"]),
-                 "reason": f"ambiguous: {' and '.join(files)} all have the name {name!r}; "
-                           "rename all but one"} for e in entries]
+                {
+                    "path": _join(fs, e["name"]),
+                    "reason": f"ambiguous: {' and '.join(files)} all have the name {name!r}; "
+                    "rename all but one",
+                }
+                for e in entries
+            ]
     unique = {name: entries[0] for name, entries in found.items() if len(entries) == 1}
     return unique, set(found) - set(unique)
 
@@ -256,15 +279,18 @@ def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
         ``root``, ``pairs`` (list of {image, label, source}), ``unpaired`` (images
         without a label and labels without an image) and ``unreadable`` ({path, reason}:
         empty files, files of one folder that share a name, and, with ``check``, files
-        that cannot be parsed or pairs of different sizes). Raises FileNotFoundError when ``root`` holds no dataset.
+        that cannot be parsed or pairs of different sizes). Raises FileNotFoundError
+        when ``root`` holds no dataset.
     """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.exists(base):
         raise FileNotFoundError(f"dataset root {root} does not exist")
     dirs = _dataset_dirs(fs, base)
     if not dirs:
-        raise FileNotFoundError(f"{root} has no images/ and labels/ folders (MEDIAR layout: "
-                                "images/<name>.<ext> and labels/<name>_label.tiff)")
+        raise FileNotFoundError(
+            f"{root} has no images/ and labels/ folders (MEDIAR layout: "
+            "images/<name>.<ext> and labels/<name>_label.tiff)"
+        )
     out: dict = {"root": root, "pairs": [], "unpaired": [], "unreadable": []}
     for d in dirs:
         source = _name(d)
@@ -276,11 +302,17 @@ def map_dataset(root: str, check: bool = False, decode: bool = False) -> dict:
                 continue
             empty = [x for x in (images[name], labels[name]) if not x.get("size")]
             if empty:
-                out["unreadable"] += [{"path": _join(fs, x["name"]), "reason": "empty file"}
-                                      for x in empty]
+                out["unreadable"] += [
+                    {"path": _join(fs, x["name"]), "reason": "empty file"} for x in empty
+                ]
                 continue
-            out["pairs"].append({"image": _join(fs, images[name]["name"]),
-                                 "label": _join(fs, labels[name]["name"]), "source": source})
+            out["pairs"].append(
+                {
+                    "image": _join(fs, images[name]["name"]),
+                    "label": _join(fs, labels[name]["name"]),
+                    "source": source,
+                }
+            )
     if check:
         _drop_unreadable(out, decode)
     return out
@@ -294,8 +326,9 @@ def write_mapping(root: str, out_url: str, check: bool = False, decode: bool = F
     return mapping
 
 
-def load_pairs(mappings: Iterable[str] = (), roots: Iterable[str] = (),
-               problems: list[BadPair] | None = None) -> list[Pair]:
+def load_pairs(
+    mappings: Iterable[str] = (), roots: Iterable[str] = (), problems: list[BadPair] | None = None
+) -> list[Pair]:
     """Pairs of the mapping JSONs and of the dataset roots (mapped on the fly).
 
     ``problems``, when given, gets the files of the roots that were left out: images
@@ -309,8 +342,13 @@ def load_pairs(mappings: Iterable[str] = (), roots: Iterable[str] = (),
         mapping = map_dataset(root)
         pairs += [Pair(**p) for p in mapping["pairs"]]
         if problems is not None:
-            problems += [BadPair(path, "label without image" if path.endswith(LABEL_SUFFIX)
-                                 else "image without label") for path in mapping["unpaired"]]
+            problems += [
+                BadPair(
+                    path,
+                    "label without image" if path.endswith(LABEL_SUFFIX) else "image without label",
+                )
+                for path in mapping["unpaired"]
+            ]
             problems += [BadPair(u["path"], u["reason"]) for u in mapping["unreadable"]]
     return pairs
 

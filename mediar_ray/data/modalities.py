@@ -42,14 +42,35 @@ from typing import Any, Callable, Iterable, Sequence
 import fsspec
 import numpy as np
 
-__all__ = ["EncoderEmbedder", "ModalityTable", "StatisticsEmbedder", "discover_modalities", "embed_images",
-           "image_statistics", "kmeans", "load_modality_table", "write_modality_table"]
+__all__ = [
+    "EncoderEmbedder",
+    "ModalityTable",
+    "StatisticsEmbedder",
+    "discover_modalities",
+    "embed_images",
+    "image_statistics",
+    "kmeans",
+    "load_modality_table",
+    "write_modality_table",
+]
 
 log = logging.getLogger("mediar_ray.modalities")
 
 #: Names of the features of :func:`image_statistics`, in order.
-STAT_FEATURES = ("mean", "std", "p01", "p10", "p50", "p90", "p99", "bright_fraction",
-                 "saturation", "red_minus_green", "blue_minus_green", "edge_strength")
+STAT_FEATURES = (
+    "mean",
+    "std",
+    "p01",
+    "p10",
+    "p50",
+    "p90",
+    "p99",
+    "bright_fraction",
+    "saturation",
+    "red_minus_green",
+    "blue_minus_green",
+    "edge_strength",
+)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -62,8 +83,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    out = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=True)
+    out = F.interpolate(
+        tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
     return out[0].numpy()
 
 
@@ -88,12 +110,18 @@ def image_statistics(image: np.ndarray) -> np.ndarray:
     grey = img.mean(axis=0)
     pct = np.percentile(grey, [1, 10, 50, 90, 99])
     gy, gx = np.gradient(grey)
-    return np.array([
-        grey.mean(), grey.std(), *pct, float((grey > 0.5).mean()),
-        float((img.max(axis=0) - img.min(axis=0)).mean()),
-        float((img[0] - img[1]).mean()), float((img[2] - img[1]).mean()),
-        float(np.hypot(gy, gx).mean()),
-    ])
+    return np.array(
+        [
+            grey.mean(),
+            grey.std(),
+            *pct,
+            float((grey > 0.5).mean()),
+            float((img.max(axis=0) - img.min(axis=0)).mean()),
+            float((img[0] - img[1]).mean()),
+            float((img[2] - img[1]).mean()),
+            float(np.hypot(gy, gx).mean()),
+        ]
+    )
 
 
 class StatisticsEmbedder:
@@ -127,8 +155,9 @@ class EncoderEmbedder:
 
     method = "encoder"
 
-    def __init__(self, checkpoint: str, size: int = 512, device: str = "cpu",
-                 **params: Any) -> None:
+    def __init__(
+        self, checkpoint: str, size: int = 512, device: str = "cpu", **params: Any
+    ) -> None:
         from mediar_ray.model import load_model
 
         if size % 32:
@@ -153,8 +182,9 @@ def _load_normalised(url: str) -> np.ndarray:
     return normalize(read_image(url))
 
 
-def embed_images(urls: Sequence[str], embed: Callable[[np.ndarray], np.ndarray],
-                 progress: bool = True) -> tuple[list[str], np.ndarray, list[dict]]:
+def embed_images(
+    urls: Sequence[str], embed: Callable[[np.ndarray], np.ndarray], progress: bool = True
+) -> tuple[list[str], np.ndarray, list[dict]]:
     """Embed every image of ``urls`` (read and normalised here).
 
     Returns
@@ -195,14 +225,19 @@ def _kmeans2(data: np.ndarray, k: int, seed: int) -> np.ndarray:
     key = "rng" if "rng" in inspect.signature(kmeans2).parameters else "seed"
     with warnings.catch_warnings():  # an empty cluster is handled by the caller
         warnings.simplefilter("ignore")
-        _, labels = kmeans2(data, k, iter=50, minit="++", missing="warn",
-                            **{key: np.random.default_rng(seed)})
+        _, labels = kmeans2(
+            data, k, iter=50, minit="++", missing="warn", **{key: np.random.default_rng(seed)}
+        )
     return labels
 
 
 def _inertia(data: np.ndarray, labels: np.ndarray) -> float:
-    return float(sum(((data[labels == c] - data[labels == c].mean(axis=0)) ** 2).sum()
-                     for c in np.unique(labels)))
+    return float(
+        sum(
+            ((data[labels == c] - data[labels == c].mean(axis=0)) ** 2).sum()
+            for c in np.unique(labels)
+        )
+    )
 
 
 def _renumber_by_size(labels: np.ndarray) -> np.ndarray:
@@ -238,9 +273,16 @@ def kmeans(features: np.ndarray, k: int, seed: int = 0, restarts: int = 10) -> n
     return _renumber_by_size(best)
 
 
-def discover_modalities(images: Iterable[str], k: int = 40, checkpoint: str | None = None,
-                        seed: int = 0, size: int = 512, device: str = "cpu",
-                        model_params: dict | None = None, progress: bool = True) -> dict:
+def discover_modalities(
+    images: Iterable[str],
+    k: int = 40,
+    checkpoint: str | None = None,
+    seed: int = 0,
+    size: int = 512,
+    device: str = "cpu",
+    model_params: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Embed ``images`` and cluster them; returns the modality table document.
 
     Parameters
@@ -267,18 +309,29 @@ def discover_modalities(images: Iterable[str], k: int = 40, checkpoint: str | No
     urls = list(dict.fromkeys(str(u) for u in images))
     if not urls:
         raise ValueError("no images to embed")
-    embed = (EncoderEmbedder(checkpoint, size, device, **(model_params or {}))
-             if checkpoint else StatisticsEmbedder(size))
+    embed = (
+        EncoderEmbedder(checkpoint, size, device, **(model_params or {}))
+        if checkpoint
+        else StatisticsEmbedder(size)
+    )
     done, features, bad = embed_images(urls, embed, progress)
     if not done:
         raise ValueError(f"none of the {len(urls)} images could be read")
     data = features if checkpoint else standardise(features)
     labels = kmeans(data, k, seed)
     sizes = np.bincount(labels)
-    return {"version": 1, "method": embed.method, "checkpoint": checkpoint,
-            "k": int(len(sizes)), "k_requested": int(k), "seed": int(seed), "size": int(size),
-            "sizes": {str(c): int(n) for c, n in enumerate(sizes)}, "unreadable": bad,
-            "table": {u: int(c) for u, c in zip(done, labels)}}
+    return {
+        "version": 1,
+        "method": embed.method,
+        "checkpoint": checkpoint,
+        "k": int(len(sizes)),
+        "k_requested": int(k),
+        "seed": int(seed),
+        "size": int(size),
+        "sizes": {str(c): int(n) for c, n in enumerate(sizes)},
+        "unreadable": bad,
+        "table": {u: int(c) for u, c in zip(done, labels)},
+    }
 
 
 def write_modality_table(doc: dict, url: str) -> None:
@@ -308,7 +361,7 @@ def relative_keys(table: dict[str, int], bases: Sequence[str]) -> dict[str, int]
     for key, cluster in table.items():
         full = _same_file_key(key)
         base = next((p for p in prefixes if full.startswith(p)), None)
-        out[full[len(base):] if base else key] = cluster
+        out[full[len(base) :] if base else key] = cluster
     return out
 
 
@@ -326,8 +379,7 @@ class ModalityTable(dict):
     """
 
     def __init__(self, table: dict[str, int]) -> None:
-        super().__init__({k if _is_relative(k) else _same_file_key(k): v
-                          for k, v in table.items()})
+        super().__init__({k if _is_relative(k) else _same_file_key(k): v for k, v in table.items()})
         self._relative = {k: v for k, v in self.items() if _is_relative(k)}
 
     def _find(self, key: str) -> str | None:
@@ -376,9 +428,12 @@ def load_modality_table(url: str) -> dict[str, int]:
         raise ValueError(f"modality table {url} is not valid JSON ({err})") from None
     table = doc.get("table") if isinstance(doc, dict) else None
     if not isinstance(table, dict) or not all(
-            isinstance(key, str) and isinstance(c, int) and not isinstance(c, bool) and c >= 0
-            for key, c in table.items()):
-        raise ValueError(f"{url} is not a modality table: expected a 'table' mapping "
-                         "image URLs to cluster ids >= 0 (written by "
-                         "`mediar-ray discover-modalities`)")
+        isinstance(key, str) and isinstance(c, int) and not isinstance(c, bool) and c >= 0
+        for key, c in table.items()
+    ):
+        raise ValueError(
+            f"{url} is not a modality table: expected a 'table' mapping "
+            "image URLs to cluster ids >= 0 (written by "
+            "`mediar-ray discover-modalities`)"
+        )
     return ModalityTable(table)

@@ -24,9 +24,12 @@ import numpy as np
 __all__ = ["amplified_epoch", "expected_frequencies", "with_replay"]
 
 
-def amplified_epoch(clusters: np.ndarray, rng: np.random.Generator,
-                    min_per_cluster: int = 50,
-                    cluster_min: Mapping[int, int] | None = None) -> np.ndarray:
+def amplified_epoch(
+    clusters: np.ndarray,
+    rng: np.random.Generator,
+    min_per_cluster: int = 50,
+    cluster_min: Mapping[int, int] | None = None,
+) -> np.ndarray:
     """Sample indices of one epoch under amplified sampling, shuffled.
 
     Parameters
@@ -58,12 +61,15 @@ def amplified_epoch(clusters: np.ndarray, rng: np.random.Generator,
     return rng.permutation(order).astype(np.int64)
 
 
-def expected_frequencies(clusters: np.ndarray, min_per_cluster: int = 50,
-                         cluster_min: Mapping[int, int] | None = None) -> dict[int, float]:
+def expected_frequencies(
+    clusters: np.ndarray, min_per_cluster: int = 50, cluster_min: Mapping[int, int] | None = None
+) -> dict[int, float]:
     """Share of each cluster in an epoch of :func:`amplified_epoch` (formula above)."""
     ids, counts = np.unique(np.asarray(clusters), return_counts=True)
-    sizes = np.array([max(n, _cluster_m(int(c), min_per_cluster, cluster_min))
-                      for c, n in zip(ids, counts)], np.float64)
+    sizes = np.array(
+        [max(n, _cluster_m(int(c), min_per_cluster, cluster_min)) for c, n in zip(ids, counts)],
+        np.float64,
+    )
     return {int(c): float(s / sizes.sum()) for c, s in zip(ids, sizes)}
 
 
@@ -71,8 +77,9 @@ def _cluster_m(c: int, default: int, cluster_min: Mapping[int, int] | None) -> i
     return int(cluster_min.get(c, default)) if cluster_min else int(default)
 
 
-def with_replay(main: np.ndarray, n_public: int, per_batch: int, batch_size: int,
-                rng: np.random.Generator) -> list[tuple[str, int]]:
+def with_replay(
+    main: np.ndarray, n_public: int, per_batch: int, batch_size: int, rng: np.random.Generator
+) -> list[tuple[str, int]]:
     """Interleave public ("cell memory") samples: each batch of ``batch_size`` holds
     ``per_batch`` public samples and ``batch_size - per_batch`` main ones.
 
@@ -86,8 +93,9 @@ def with_replay(main: np.ndarray, n_public: int, per_batch: int, batch_size: int
     if per_batch <= 0 or n_public <= 0:
         return [("main", int(i)) for i in main]
     if per_batch >= batch_size:
-        raise ValueError(f"replay_per_batch {per_batch} must be smaller than the batch "
-                         f"size {batch_size}")
+        raise ValueError(
+            f"replay_per_batch {per_batch} must be smaller than the batch size {batch_size}"
+        )
     take = batch_size - per_batch
     public: list[int] = []
     out: list[tuple[str, int]] = []

@@ -49,11 +49,24 @@ from scipy import ndimage
 from mediar_ray.dynamics import labels_to_flows
 from mediar_ray.preprocess import normalize
 
-__all__ = ["axis_flip", "border_pixels", "cell_aware_intensity", "contrast", "crop",
-           "excluded_pixels",
-           "gaussian_noise", "gaussian_sharpen", "gaussian_smooth", "histogram_shift",
-           "rotate90", "stain_jitter", "targets", "train_sample", "augment_sample",
-           "zoom_crop"]
+__all__ = [
+    "axis_flip",
+    "border_pixels",
+    "cell_aware_intensity",
+    "contrast",
+    "crop",
+    "excluded_pixels",
+    "gaussian_noise",
+    "gaussian_sharpen",
+    "gaussian_smooth",
+    "histogram_shift",
+    "rotate90",
+    "stain_jitter",
+    "targets",
+    "train_sample",
+    "augment_sample",
+    "zoom_crop",
+]
 
 Sample = tuple[np.ndarray, np.ndarray]
 
@@ -70,11 +83,12 @@ def crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Genera
     labels = np.pad(labels, pads)
     y = int(rng.integers(0, labels.shape[0] - size + 1))
     x = int(rng.integers(0, labels.shape[1] - size + 1))
-    return image[:, y:y + size, x:x + size], labels[y:y + size, x:x + size]
+    return image[:, y : y + size, x : x + size], labels[y : y + size, x : x + size]
 
 
-def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
-              rng: np.random.Generator) -> Sample:
+def zoom_crop(
+    image: np.ndarray, labels: np.ndarray, size: int, factor: float, rng: np.random.Generator
+) -> Sample:
     """Zoom by ``factor`` then crop ``size`` (as MEDIAR's RandZoom + SpatialPad + RandCrop).
 
     Done as a crop of ``size / factor`` pixels resized to ``size``, which gives the same
@@ -89,10 +103,18 @@ def zoom_crop(image: np.ndarray, labels: np.ndarray, size: int, factor: float,
     image, labels = crop(image, labels, src, rng)
     if src == size:
         return image, labels
-    img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=(size, size),
-                        mode="area")[0].numpy()
-    lab = F.interpolate(torch.from_numpy(labels.astype(np.float64))[None, None],
-                        size=(size, size), mode="nearest-exact")[0, 0].numpy().astype(labels.dtype)
+    img = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image))[None], size=(size, size), mode="area"
+    )[0].numpy()
+    lab = (
+        F.interpolate(
+            torch.from_numpy(labels.astype(np.float64))[None, None],
+            size=(size, size),
+            mode="nearest-exact",
+        )[0, 0]
+        .numpy()
+        .astype(labels.dtype)
+    )
     return img, lab
 
 
@@ -108,9 +130,13 @@ def rotate90(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) ->
     return np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k)
 
 
-def cell_aware_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                         fraction: float = 0.4, factors: tuple[float, float] = (1.0, 1.7)
-                         ) -> np.ndarray:
+def cell_aware_intensity(
+    image: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    fraction: float = 0.4,
+    factors: tuple[float, float] = (1.0, 1.7),
+) -> np.ndarray:
     """Multiply each of a random ``fraction`` of the cells by its own factor.
 
     ``round(fraction * n)`` of the ``n`` cell ids are chosen; each gets a factor drawn
@@ -129,15 +155,15 @@ def cell_aware_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.G
     return (image * scale[labels][None]).astype(np.float32)
 
 
-def gaussian_noise(image: np.ndarray, rng: np.random.Generator, max_std: float = 0.1
-                   ) -> np.ndarray:
+def gaussian_noise(image: np.ndarray, rng: np.random.Generator, max_std: float = 0.1) -> np.ndarray:
     """Add zero-mean Gaussian noise of a standard deviation drawn from [0, max_std]."""
     std = rng.uniform(0.0, max_std)
     return image + rng.normal(0.0, std, image.shape).astype(np.float32)
 
 
-def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.05,
-                 shift: float = 0.05) -> np.ndarray:
+def stain_jitter(
+    image: np.ndarray, rng: np.random.Generator, scale: float = 0.05, shift: float = 0.05
+) -> np.ndarray:
     """Vary the amounts of haematoxylin, eosin and DAB in a colour image.
 
     Each pixel's optical density (OD = -ln RGB) is unmixed into the three stains with
@@ -167,8 +193,9 @@ def _span(image: np.ndarray) -> tuple[float, float]:
     return lo, max(hi - lo, 1e-7)
 
 
-def contrast(image: np.ndarray, rng: np.random.Generator,
-             gamma: tuple[float, float] = (1.0, 2.0)) -> np.ndarray:
+def contrast(
+    image: np.ndarray, rng: np.random.Generator, gamma: tuple[float, float] = (1.0, 2.0)
+) -> np.ndarray:
     """Gamma on the image's own range: ((x - min) / range) ** g * range + min."""
     g = rng.uniform(*gamma)
     lo, span = _span(image)
@@ -182,8 +209,7 @@ def gaussian_smooth(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ndimage.gaussian_filter(image, sigma).astype(np.float32)
 
 
-def histogram_shift(image: np.ndarray, rng: np.random.Generator, points: int = 3
-                    ) -> np.ndarray:
+def histogram_shift(image: np.ndarray, rng: np.random.Generator, points: int = 3) -> np.ndarray:
     """Piecewise-linear intensity remap through ``points`` control points whose inner
     ones are moved at random (ends fixed), on the image's own range."""
     ref = np.linspace(0.0, 1.0, points)
@@ -218,8 +244,7 @@ def border_pixels(labels: np.ndarray) -> np.ndarray:
     """
     p = np.pad(labels, 1, mode="edge")
     c = p[1:-1, 1:-1]
-    differs = ((p[:-2, 1:-1] != c) | (p[2:, 1:-1] != c) |
-               (p[1:-1, :-2] != c) | (p[1:-1, 2:] != c))
+    differs = (p[:-2, 1:-1] != c) | (p[2:, 1:-1] != c) | (p[1:-1, :-2] != c) | (p[1:-1, 2:] != c)
     return differs & (c > 0)
 
 
@@ -253,13 +278,13 @@ def touching_pixels(labels: np.ndarray, radius: int = 2) -> np.ndarray:
     # Background counts as one more than the largest label, so that the minimum is the
     # smallest *cell* (a dtype's own maximum overflows inside scipy's filters).
     fill = labels.max() + 1
-    low = ndimage.minimum_filter(np.where(labels > 0, labels, fill), size=size,
-                                 mode="nearest")
+    low = ndimage.minimum_filter(np.where(labels > 0, labels, fill), size=size, mode="nearest")
     return (low != fill) & (top != low)
 
 
-def pixel_weights(labels: np.ndarray, small_area: int = 0, small_max: float = 3.0,
-                  touching: float = 1.0) -> np.ndarray:
+def pixel_weights(
+    labels: np.ndarray, small_area: int = 0, small_max: float = 3.0, touching: float = 1.0
+) -> np.ndarray:
     """Loss weights that count small and touching cells more (1 elsewhere).
 
     Parameters
@@ -289,8 +314,9 @@ def pixel_weights(labels: np.ndarray, small_area: int = 0, small_max: float = 3.
     return weights
 
 
-def targets(labels: np.ndarray, boundary_exclusion: bool = False,
-            weights: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+def targets(
+    labels: np.ndarray, boundary_exclusion: bool = False, weights: dict[str, float] | None = None
+) -> dict[str, np.ndarray]:
     """Training targets of a (transformed) label image.
 
     Returns flows (2, H, W) float32 unit vectors (dy, dx), cell (H, W) float32 0/1 and
@@ -301,12 +327,16 @@ def targets(labels: np.ndarray, boundary_exclusion: bool = False,
     valid = pixel_weights(labels, **weights) if weights else np.ones(labels.shape, np.float32)
     if boundary_exclusion:
         valid[excluded_pixels(labels)] = 0.0
-    return {"flows": labels_to_flows(labels), "cell": (labels > 0).astype(np.float32),
-            "valid": valid}
+    return {
+        "flows": labels_to_flows(labels),
+        "cell": (labels > 0).astype(np.float32),
+        "valid": valid,
+    }
 
 
-def train_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                 cfg: Any, public: bool = False) -> dict[str, np.ndarray]:
+def train_sample(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: Any, public: bool = False
+) -> dict[str, np.ndarray]:
     """One augmented training sample (MEDIAR's table, see the module docstring).
 
     Parameters
@@ -332,8 +362,9 @@ def train_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     return augment_sample(normalize(image), labels, rng, cfg, public)
 
 
-def augment_sample(img: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                   cfg: Any, public: bool = False) -> dict[str, np.ndarray]:
+def augment_sample(
+    img: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: Any, public: bool = False
+) -> dict[str, np.ndarray]:
     """:func:`train_sample` after normalisation: ``img`` (3, H, W) float32 in [0, 1]
     (callers that see an image many times normalise it once). ``public`` samples get
     the spatial transforms other than zoom, and boundary exclusion, only."""
@@ -359,12 +390,16 @@ def _loss_weights(cfg: Any) -> dict[str, float] | None:
     """:func:`pixel_weights` arguments of an AugmentSection, or None when both are off."""
     if cfg.small_cell_area <= 0 and cfg.touching_weight == 1.0:
         return None
-    return {"small_area": cfg.small_cell_area, "small_max": cfg.small_cell_max_weight,
-            "touching": cfg.touching_weight}
+    return {
+        "small_area": cfg.small_cell_area,
+        "small_max": cfg.small_cell_max_weight,
+        "touching": cfg.touching_weight,
+    }
 
 
-def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
-                       cfg: Any) -> np.ndarray:
+def _intensity_augment(
+    img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, cfg: Any
+) -> np.ndarray:
     """Stain jitter (when ``cfg.stain_p`` > 0), cell-aware intensity, then noise,
     contrast, smoothing, histogram shift and sharpening, each with its probability from
     ``cfg``."""
@@ -372,11 +407,16 @@ def _intensity_augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generato
     if cfg.stain_p > 0 and rng.random() < cfg.stain_p:
         img = stain_jitter(img, rng, cfg.stain_scale, cfg.stain_shift)
     if rng.random() < cfg.cell_aware_p:
-        img = cell_aware_intensity(img, lab, rng, cfg.cell_aware_fraction,
-                                   tuple(cfg.cell_aware_range))
-    for p, fn in ((cfg.noise_p, gaussian_noise), (cfg.contrast_p, contrast),
-                  (cfg.smooth_p, gaussian_smooth), (cfg.hist_shift_p, histogram_shift),
-                  (cfg.sharpen_p, gaussian_sharpen)):
+        img = cell_aware_intensity(
+            img, lab, rng, cfg.cell_aware_fraction, tuple(cfg.cell_aware_range)
+        )
+    for p, fn in (
+        (cfg.noise_p, gaussian_noise),
+        (cfg.contrast_p, contrast),
+        (cfg.smooth_p, gaussian_smooth),
+        (cfg.hist_shift_p, histogram_shift),
+        (cfg.sharpen_p, gaussian_sharpen),
+    ):
         if rng.random() < p:
             img = fn(img, rng)
     return img

@@ -134,9 +134,7 @@ def _diffuse(start, ys, xs, niters, T):
             _diffuse_cell(ys[s:e] + 1, xs[s:e] + 1, niters[c], T)
 
 
-def diffuse(
-    lab: np.ndarray, n: int, niters: np.ndarray, pixels: tuple | None = None
-) -> np.ndarray:
+def diffuse(lab: np.ndarray, n: int, niters: np.ndarray, pixels: tuple | None = None) -> np.ndarray:
     """Heat of every cell after ``niters[c-1]`` diffusion steps.
 
     Parameters

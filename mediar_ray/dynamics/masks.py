@@ -53,7 +53,9 @@ _GROW_STEPS = 5
 _MAX_AREA_FRACTION = 0.9
 
 
-def foreground(logit: np.ndarray, cellprob_threshold: float = 0.5, min_size: int = 16) -> np.ndarray:
+def foreground(
+    logit: np.ndarray, cellprob_threshold: float = 0.5, min_size: int = 16
+) -> np.ndarray:
     """(H, W) bool: sigmoid(logit) > threshold, small holes and objects removed."""
     z = np.asarray(logit, np.float32)
     cut = np.log(cellprob_threshold / (1.0 - cellprob_threshold))  # sigmoid(z) > t <=> z > cut
@@ -150,8 +152,7 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, n: int) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def _union_error(masks: np.ndarray, a: int, b: int, flows: np.ndarray,
-                 boxes: list) -> float:
+def _union_error(masks: np.ndarray, a: int, b: int, flows: np.ndarray, boxes: list) -> float:
     """Flow error of masks a and b taken together as one cell.
 
     ``boxes`` are the masks' bounding boxes (``scipy.ndimage.find_objects``), so only the
@@ -178,8 +179,10 @@ def merge_fragments(
     bad = np.concatenate([[False], errors > threshold])
     pairs = []
     neighbours = (  # 8-connectivity: lobes may meet at a corner only
-        (masks[:, :-1], masks[:, 1:]), (masks[:-1], masks[1:]),
-        (masks[:-1, :-1], masks[1:, 1:]), (masks[:-1, 1:], masks[1:, :-1]),
+        (masks[:, :-1], masks[:, 1:]),
+        (masks[:-1], masks[1:]),
+        (masks[:-1, :-1], masks[1:, 1:]),
+        (masks[:-1, 1:], masks[1:, :-1]),
     )
     for left, right in neighbours:
         touch = (left != right) & bad[left] & bad[right]

@@ -113,7 +113,12 @@ def follow_flows(
     """
     out = np.empty((2, ys.shape[0]), np.float64)
     _follow(
-        np.ascontiguousarray(flow, np.float32), np.asarray(ys, np.int32),
-        np.asarray(xs, np.int32), int(niter), int(settle_window), float(settle_px), out,
+        np.ascontiguousarray(flow, np.float32),
+        np.asarray(ys, np.int32),
+        np.asarray(xs, np.int32),
+        int(niter),
+        int(settle_window),
+        float(settle_px),
+        out,
     )
     return out

@@ -58,6 +58,7 @@ class SlideOutput:
 
     @property
     def cells(self) -> Pyramid:
+        """The pyramid of the cell labels (``labels["cells"]``)."""
         return self.labels["cells"]
 
 
@@ -66,8 +67,10 @@ def _pyramid(group: zarr.Group, url: str) -> Pyramid:
     try:
         ms = ome["multiscales"][0]
     except (KeyError, IndexError):
-        raise OutputError(f"{safe_url(url)}: no NGFF 0.5 'multiscales' metadata; open "
-                          "an output of mediar-ray segment-slides (OUTPUT/<name>.zarr)") from None
+        raise OutputError(
+            f"{safe_url(url)}: no NGFF 0.5 'multiscales' metadata; open "
+            "an output of mediar-ray segment-slides (OUTPUT/<name>.zarr)"
+        ) from None
     space = [k for k, a in enumerate(ms["axes"]) if a.get("type") == "space"]
     unit = ms["axes"][space[-1]].get("unit")
     levels, scales, shifts = [], [], []
@@ -80,8 +83,7 @@ def _pyramid(group: zarr.Group, url: str) -> Pyramid:
         shift = t.get("translation", {}).get("translation", [0.0] * len(scale))
         scales.append((float(scale[space[0]]), float(scale[space[1]])))
         shifts.append((float(shift[space[0]]), float(shift[space[1]])))
-    return Pyramid(ms.get("name", ""), levels, scales, shifts, unit,
-                   channel=len(ms["axes"]) == 3)
+    return Pyramid(ms.get("name", ""), levels, scales, shifts, unit, channel=len(ms["axes"]) == 3)
 
 
 def open_output(url: str) -> SlideOutput:
@@ -108,25 +110,36 @@ def open_output(url: str) -> SlideOutput:
     try:
         group = zarr.open_group(root_url, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
-        raise OutputError(f"{safe_url(url)}: not a zarr v3 group ({type(err).__name__}); "
-                          "give OUTPUT/<name>.zarr written by mediar-ray segment-slides") from None
+        raise OutputError(
+            f"{safe_url(url)}: not a zarr v3 group ({type(err).__name__}); "
+            "give OUTPUT/<name>.zarr written by mediar-ray segment-slides"
+        ) from None
     fs, path = fsspec.core.url_to_fs(root_url)
     if not fs.exists(f"{path}/.mediar_complete"):
-        raise OutputError(f"{safe_url(url)}: the slide is not complete (no .mediar_complete); "
-                          "wait for the job, or rerun mediar-ray segment-slides on it")
+        raise OutputError(
+            f"{safe_url(url)}: the slide is not complete (no .mediar_complete); "
+            "wait for the job, or rerun mediar-ray segment-slides on it"
+        )
     name = root_url.rsplit("/", 1)[-1]
     name = name.removesuffix(".zarr")
     image = _pyramid(group, url)
     labels = {}
-    names = dict(group["labels"].attrs).get("ome", {}).get("labels", []) \
-        if "labels" in group else []
+    names = (
+        dict(group["labels"].attrs).get("ome", {}).get("labels", []) if "labels" in group else []
+    )
     for label in names:
         labels[label] = _pyramid(group[f"labels/{label}"], f"{url}/labels/{label}")
     if "cells" not in labels:
         raise OutputError(f"{safe_url(url)}: no labels/cells; rerun mediar-ray segment-slides")
     channels = int(image.levels[0].shape[0]) if image.channel else 1
-    return SlideOutput(url=root_url, output_root=root_url.rsplit("/", 1)[0], name=name,
-                       image=image, labels=labels, channels=channels)
+    return SlideOutput(
+        url=root_url,
+        output_root=root_url.rsplit("/", 1)[0],
+        name=name,
+        image=image,
+        labels=labels,
+        channels=channels,
+    )
 
 
 def read_cells(out: SlideOutput, *, flat: bool = True) -> pd.DataFrame:
@@ -158,12 +171,16 @@ def read_cells(out: SlideOutput, *, flat: bool = True) -> pd.DataFrame:
 
     state = partition_state(out.output_root, out.name)
     if not state["runs"]:
-        raise OutputError(f"{safe_url(partition_url(out.output_root, out.name))}: no cell "
-                          "table for this slide; rerun mediar-ray segment-slides with cells on")
+        raise OutputError(
+            f"{safe_url(partition_url(out.output_root, out.name))}: no cell "
+            "table for this slide; rerun mediar-ray segment-slides with cells on"
+        )
     if not state["clean"]:
-        raise OutputError(f"{safe_url(partition_url(out.output_root, out.name))}: the "
-                          "partition holds more than one run (a killed commit); rerun "
-                          "mediar-ray segment-slides --overwrite on the slide")
+        raise OutputError(
+            f"{safe_url(partition_url(out.output_root, out.name))}: the "
+            "partition holds more than one run (a killed commit); rerun "
+            "mediar-ray segment-slides --overwrite on the slide"
+        )
     filesystem, path = arrow_filesystem(partition_url(out.output_root, out.name))
     table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table()
     frame = table.to_pandas().sort_values("id", ignore_index=True)

@@ -64,8 +64,10 @@ def _require() -> Any:
     try:
         import spatialdata
     except ImportError as err:
-        raise UserError(f"to-spatialdata needs spatialdata and anndata ({err.name} is "
-                        "missing): pip install \"mediar_ray[spatialdata]\"") from None
+        raise UserError(
+            f"to-spatialdata needs spatialdata and anndata ({err.name} is "
+            'missing): pip install "mediar_ray[spatialdata]"'
+        ) from None
     return spatialdata
 
 
@@ -75,8 +77,12 @@ def _transform(scale: tuple[float, float], shift: tuple[float, float], axes=("y"
     from spatialdata.transformations import Scale, Sequence, Translation
 
     order = [0, 1] if axes == ("y", "x") else [1, 0]
-    return Sequence([Scale([scale[k] for k in order], axes=axes),
-                     Translation([shift[k] for k in order], axes=axes)])
+    return Sequence(
+        [
+            Scale([scale[k] for k in order], axes=axes),
+            Translation([shift[k] for k in order], axes=axes),
+        ]
+    )
 
 
 def _image_element(p: Pyramid, channels: int) -> Any:
@@ -84,19 +90,24 @@ def _image_element(p: Pyramid, channels: int) -> Any:
 
     level0 = p.levels[0] if p.channel else p.levels[0][None]
     c_coords = ["r", "g", "b"] if channels == 3 and level0.dtype.kind == "u" else None
-    return Image2DModel.parse(level0, dims=("c", "y", "x"), c_coords=c_coords,
-                              scale_factors=[2] * (len(p.levels) - 1) or None,
-                              transformations={COORDINATES: _transform(p.scale[0],
-                                                                       p.translation[0])})
+    return Image2DModel.parse(
+        level0,
+        dims=("c", "y", "x"),
+        c_coords=c_coords,
+        scale_factors=[2] * (len(p.levels) - 1) or None,
+        transformations={COORDINATES: _transform(p.scale[0], p.translation[0])},
+    )
 
 
 def _labels_element(p: Pyramid) -> Any:
     from spatialdata.models import Labels2DModel
 
-    return Labels2DModel.parse(p.levels[0], dims=("y", "x"),
-                               scale_factors=[2] * (len(p.levels) - 1) or None,
-                               transformations={COORDINATES: _transform(p.scale[0],
-                                                                        p.translation[0])})
+    return Labels2DModel.parse(
+        p.levels[0],
+        dims=("y", "x"),
+        scale_factors=[2] * (len(p.levels) - 1) or None,
+        transformations={COORDINATES: _transform(p.scale[0], p.translation[0])},
+    )
 
 
 def _table_element(out: SlideOutput, cells: pd.DataFrame) -> Any:
@@ -109,16 +120,25 @@ def _table_element(out: SlideOutput, cells: pd.DataFrame) -> Any:
     obs["region"] = pd.Categorical(["cells"] * len(obs))
     # Centroids in the labels' frame: centre of processing pixel i is shift + i * scale.
     (sy, sx), (ty, tx) = out.cells.scale[0], out.cells.translation[0]
-    spatial = np.stack([tx + sx * cells["centroid_x"].to_numpy(np.float64),
-                        ty + sy * cells["centroid_y"].to_numpy(np.float64)], axis=1)
-    adata = ad.AnnData(X=cells[x_cols].to_numpy(np.float64), obs=obs,
-                       var=pd.DataFrame(index=pd.Index(x_cols, dtype=object)),
-                       obsm={"spatial": spatial})
+    spatial = np.stack(
+        [
+            tx + sx * cells["centroid_x"].to_numpy(np.float64),
+            ty + sy * cells["centroid_y"].to_numpy(np.float64),
+        ],
+        axis=1,
+    )
+    adata = ad.AnnData(
+        X=cells[x_cols].to_numpy(np.float64),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(x_cols, dtype=object)),
+        obsm={"spatial": spatial},
+    )
     return TableModel.parse(adata, region="cells", region_key="region", instance_key="id")
 
 
-def cell_polygons(labels: np.ndarray, origin: tuple[int, int],
-                  ids: np.ndarray) -> tuple[np.ndarray, list]:
+def cell_polygons(
+    labels: np.ndarray, origin: tuple[int, int], ids: np.ndarray
+) -> tuple[np.ndarray, list]:
     """Outlines of the cells ``ids`` of a label region as shapely Polygons.
 
     Parameters
@@ -145,8 +165,9 @@ def cell_polygons(labels: np.ndarray, origin: tuple[int, int],
     rings = outlines(labels, ids)
     polys = []
     for cell in np.asarray(ids).tolist():
-        xy = [np.stack([r[:, 1] + ox, r[:, 0] + oy], axis=1).astype(np.float64)
-              for r in rings[cell]]
+        xy = [
+            np.stack([r[:, 1] + ox, r[:, 0] + oy], axis=1).astype(np.float64) for r in rings[cell]
+        ]
         polys.append(shapely.Polygon(xy[0], xy[1:]))
     return np.asarray(ids, np.int64), polys
 
@@ -158,8 +179,7 @@ def _outline_batches(out: SlideOutput, cells: pd.DataFrame) -> Iterator[tuple[np
 
     labels = out.cells.levels[0]
     tile = int(labels.chunksize[0])
-    columns = {k: cells[k].to_numpy() for k in ("id", "bbox_y0", "bbox_x0", "bbox_y1",
-                                                 "bbox_x1")}
+    columns = {k: cells[k].to_numpy() for k in ("id", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")}
     for (y0, y1, x0, x1), rows in outline_regions(columns, tile):
         region = np.asarray(labels[y0:y1, x0:x1])
         yield cell_polygons(region, (y0, x0), columns["id"][rows])
@@ -187,8 +207,9 @@ def _append_outlines(dest: str, batches: Iterator[tuple[np.ndarray, list]]) -> i
         writer.write_table(first.cast(schema))
         for ids, polys in batches:
             wkb = pa.array(shapely.to_wkb(polys), pa.binary())
-            arrays = [wkb if name == "geometry" else pa.array(ids, pa.int64())
-                      for name in schema.names]
+            arrays = [
+                wkb if name == "geometry" else pa.array(ids, pa.int64()) for name in schema.names
+            ]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             n += len(ids)
     fs.mv(path + ".part", path)
@@ -196,7 +217,7 @@ def _append_outlines(dest: str, batches: Iterator[tuple[np.ndarray, list]]) -> i
 
 
 def _nullable_strings() -> contextlib.AbstractContextManager:
-    """anndata refuses pandas' string arrays (the default for str under pandas 3)
+    """Anndata refuses pandas' string arrays (the default for str under pandas 3)
     unless told that readers are anndata >= 0.11."""
     import anndata as ad
 
@@ -235,10 +256,13 @@ def to_spatialdata(source: str, dest: str, *, overwrite: bool = False) -> Export
     out = open_output(source)
     fs, dest_path = fsspec.core.url_to_fs(dest)
     src_path = fsspec.core.url_to_fs(out.url)[1]
-    if dest_path.rstrip("/").startswith(src_path.rstrip("/") + "/") or \
-            dest_path.rstrip("/") == src_path.rstrip("/"):
-        raise UserError(f"{safe_url(dest)}: the SpatialData store cannot go inside the slide "
-                        "output it reads; give a path outside OUTPUT/<name>.zarr")
+    if dest_path.rstrip("/").startswith(src_path.rstrip("/") + "/") or dest_path.rstrip(
+        "/"
+    ) == src_path.rstrip("/"):
+        raise UserError(
+            f"{safe_url(dest)}: the SpatialData store cannot go inside the slide "
+            "output it reads; give a path outside OUTPUT/<name>.zarr"
+        )
     if fs.exists(dest_path):
         if not overwrite:
             raise UserError(f"{safe_url(dest)} exists; remove it or pass --overwrite")
@@ -247,9 +271,14 @@ def to_spatialdata(source: str, dest: str, *, overwrite: bool = False) -> Export
     log.info("%s: %d cells", out.name, len(cells))
     elements: dict[str, dict[str, Any]] = {
         "images": {"image": _image_element(out.image, out.channels)},
-        "labels": {name: _labels_element(p) for name, p in out.labels.items()
-                   if name in ("cells", "tissue")},
-        "tables": {TABLE: _table_element(out, cells)}, "shapes": {}}
+        "labels": {
+            name: _labels_element(p)
+            for name, p in out.labels.items()
+            if name in ("cells", "tissue")
+        },
+        "tables": {TABLE: _table_element(out, cells)},
+        "shapes": {},
+    }
     batches = _outline_batches(out, cells)
     first = next(batches, None)
     if first is not None:
@@ -257,12 +286,16 @@ def to_spatialdata(source: str, dest: str, *, overwrite: bool = False) -> Export
         # Edge coordinates: pixel i's centre is at i + 0.5, so shift by half a pixel.
         edge = _transform((sy, sx), (ty - sy / 2, tx - sx / 2))
         frame = gpd.GeoDataFrame({"geometry": first[1]}, index=pd.Index(first[0]))
-        elements["shapes"][OUTLINES] = ShapesModel.parse(
-            frame, transformations={COORDINATES: edge})
+        elements["shapes"][OUTLINES] = ShapesModel.parse(frame, transformations={COORDINATES: edge})
     sdata = sd.SpatialData(**elements)
     with _nullable_strings():
         sdata.write(dest_path)
     shapes = _append_outlines(dest, batches) if first is not None else 0
-    return ExportSummary(dest=dest, cells=len(cells), shapes=shapes,
-                         labels=sorted(elements["labels"]), coordinate_system=COORDINATES,
-                         unit=out.cells.unit)
+    return ExportSummary(
+        dest=dest,
+        cells=len(cells),
+        shapes=shapes,
+        labels=sorted(elements["labels"]),
+        coordinate_system=COORDINATES,
+        unit=out.cells.unit,
+    )

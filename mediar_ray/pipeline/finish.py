@@ -45,14 +45,23 @@ def gather(plan: SlidePlan, cpus: float) -> None:
     ``infer`` record, from the partials."""
     done = stages.done_tiles(plan, "infer")
     which = stages.tissue_tiles(plan)
-    todo = [t for t in tile_grid(plan.shape, plan.tile)
-            if t.name not in done and (t.name in which.live or t.name in which.rim)]
-    fan_out(stages.gather_tile, [(plan, t) for t in todo], cpus,
-            progress=f"{plan.layout.stem}: gather")
+    todo = [
+        t
+        for t in tile_grid(plan.shape, plan.tile)
+        if t.name not in done and (t.name in which.live or t.name in which.rim)
+    ]
+    fan_out(
+        stages.gather_tile, [(plan, t) for t in todo], cpus, progress=f"{plan.layout.stem}: gather"
+    )
 
 
-def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float,
-                      measure: bool = False, geojson: bool = False) -> dict:
+def track_and_relabel(
+    plan: SlidePlan,
+    flow_params: dict[str, Any],
+    cpus: float,
+    measure: bool = False,
+    geojson: bool = False,
+) -> dict:
     """Tracking per live chunk + halo (:func:`.stages.tissue_tiles`: the other chunks
     hold no cell), union-find over borders, global relabel to 1..N; with
     ``measure``, every cell measured once by the relabel tasks (complete cells) or here
@@ -64,9 +73,15 @@ def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float,
     name = plan.layout.stem
     live = stages.tissue_tiles(plan).live  # the others hold no cell: labels stay 0
     tiles = [t for t in tile_grid(plan.shape, plan.tile) if t.name in live]
-    results = {(r["tile"].ty, r["tile"].tx): r for r in fan_out(
-        stages.track_chunk, [(plan, t, flow_params) for t in tiles], cpus,
-        progress=f"{name}: track")}
+    results = {
+        (r["tile"].ty, r["tile"].tx): r
+        for r in fan_out(
+            stages.track_chunk,
+            [(plan, t, flow_params) for t in tiles],
+            cpus,
+            progress=f"{name}: track",
+        )
+    }
     uf = UnionFind()
     for (ty, tx), r in results.items():
         for side, (dy, dx), other in (("right", (0, 1), "left"), ("bottom", (1, 0), "top")):
@@ -82,25 +97,35 @@ def track_and_relabel(plan: SlidePlan, flow_params: dict[str, Any], cpus: float,
         from mediar_ray.cells import cells_in_several_chunks
 
         shared = cells_in_several_chunks(
-            [np.unique(ids[np.searchsorted(sorted_names, r["names"])]) for r in results.values()])
+            [np.unique(ids[np.searchsorted(sorted_names, r["names"])]) for r in results.values()]
+        )
     if len(tiles) > 2:  # shared once through the object store, not once per task
         import ray
 
         sorted_names, ids, shared = ray.put(sorted_names), ray.put(ids), ray.put(shared)
-    chunks = fan_out(stages.relabel_chunk,
-                     [(plan, t, sorted_names, ids, shared, geojson) for t in tiles], cpus,
-                     progress=f"{name}: relabel")
+    chunks = fan_out(
+        stages.relabel_chunk,
+        [(plan, t, sorted_names, ids, shared, geojson) for t in tiles],
+        cpus,
+        progress=f"{name}: relabel",
+    )
     for chunk in chunks:
         counts[chunk["present"]] += chunk["counts"]
     areas = counts[1:]
-    summary = {"cells": int(areas.size), "joined_across_borders": len(uf.parent),
-               "area_px": {"mean": float(areas.mean()) if areas.size else 0.0,
-                           "median": float(np.median(areas)) if areas.size else 0.0,
-                           "min": int(areas.min()) if areas.size else 0,
-                           "max": int(areas.max(initial=0))}}
+    summary = {
+        "cells": int(areas.size),
+        "joined_across_borders": len(uf.parent),
+        "area_px": {
+            "mean": float(areas.mean()) if areas.size else 0.0,
+            "median": float(np.median(areas)) if areas.size else 0.0,
+            "min": int(areas.min()) if areas.size else 0,
+            "max": int(areas.max(initial=0)),
+        },
+    }
     if measure:
-        summary["border_rows"] = _stage_border_cells(plan, [c["border"] for c in chunks],
-                                                     geojson, cpus)
+        summary["border_rows"] = _stage_border_cells(
+            plan, [c["border"] for c in chunks], geojson, cpus
+        )
     return summary
 
 
@@ -114,9 +139,15 @@ def _stage_border_cells(plan: SlidePlan, borders: list, geojson: bool, cpus: flo
     rows = finalize(merge_partials(borders), scale=plan.to_level0, pixel_size_um=plan.mpp)
     n = write_part(cells_table(rows), f"{plan.layout.scratch}/cells/border.parquet")
     if geojson and n:
-        calls = [(plan, region, take_rows(rows, index),
-                  f"{plan.layout.scratch}/geojson/border_{k:06d}.json")
-                 for k, (region, index) in enumerate(outline_regions(rows, plan.tile))]
+        calls = [
+            (
+                plan,
+                region,
+                take_rows(rows, index),
+                f"{plan.layout.scratch}/geojson/border_{k:06d}.json",
+            )
+            for k, (region, index) in enumerate(outline_regions(rows, plan.tile))
+        ]
         fan_out(stages.outline_piece, calls, cpus)
     return n
 
@@ -140,25 +171,37 @@ def write_cell_outputs(plan: SlidePlan, geojson: bool) -> dict[str, Any]:
     if plan.tissue:
         mask = np.asarray(zarr.open_array(plan.layout.path("labels", "tissue", "0"))[:])
         tissue_px = int(mask.sum()) * plan.thumb_factor**2
-    info = {"shape": list(plan.shape), "scale": list(plan.to_level0),
-            "pixel_size_um": list(plan.mpp) if plan.mpp else None,
-            "tissue_area_px": tissue_px, "channels": plan.channels,
-            "source": safe_url(plan.url), "mediar_ray": __version__}
+    info = {
+        "shape": list(plan.shape),
+        "scale": list(plan.to_level0),
+        "pixel_size_um": list(plan.mpp) if plan.mpp else None,
+        "tissue_area_px": tissue_px,
+        "channels": plan.channels,
+        "source": safe_url(plan.url),
+        "mediar_ray": __version__,
+    }
     committed = commit_slide(plan.layout.output_root, plan.layout.stem, parts, info)
     out = {"cells_table_rows": committed["rows"]}
     if geojson:
         target = f"{plan.layout.output_root.rstrip('/')}/{plan.layout.stem}.geojson.gz"
         live = stages.tissue_tiles(plan).live
-        tiles = [f"{plan.layout.scratch}/geojson/{t.name}.json"
-                 for t in tile_grid(plan.shape, plan.tile) if t.name in live]
+        tiles = [
+            f"{plan.layout.scratch}/geojson/{t.name}.json"
+            for t in tile_grid(plan.shape, plan.tile)
+            if t.name in live
+        ]
         border = sorted(fs.glob(f"{scratch}/geojson/border_*.json"))
         write_feature_collection(target, tiles + [url(b) for b in border])
         out["geojson"] = safe_url(target)
     return out
 
 
-def finish_slide(plan_json: str, opts: SlideOptions, seconds: dict[str, float],
-                 windows: dict[str, int] | None = None) -> dict:
+def finish_slide(
+    plan_json: str,
+    opts: SlideOptions,
+    seconds: dict[str, float],
+    windows: dict[str, int] | None = None,
+) -> dict:
     """Everything after inference for one slide; returns its summary.
 
     ``seconds`` holds the times of the stages before (plan, infer), ``windows`` the
@@ -179,27 +222,42 @@ def finish_slide(plan_json: str, opts: SlideOptions, seconds: dict[str, float],
 
     gather(plan, opts.cpus_per_task)
     lap("infer")  # gathering the partials completes inference
-    summary = track_and_relabel(plan, opts.flow_params, opts.cpus_per_task, opts.cells,
-                                opts.geojson)
+    summary = track_and_relabel(
+        plan, opts.flow_params, opts.cpus_per_task, opts.cells, opts.geojson
+    )
     lap("track")
     if opts.cells:
         summary.update(write_cell_outputs(plan, opts.geojson))
         lap("cells")
     written = build_outputs(plan, opts.labels_level0, opts.cpus_per_task)
     lap("finish")
-    summary.update({"slide": safe_url(plan.url), "shape": list(plan.shape),
-                    "levels": written["label_levels"], "outputs": written,
-                    "resolution": {"source_level": plan.level, "resampling": plan.scale,
-                                   "source_shape": plan.source_shape,
-                                   "um_per_level0_pixel": plan.mpp,
-                                   "um_per_processing_pixel": plan.processing_mpp},
-                    "tissue_mask": plan.tissue, "windows": windows or {},
-                    "seconds": times, "mediar_ray": __version__, "options": opts.public(),
-                    "weights": [safe_url(w) for w in opts.weights],
-                    "fingerprint": plan.fingerprint})
+    summary.update(
+        {
+            "slide": safe_url(plan.url),
+            "shape": list(plan.shape),
+            "levels": written["label_levels"],
+            "outputs": written,
+            "resolution": {
+                "source_level": plan.level,
+                "resampling": plan.scale,
+                "source_shape": plan.source_shape,
+                "um_per_level0_pixel": plan.mpp,
+                "um_per_processing_pixel": plan.processing_mpp,
+            },
+            "tissue_mask": plan.tissue,
+            "windows": windows or {},
+            "seconds": times,
+            "mediar_ray": __version__,
+            "options": opts.public(),
+            "weights": [safe_url(w) for w in opts.weights],
+            "fingerprint": plan.fingerprint,
+        }
+    )
     _write_json(plan.layout.path("summary.json"), summary)
-    _write_json(plan.layout.marker, {"complete": True, "cells": summary["cells"],
-                                     "fingerprint": plan.fingerprint})
+    _write_json(
+        plan.layout.marker,
+        {"complete": True, "cells": summary["cells"], "fingerprint": plan.fingerprint},
+    )
     fs, scratch = fsspec.core.url_to_fs(plan.layout.scratch)
     fs.rm(scratch, recursive=True)
     return summary

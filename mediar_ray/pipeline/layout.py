@@ -24,8 +24,16 @@ from typing import Sequence
 
 import fsspec
 
-__all__ = ["NAMES_FILE", "SlideLayout", "Tile", "axes", "multiscales", "record_output_names",
-           "stable_output_names", "tile_grid"]
+__all__ = [
+    "NAMES_FILE",
+    "SlideLayout",
+    "Tile",
+    "axes",
+    "multiscales",
+    "record_output_names",
+    "stable_output_names",
+    "tile_grid",
+]
 
 COMPLETE_MARKER = ".mediar_complete"
 #: The output names the output root gave its inputs (input identity -> name).
@@ -108,6 +116,7 @@ class Tile:
 
     @property
     def name(self) -> str:
+        """``"ty_tx"``: names the tile's scratch files and done markers."""
         return f"{self.ty}_{self.tx}"
 
 
@@ -135,14 +144,18 @@ class SlideLayout:
         self.root = f"{self.output_root.rstrip('/')}/{self.stem}.zarr"
 
     def path(self, *parts: str) -> str:
+        """The URL of ``parts`` (joined by ``/``) under the slide's ``<stem>.zarr``."""
         return "/".join((self.root,) + parts)
 
     @property
     def scratch(self) -> str:
+        """The slide's scratch folder (``<stem>.zarr/.scratch``): intermediate state."""
         return self.path(".scratch")
 
     @property
     def marker(self) -> str:
+        """The URL of the marker file (``<stem>.zarr/.mediar_complete``) written once the
+        slide's output is complete."""
         return self.path(COMPLETE_MARKER)
 
 
@@ -152,15 +165,22 @@ def axes(channel: bool, unit: str | None) -> list[dict]:
     return ([{"name": "c", "type": "channel"}] if channel else []) + space
 
 
-def multiscales(name: str, transforms: list[tuple[list[float], list[float]]],
-                channel: bool, unit: str | None) -> list[dict]:
+def multiscales(
+    name: str, transforms: list[tuple[list[float], list[float]]], channel: bool, unit: str | None
+) -> list[dict]:
     """NGFF 0.5 ``multiscales`` for arrays "0", "1", ...: ``transforms[k]`` is the
     (scale, translation) of array k along (y, x), in ``unit`` (or in level-0 pixels of
     the slide when the pixel size is unknown and ``unit`` is None)."""
     lead = [1.0] if channel else []
     lead_t = [0.0] if channel else []
-    datasets = [{"path": str(k), "coordinateTransformations": [
-        {"type": "scale", "scale": lead + [float(v) for v in scale]},
-        {"type": "translation", "translation": lead_t + [float(v) for v in shift]}]}
-        for k, (scale, shift) in enumerate(transforms)]
+    datasets = [
+        {
+            "path": str(k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": lead + [float(v) for v in scale]},
+                {"type": "translation", "translation": lead_t + [float(v) for v in shift]},
+            ],
+        }
+        for k, (scale, shift) in enumerate(transforms)
+    ]
     return [{"name": name, "axes": axes(channel, unit), "datasets": datasets}]

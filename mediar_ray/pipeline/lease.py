@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -38,12 +38,14 @@ class Leases:
     """The leases one job holds on the slides of ``output``."""
 
     output: str
-    job: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-"
-                                             f"{uuid.uuid4().hex[:8]}")
+    job: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     ttl: float = LEASE_TTL
     held: dict[str, float] = field(default_factory=dict)  # name -> last heartbeat written
 
     def url(self, name: str) -> str:
+        """The URL of slide ``name``'s lease file (under ``output/.scratch/leases/``)."""
         return f"{self.output.rstrip('/')}/.scratch/leases/{name}.json"
 
     def read(self, name: str) -> dict | None:
@@ -133,11 +135,13 @@ class Leases:
                 pass
 
     def release_all(self) -> None:
+        """Give up every lease this job holds (see :meth:`release`)."""
         for name in list(self.held):
             self.release(name)
 
-    def keep_alive(self, active: Callable[[], Iterable[str]],
-                   every: float = 5.0) -> Callable[[], None]:
+    def keep_alive(
+        self, active: Callable[[], Iterable[str]], every: float = 5.0
+    ) -> Callable[[], None]:
         """Beat in a background thread every ``every`` seconds with ``active()`` (the
         names of the slides in flight); returns a function that stops it and releases
         every lease this job holds."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mediar_ray.errors import UserError
 
-__all__ = ["OptionError", "SlideOptions", "RESULT_OPTIONS"]
+__all__ = ["ADDED_OPTIONS", "LEGACY_NAMES", "PRECISIONS", "RESULT_OPTIONS", "OptionError",
+           "SlideOptions"]
 
 #: Options that change a slide's result: a slide's scratch state or finished output is
 #: reused only when all of them (and the input and the weights) are unchanged.
@@ -18,12 +19,16 @@ RESULT_OPTIONS = ("tta", "roi_size", "tile_size", "halo", "reader", "model_confi
 
 #: Result options an earlier version recorded under another name.
 LEGACY_NAMES = {"tile": "tile_size"}
-#: Result options added after slides were first fingerprinted, with the value that gives
-#: what versions without them did (fp32 on CPUs: "auto").
+#: Result options added after slides were first fingerprinted, with the value an earlier
+#: result is taken to have. Earlier versions ran fp32; taking their slides as "auto"
+#: (bf16 on CPUs with bf16 units) keeps a finished archive from being redone on upgrade:
+#: bf16 labels agree with fp32 ones at F1 >= 0.97 (tests/test_precision.py); --overwrite
+#: redoes them.
 ADDED_OPTIONS = {"precision": "auto"}
 
-#: Arithmetic of the model's forward pass (``--precision``): auto is bf16 on GPUs that
-#: have it, else fp32.
+#: Arithmetic of the model's forward pass (``--precision``; :mod:`mediar_ray.precision`
+#: says what auto picks). A torch-free copy of ``mediar_ray.precision.PRECISIONS`` so that
+#: building the command line imports no torch; tests/test_precision.py checks they agree.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Largest pixel size accepted (um): coarser than any microscope objective's field of a
 #: cell; a value above it is a typo (an area in um^2, a magnification).
@@ -93,10 +98,10 @@ class SlideOptions:
     (``OUTPUT/cells``), ``geojson`` also ``OUTPUT/<name>.geojson.gz`` for QuPath.
     """
 
-    weights: list[str] = _flag(
+    weights: list[str] = _flag(  # noqa: RUF009 - a Field with a default_factory
         list, "checkpoint path or URL; repeat for an ensemble (default: bundled model)",
         metavar="CKPT", action="append")
-    model_config: dict[str, Any] = _flag(
+    model_config: dict[str, Any] = _flag(  # noqa: RUF009 - as above
         dict, "model parameters (file or inline JSON)", metavar="JSON")
     tta: bool = _flag(True, "test-time augmentation (default: on)")
     roi_size: int | None = _flag(
@@ -152,8 +157,9 @@ class SlideOptions:
         "default: on)")
     geojson: bool = _flag(False, "also write OUTPUT/<name>.geojson.gz: cell outlines for QuPath")
     precision: str = _flag(
-        "auto", "arithmetic of the model's forward pass (default auto: bf16 on GPUs that "
-        "have it, else fp32); part of a slide's result", metavar="|".join(PRECISIONS))
+        "auto", "arithmetic of the network forward (default auto: bf16 on CPUs with AMX or "
+        "AVX512-BF16 and on CUDA GPUs of compute capability 8.0 or more, fp16 on older "
+        "GPUs, else fp32); part of a slide's result", metavar="|".join(PRECISIONS))
     batch_size: int = _flag(
         0, "windows per forward pass (default 0: the device's default)", metavar="N")
 
@@ -180,8 +186,8 @@ class SlideOptions:
             ("--device", self.device, self.device in ("cpu", "cuda") or
              self.device.startswith("cuda:"), "cpu or cuda"),
             ("--device", self.device, self.device == "cpu" or self.gpu,
-             "cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
-             "GPUs); use --device cpu, or add --num-gpus-per-worker 1"),
+             ("cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
+              "GPUs); use --device cpu, or add --num-gpus-per-worker 1")),
             ("--precision", self.precision, self.precision in PRECISIONS,
              f"one of {', '.join(PRECISIONS)}"),
             ("--batch-size", self.batch_size, 0 <= self.batch_size <= 1024,

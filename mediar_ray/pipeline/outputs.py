@@ -63,8 +63,14 @@ def _pyramid(first: tuple[list[float], list[float]], levels: int) -> list:
 
 def _create(prefix: str, key: str, shape: tuple, chunks: tuple, dtype: str, names: list) -> str:
     zarr.open_group(prefix, mode="a", zarr_format=3).create_array(
-        key, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=names,
-        overwrite=True)
+        key,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=names,
+        overwrite=True,
+    )
     return f"{prefix}/{key}"
 
 
@@ -85,10 +91,19 @@ def _halve(plan: SlidePlan, prefix: str, lead: tuple, levels: int, cpus: float) 
     h, w = src.shape[-2:]
     for level in range(1, levels):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
-        dst = _create(prefix, str(level), lead + (h, w), lead + (plan.tile, plan.tile),
-                      str(src.dtype), list(src.metadata.dimension_names))
-        fan_out(stages.downsample_chunk,
-                [(f"{prefix}/{level - 1}", dst, t) for t in tile_grid((h, w), plan.tile)], cpus)
+        dst = _create(
+            prefix,
+            str(level),
+            lead + (h, w),
+            lead + (plan.tile, plan.tile),
+            str(src.dtype),
+            list(src.metadata.dimension_names),
+        )
+        fan_out(
+            stages.downsample_chunk,
+            [(f"{prefix}/{level - 1}", dst, t) for t in tile_grid((h, w), plan.tile)],
+            cpus,
+        )
 
 
 def _viewing_image(plan: SlidePlan, cpus: float) -> tuple[int, float]:
@@ -100,8 +115,14 @@ def _viewing_image(plan: SlidePlan, cpus: float) -> tuple[int, float]:
     source = open_source(plan.url, plan.reader)
     k, s = thumbnail_level(source.levels, plan.level, plan.scale, VIEW_DOWNSAMPLE)
     h, w = processing_shape(source.levels[k].shape, s)
-    dst = _create(plan.layout.root, "0", (plan.channels, h, w),
-                  (plan.channels, plan.tile, plan.tile), plan.dtype, ["c", "y", "x"])
+    dst = _create(
+        plan.layout.root,
+        "0",
+        (plan.channels, h, w),
+        (plan.channels, plan.tile, plan.tile),
+        plan.dtype,
+        ["c", "y", "x"],
+    )
     fan_out(stages.view_chunk, [(plan, k, s, dst, t) for t in tile_grid((h, w), plan.tile)], cpus)
     return VIEW_DOWNSAMPLE
 
@@ -111,16 +132,21 @@ def _labels_level0(plan: SlidePlan, cpus: float) -> str:
     h, w = plan.source_shape
     dst = _create(prefix, "0", (h, w), (plan.tile, plan.tile), "uint32", ["y", "x"])
     src = plan.layout.path("labels", "cells", "0")
-    fan_out(stages.level0_chunk, [(plan, src, dst, t) for t in tile_grid((h, w), plan.tile)],
-            cpus)
+    fan_out(stages.level0_chunk, [(plan, src, dst, t) for t in tile_grid((h, w), plan.tile)], cpus)
     return prefix
 
 
 def _label_attrs(plan: SlidePlan, name: str, transforms: list, unit: str | None) -> dict:
     # colors: background (0) transparent; viewers pick the cells' colours themselves.
-    return {"version": "0.5", "multiscales": multiscales(name, transforms, False, unit),
-            "image-label": {"version": "0.5", "source": {"image": "../../"},
-                            "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}}
+    return {
+        "version": "0.5",
+        "multiscales": multiscales(name, transforms, False, unit),
+        "image-label": {
+            "version": "0.5",
+            "source": {"image": "../../"},
+            "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+        },
+    }
 
 
 def build_outputs(plan: SlidePlan, labels_level0: bool, cpus: float) -> dict:
@@ -131,47 +157,70 @@ def build_outputs(plan: SlidePlan, labels_level0: bool, cpus: float) -> dict:
     level0 = labels_level0 and plan.to_level0 != (1.0, 1.0)
     # (prefix, leading axes) of every multiscale image; NGFF 0.5 requires every label
     # image to have as many levels as the image: all get the count the largest needs.
-    pyramids = [(plan.layout.root, (plan.channels,)),
-                (plan.layout.path("labels", "cells"), ())]
+    pyramids = [(plan.layout.root, (plan.channels,)), (plan.layout.path("labels", "cells"), ())]
     if plan.tissue:
         pyramids.append((plan.layout.path("labels", "tissue"), ()))
     if level0:
         pyramids.append((_labels_level0(plan, cpus), ()))
-    n = max(_levels_to_one_chunk(zarr.open_array(f"{p}/0", mode="r").shape, plan.tile)
-            for p, _ in pyramids)
+    n = max(
+        _levels_to_one_chunk(zarr.open_array(f"{p}/0", mode="r").shape, plan.tile)
+        for p, _ in pyramids
+    )
     for prefix, lead in pyramids:
         _halve(plan, prefix, lead, n, cpus)
     n_labels = n_image = n
     root = zarr.open_group(plan.layout.root, mode="a", zarr_format=3)
-    root.attrs["ome"] = {"version": "0.5", "multiscales": multiscales(
-        plan.layout.stem, _pyramid(grid_transform(plan, view, block=view > 1), n_image),
-        True, unit)}
+    root.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": multiscales(
+            plan.layout.stem,
+            _pyramid(grid_transform(plan, view, block=view > 1), n_image),
+            True,
+            unit,
+        ),
+    }
     root.attrs["mediar_ray"] = {
-        "source": safe_url(plan.url), "source_level": plan.level, "resampling": plan.scale,
+        "source": safe_url(plan.url),
+        "source_level": plan.level,
+        "resampling": plan.scale,
         "um_per_level0_pixel": list(plan.mpp) if plan.mpp else None,
         "um_per_processing_pixel": list(plan.processing_mpp) if plan.mpp else None,
-        "image": "full copy" if plan.copy_image else
-                 f"viewing copy, {view} processing pixels per pixel"}
+        "image": "full copy"
+        if plan.copy_image
+        else f"viewing copy, {view} processing pixels per pixel",
+    }
     names = ["cells"]
-    groups = {"cells": _label_attrs(
-        plan, "cells", _pyramid(grid_transform(plan, 1, block=False), n_labels), unit)}
+    groups = {
+        "cells": _label_attrs(
+            plan, "cells", _pyramid(grid_transform(plan, 1, block=False), n_labels), unit
+        )
+    }
     if plan.tissue:
         names.append("tissue")
         groups["tissue"] = _label_attrs(
-            plan, "tissue", _pyramid(grid_transform(plan, plan.thumb_factor, block=True), n),
-            unit)
+            plan, "tissue", _pyramid(grid_transform(plan, plan.thumb_factor, block=True), n), unit
+        )
     if level0:
         names.append("cells_level0")
         m = plan.mpp if plan.mpp is not None else (1.0, 1.0)
         groups["cells_level0"] = _label_attrs(
-            plan, "cells_level0", _pyramid(([m[0], m[1]], [0.0, 0.0]), n), unit)
+            plan, "cells_level0", _pyramid(([m[0], m[1]], [0.0, 0.0]), n), unit
+        )
     zarr.open_group(plan.layout.path("labels"), mode="a", zarr_format=3).attrs["ome"] = {
-        "version": "0.5", "labels": names}
+        "version": "0.5",
+        "labels": names,
+    }
     for name, attrs in groups.items():
-        zarr.open_group(plan.layout.path("labels", name), mode="a", zarr_format=3).attrs["ome"] = attrs
+        zarr.open_group(plan.layout.path("labels", name), mode="a", zarr_format=3).attrs["ome"] = (
+            attrs
+        )
     write_qc_png(plan, n_labels, view)
-    return {"label_levels": n_labels, "image_levels": n_image, "image_downsample": view,
-            "labels": names}
+    return {
+        "label_levels": n_labels,
+        "image_levels": n_image,
+        "image_downsample": view,
+        "labels": names,
+    }
 
 
 def write_qc_png(plan: SlidePlan, n_labels: int, view: int) -> None:
@@ -201,7 +250,7 @@ def _qc_image(plan: SlidePlan, k: int, view: int, shape: tuple[int, int]) -> np.
     """(h, w[, C]) image on the grid of label level k: a level of the viewing pyramid when
     one matches it, else read from the slide (only slides of a few tiles get here)."""
     from mediar_ray.pipeline.view import open_source
-    from mediar_ray.scale import read_resampled, thumbnail_level, processing_shape
+    from mediar_ray.scale import processing_shape, read_resampled, thumbnail_level
 
     j = k - int(round(math.log2(view)))
     if j >= 0 and zarr.open_group(plan.layout.root, mode="r").get(str(j)) is not None:

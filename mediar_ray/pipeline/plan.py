@@ -18,13 +18,24 @@ import numpy as np
 from mediar_ray.pipeline.layout import SlideLayout, tile_grid
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.provenance import differences, fingerprint, input_identity
-from mediar_ray.pipeline.stages import (SlidePlan, create_arrays, measure_tiles, tiles_to_infer,
-                                       windows_never_run)
+from mediar_ray.pipeline.stages import (
+    SlidePlan,
+    create_arrays,
+    measure_tiles,
+    tiles_to_infer,
+    windows_never_run,
+)
 from mediar_ray.pipeline.tasks import fan_out
 from mediar_ray.sources import open_slide
 
-__all__ = ["PlannedSlide", "plan_slide", "prepare_slide", "read_marker", "read_plan",
-           "remove_slide_outputs"]
+__all__ = [
+    "PlannedSlide",
+    "plan_slide",
+    "prepare_slide",
+    "read_marker",
+    "read_plan",
+    "remove_slide_outputs",
+]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -48,6 +59,7 @@ class PlannedSlide:
 
     @property
     def plan(self) -> SlidePlan:
+        """The :class:`SlidePlan` decoded from :attr:`plan_json`."""
         return SlidePlan.from_json(self.plan_json)
 
 
@@ -68,10 +80,7 @@ def _upgraded(fp: dict | None) -> dict | None:
     option at its default does not make every finished slide look stale."""
     if not fp or not isinstance(fp.get("options"), dict):
         return fp
-    options = SlideOptions.upgrade_result_options(fp["options"])
-    if "mpp" in fp["options"]:
-        options["mpp"] = fp["options"]["mpp"]  # the slide's own override, not the flag
-    return {**fp, "options": options}
+    return {**fp, "options": SlideOptions.upgrade_result_options(fp["options"])}
 
 
 def read_plan(layout: SlideLayout) -> SlidePlan | None:
@@ -87,8 +96,14 @@ def read_plan(layout: SlideLayout) -> SlidePlan | None:
         return None
 
 
-def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
-               fingerprint: dict | None = None, mpp: float | None = None) -> PlannedSlide:
+def plan_slide(
+    url: str,
+    name: str,
+    output: str,
+    opts: SlideOptions,
+    fingerprint: dict | None = None,
+    mpp: float | None = None,
+) -> PlannedSlide:
     """Plan slide ``url`` as ``OUTPUT/<name>.zarr`` (or reuse a matching earlier plan).
 
     The caller has checked that the slide is not complete. Anything under the slide's
@@ -104,8 +119,9 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
         if not diff:
             return _planned(old, opts, reused=True)
         discarded = diff
-        log.info("%s: discarding unfinished state from another run (%s differ)", name,
-                 ", ".join(diff))
+        log.info(
+            "%s: discarding unfinished state from another run (%s differ)", name, ", ".join(diff)
+        )
     # Unfinished, from another run or from before its plan: nothing of an earlier run
     # (its table rows, its GeoJSON) may outlive it beside the new one.
     remove_slide_outputs(output, name)
@@ -113,15 +129,16 @@ def plan_slide(url: str, name: str, output: str, opts: SlideOptions,
     return _planned(plan, opts, discarded=discarded)
 
 
-def _planned(plan: SlidePlan, opts: SlideOptions, reused: bool = False,
-             discarded: list[str] | None = None) -> PlannedSlide:
+def _planned(
+    plan: SlidePlan, opts: SlideOptions, reused: bool = False, discarded: list[str] | None = None
+) -> PlannedSlide:
     tiles = [json.dumps(asdict(t)) for t in tiles_to_infer(plan)]
-    return PlannedSlide(plan.to_json(), tiles, windows_never_run(plan, opts.tta), reused,
-                        discarded)
+    return PlannedSlide(plan.to_json(), tiles, windows_never_run(plan, opts.tta), reused, discarded)
 
 
-def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None,
-              mpp: float | None) -> SlidePlan:
+def _new_plan(
+    url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: dict | None, mpp: float | None
+) -> SlidePlan:
     from mediar_ray.scale import check_processing_size, choose_level, processing_shape, slide_mpp
 
     with open_slide(url, opts.reader) as source:
@@ -129,20 +146,38 @@ def _new_plan(url: str, layout: SlideLayout, opts: SlideOptions, fingerprint: di
         level, scale = choose_level(source.levels, mpp0, opts.target_mpp, slide=url)
         lv = source.levels[level]
         shape = processing_shape(lv.shape, scale)
-        check_processing_size(source.levels[0], shape, target_mpp=opts.target_mpp, mpp0=mpp0,
-                              slide=url)
+        check_processing_size(
+            source.levels[0], shape, target_mpp=opts.target_mpp, mpp0=mpp0, slide=url
+        )
         tile = min(opts.tile, max(shape))  # a small image is one chunk of its own size
-        plan = SlidePlan(url, layout, shape, source.channels,
-                         str(source.dtype), tile, opts.halo, roi_size=opts.roi_size,
-                         reader=opts.reader, fingerprint=fingerprint, level=level, scale=scale,
-                         mpp=mpp0, level_downsample=lv.downsample, source_shape=source.shape,
-                         copy_image=opts.copy_image)
+        plan = SlidePlan(
+            url,
+            layout,
+            shape,
+            source.channels,
+            str(source.dtype),
+            tile,
+            opts.halo,
+            roi_size=opts.roi_size,
+            reader=opts.reader,
+            fingerprint=fingerprint,
+            level=level,
+            scale=scale,
+            mpp=mpp0,
+            level_downsample=lv.downsample,
+            source_shape=source.shape,
+            copy_image=opts.copy_image,
+        )
     plan.partial = (min(plan.spill, shape[0]), min(plan.spill, shape[1]))
     create_arrays(plan)
     tiles = tile_grid(plan.shape, plan.tile)
     groups = [tiles[i : i + TILES_PER_COPY_TASK] for i in range(0, len(tiles), TILES_PER_COPY_TASK)]
-    results = fan_out(measure_tiles, [(plan, g) for g in groups], opts.cpus_per_task,
-                      progress=f"{layout.stem}: plan")
+    results = fan_out(
+        measure_tiles,
+        [(plan, g) for g in groups],
+        opts.cpus_per_task,
+        progress=f"{layout.stem}: plan",
+    )
     merged = results[0][0]
     for acc, _ in results[1:]:
         merged.merge(acc)
@@ -190,8 +225,15 @@ def store_tissue(plan: SlidePlan, mask: np.ndarray | None) -> bool:
     if mask is None:
         return False
     group = zarr.open_group(plan.layout.path("labels", "tissue"), mode="a", zarr_format=3)
-    array = group.create_array("0", shape=mask.shape, chunks=(1024, 1024), dtype="uint8",
-                               fill_value=0, dimension_names=["y", "x"], overwrite=True)
+    array = group.create_array(
+        "0",
+        shape=mask.shape,
+        chunks=(1024, 1024),
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=["y", "x"],
+        overwrite=True,
+    )
     array[:] = mask.astype(np.uint8)
     return True
 
@@ -221,16 +263,25 @@ def remove_slide_outputs(output: str, name: str) -> list[str]:
 
     root = output.rstrip("/")
     removed = []
-    for url in (SlideLayout(output, name).root, partition_url(output, name),
-                f"{root}/{name}.geojson.gz"):
+    for url in (
+        SlideLayout(output, name).root,
+        partition_url(output, name),
+        f"{root}/{name}.geojson.gz",
+    ):
         if _exists(url):
             _remove(url)
             removed.append(url)
     return removed
 
 
-def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
-                  weight_hashes: list[str], mpp: float | None = None) -> dict:
+def prepare_slide(
+    url: str,
+    name: str,
+    output: str,
+    opts: SlideOptions,
+    weight_hashes: list[str],
+    mpp: float | None = None,
+) -> dict:
     """Decide what to do with one slide of the archive, then plan it if needed.
 
     Returns ``{"kind": "skip" | "stale" | "planned", ...}``: "skip" when its output is
@@ -244,22 +295,27 @@ def prepare_slide(url: str, name: str, output: str, opts: SlideOptions,
 
     start = time.perf_counter()
     layout = SlideLayout(output, name)
-    fp = fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp},
-                     weight_hashes)
+    fp = fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp}, weight_hashes)
     marker = read_marker(layout)
     if marker is not None and opts.overwrite:
         log.info("%s: complete, redone (--overwrite)", name)
         remove_slide_outputs(output, name)
     elif marker is not None and "fingerprint" not in marker:
-        return {"kind": "skip", "note": "complete from an earlier version that did not "
-                "record its inputs and options; --overwrite redoes it"}
+        return {
+            "kind": "skip",
+            "note": "complete from an earlier version that did not "
+            "record its inputs and options; --overwrite redoes it",
+        }
     elif marker is not None:
         diff = differences(_upgraded(marker["fingerprint"]), fp)
         if not diff:
             return {"kind": "skip"}
-        return {"kind": "stale", "reason": (
-            f"{name}.zarr is complete from another run ({', '.join(diff)} differ); "
-            "--overwrite replaces it, or write to another output root")}
+        return {
+            "kind": "stale",
+            "reason": (
+                f"{name}.zarr is complete from another run ({', '.join(diff)} differ); "
+                "--overwrite replaces it, or write to another output root"
+            ),
+        }
     planned = plan_slide(url, name, output, opts, fp, mpp)
-    return {"kind": "planned", "planned": planned,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {"kind": "planned", "planned": planned, "seconds": round(time.perf_counter() - start, 3)}

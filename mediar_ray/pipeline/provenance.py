@@ -39,7 +39,7 @@ def _folder_digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     prefix = path.rstrip("/") + "/"
     for name in sorted(files):
         info = files[name]
-        rel = name[len(prefix):] if name.startswith(prefix) else name
+        rel = name.removeprefix(prefix)
         size += int(info.get("size") or 0)
         digest.update(f"{rel}\t{info.get('size')}\t{_modified(info)}\n".encode())
         if rel.rsplit("/", 1)[-1] in _FOLDER_METADATA:
@@ -66,12 +66,12 @@ def input_identity(url: str) -> dict[str, Any]:
         with fs.open(path, "rb") as f:
             digest.update(f.read(HEAD_BYTES))
         head = digest.hexdigest()
-    return {"url": safe_url(url), "size": size, "modified": _modified(info),
-            "head_sha256": head}
+    return {"url": safe_url(url), "size": size, "modified": _modified(info), "head_sha256": head}
 
 
-def fingerprint(identity: dict[str, Any], options: dict[str, Any],
-                weights: list[str]) -> dict[str, Any]:
+def fingerprint(
+    identity: dict[str, Any], options: dict[str, Any], weights: list[str]
+) -> dict[str, Any]:
     """The fingerprint of one slide's result: input identity, result options, weights'
     hashes (in ensemble order)."""
     return {"input": identity, "options": options, "weights": list(weights)}

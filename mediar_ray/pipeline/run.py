@@ -129,7 +129,7 @@ def find_inputs(inputs: list[str]) -> list[str]:
         return find_slides(inputs)
     except (UserError, FileNotFoundError, PermissionError):
         raise
-    except Exception as err:  # an object store's own error (bad bucket, no access)
+    except Exception as err:  # noqa: BLE001 - an object store's own (bad bucket, no access)
         raise InputError(f"cannot list the inputs {', '.join(map(safe_url, inputs))} "
                          f"({describe_error(err)})") from None
 

@@ -32,10 +32,23 @@ from mediar_ray.pipeline.stitch import anchor_labels
 from mediar_ray.preprocess import IntensityAccumulator, IntensityStats, normalize
 
 __all__ = [
-    "SlidePlan", "measure_tiles", "done_tiles", "infer_partial", "gather_tile",
-    "level0_chunk", "mark_done", "measure_cells", "outline_piece", "partial_sources",
-    "relabel_chunk", "TissueTiles", "tiles_to_infer", "tissue_tiles", "windows_never_run",
-    "track_chunk", "view_chunk",
+    "SlidePlan",
+    "measure_tiles",
+    "done_tiles",
+    "infer_partial",
+    "gather_tile",
+    "level0_chunk",
+    "mark_done",
+    "measure_cells",
+    "outline_piece",
+    "partial_sources",
+    "relabel_chunk",
+    "TissueTiles",
+    "tiles_to_infer",
+    "tissue_tiles",
+    "windows_never_run",
+    "track_chunk",
+    "view_chunk",
 ]
 
 
@@ -90,12 +103,16 @@ class SlidePlan:
         return tuple(self.partial) if self.partial else (self.spill, self.spill)
 
     def to_json(self) -> str:
+        """The plan as JSON (the layout as its output root and stem), for
+        :meth:`from_json`."""
         d = asdict(self)
         d["layout"] = {"output_root": self.layout.output_root, "stem": self.layout.stem}
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text: str) -> "SlidePlan":
+        """The plan that :meth:`to_json` wrote (lists back to tuples, ``stats`` back to
+        :class:`IntensityStats`)."""
         d = json.loads(text)
         d["layout"] = SlideLayout(**d["layout"])
         for key in ("shape", "mpp", "level_downsample", "source_shape", "partial"):
@@ -116,24 +133,46 @@ def create_arrays(plan: SlidePlan) -> None:
     h, w = plan.shape
     t = plan.tile
     if plan.copy_image:
-        root.create_array("0", shape=(plan.channels, h, w), chunks=(plan.channels, t, t),
-                          dtype=plan.dtype, fill_value=0, dimension_names=["c", "y", "x"],
-                          overwrite=True)
+        root.create_array(
+            "0",
+            shape=(plan.channels, h, w),
+            chunks=(plan.channels, t, t),
+            dtype=plan.dtype,
+            fill_value=0,
+            dimension_names=["c", "y", "x"],
+            overwrite=True,
+        )
     scratch = zarr.open_group(plan.layout.scratch, mode="a", zarr_format=3)
-    scratch.create_array("flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32",
-                         fill_value=0, overwrite=True)
+    scratch.create_array(
+        "flows", shape=(3, h, w), chunks=(3, t, t), dtype="float32", fill_value=0, overwrite=True
+    )
     ny, nx, (sy, sx) = -(-h // t), -(-w // t), plan.partial_shape
-    scratch.create_array("partials", shape=(ny, nx, 3, sy, sx), chunks=(1, 1, 3, sy, sx),
-                         dtype="float32", fill_value=0, overwrite=True)
-    scratch.create_array("anchors", shape=(h, w), chunks=(t, t), dtype="uint64",
-                         fill_value=0, overwrite=True)
+    scratch.create_array(
+        "partials",
+        shape=(ny, nx, 3, sy, sx),
+        chunks=(1, 1, 3, sy, sx),
+        dtype="float32",
+        fill_value=0,
+        overwrite=True,
+    )
+    scratch.create_array(
+        "anchors", shape=(h, w), chunks=(t, t), dtype="uint64", fill_value=0, overwrite=True
+    )
     labels = zarr.open_group(plan.layout.path("labels", "cells"), mode="a", zarr_format=3)
-    labels.create_array("0", shape=(h, w), chunks=(t, t), dtype="uint32", fill_value=0,
-                        dimension_names=["y", "x"], overwrite=True)
+    labels.create_array(
+        "0",
+        shape=(h, w),
+        chunks=(t, t),
+        dtype="uint32",
+        fill_value=0,
+        dimension_names=["y", "x"],
+        overwrite=True,
+    )
 
 
-def measure_tiles(plan: SlidePlan, tiles: list[Tile]
-                  ) -> tuple[IntensityAccumulator, list[tuple[int, int, np.ndarray]]]:
+def measure_tiles(
+    plan: SlidePlan, tiles: list[Tile]
+) -> tuple[IntensityAccumulator, list[tuple[int, int, np.ndarray]]]:
     """Read tiles of the processing image: accumulate their intensity statistics (exact
     for integer images), copy them into the output image with ``copy_image``, and return
     their block means (``thumb_factor`` px blocks) as (row, col, block) of the thumbnail."""
@@ -148,7 +187,7 @@ def measure_tiles(plan: SlidePlan, tiles: list[Tile]
         acc.update(region)
         if image is not None:
             chw = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
-            image[:, tile.y0:tile.y1, tile.x0:tile.x1] = chw
+            image[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = chw
         blocks.append((tile.y0 // f, tile.x0 // f, block_means(region, f)))
     return acc, blocks
 
@@ -191,13 +230,21 @@ class TissueTiles:
 
 def tissue_tiles(plan: SlidePlan) -> TissueTiles:
     """The :class:`TissueTiles` of ``plan`` (from its stored tissue mask, if any)."""
-    return _tissue_tiles(plan.layout.root, _run_key(plan), tuple(plan.shape), plan.tile,
-                         plan.halo, plan.roi_size, plan.tissue)
+    return _tissue_tiles(
+        plan.layout.root,
+        _run_key(plan),
+        tuple(plan.shape),
+        plan.tile,
+        plan.halo,
+        plan.roi_size,
+        plan.tissue,
+    )
 
 
 @lru_cache(maxsize=4)
-def _tissue_tiles(root: str, key: str, shape: tuple[int, int], tile: int, halo: int,
-                  roi: int, tissue: bool) -> TissueTiles:
+def _tissue_tiles(
+    root: str, key: str, shape: tuple[int, int], tile: int, halo: int, roi: int, tissue: bool
+) -> TissueTiles:
     from mediar_ray.tissue import window_touches_tissue
     from mediar_ray.windows import partial_extent
 
@@ -210,22 +257,41 @@ def _tissue_tiles(root: str, key: str, shape: tuple[int, int], tile: int, halo: 
     # A tile whose windows all lie where the mask has no tissue runs none of them (a
     # window lies within its owner's partial extent, and a batch runs only when one of
     # its windows touches tissue).
-    idle = {t.name for t in tiles if not window_touches_tissue(
-        mask, ds, *partial_extent(shape, (t.y0, t.y1, t.x0, t.x1), roi))}
+    idle = {
+        t.name
+        for t in tiles
+        if not window_touches_tissue(
+            mask, ds, *partial_extent(shape, (t.y0, t.y1, t.x0, t.x1), roi)
+        )
+    }
     sources = {t.name: [s.name for s in _sources(shape, tile, roi, t)] for t in tiles}
     live = frozenset(n for n in everything if any(s not in idle for s in sources[n]))
     reach = -(-halo // tile)  # tiles a halo spans
     by_index = {(t.ty, t.tx): t.name for t in tiles}
-    rim = frozenset(t.name for t in tiles if t.name not in live and any(
-        by_index.get((t.ty + dy, t.tx + dx)) in live
-        for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)))
+    rim = frozenset(
+        t.name
+        for t in tiles
+        if t.name not in live
+        and any(
+            by_index.get((t.ty + dy, t.tx + dx)) in live
+            for dy in range(-reach, reach + 1)
+            for dx in range(-reach, reach + 1)
+        )
+    )
     needed = frozenset(s for n in live for s in sources[n])
     return TissueTiles(live, rim, needed)
 
 
-def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: str,
-                  sw_batch_size: int | None = None, *,
-                  precision: str = "auto") -> dict[str, int]:
+def infer_partial(
+    plan: SlidePlan,
+    tile: Tile,
+    models: list,
+    tta: bool,
+    device: str,
+    sw_batch_size: int | None = None,
+    *,
+    precision: str = "auto",
+) -> dict[str, int]:
     """Run the windows ``tile`` owns (those touching tissue, when the slide has a tissue
     mask); write their partial sum as chunk (ty, tx) of ``.scratch/partials`` ((3,
     *partial_shape) float32 from the tile's top-left corner, zero-padded), then a
@@ -240,10 +306,19 @@ def infer_partial(plan: SlidePlan, tile: Tile, models: list, tta: bool, device: 
 
     skip = _tissue_skip(plan) if plan.tissue else None
     region = (tile.y0, tile.y1, tile.x0, tile.x1)
-    part, counts = predict_partial(read, plan.shape, region, models, tta=tta,
-                                   roi_size=plan.roi_size, sw_batch_size=sw_batch_size,
-                                   device=device, skip=skip, return_counts=True,
-                                   precision=precision)
+    part, counts = predict_partial(
+        read,
+        plan.shape,
+        region,
+        models,
+        tta=tta,
+        roi_size=plan.roi_size,
+        sw_batch_size=sw_batch_size,
+        device=device,
+        skip=skip,
+        return_counts=True,
+        precision=precision,
+    )
     chunk = np.zeros((3, *plan.partial_shape), np.float32)
     chunk[:, : part.shape[1], : part.shape[2]] = part
     partials = open_array(plan.layout.scratch + "/partials", mode="r+")
@@ -292,8 +367,11 @@ def windows_never_run(plan: SlidePlan, tta: bool) -> int:
     from mediar_ray.windows import owned_window_count
 
     needed = tissue_tiles(plan).needed
-    return sum(owned_window_count(plan.shape, (t.y0, t.y1, t.x0, t.x1), tta, plan.roi_size)
-               for t in tile_grid(plan.shape, plan.tile) if t.name not in needed)
+    return sum(
+        owned_window_count(plan.shape, (t.y0, t.y1, t.x0, t.x1), tta, plan.roi_size)
+        for t in tile_grid(plan.shape, plan.tile)
+        if t.name not in needed
+    )
 
 
 def gather_tile(plan: SlidePlan, tile: Tile) -> None:
@@ -315,16 +393,20 @@ def gather_tile(plan: SlidePlan, tile: Tile) -> None:
         ny, nx = min(total.shape[1], sy - oy), min(total.shape[2], sx - ox)
         total[:, :ny, :nx] += np.asarray(partials[src.ty, src.tx, :, oy : oy + ny, ox : ox + nx])
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
-    flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = total
+    flows[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = total
     mark_done(plan, "infer", tile)
 
 
 def mark_done(plan: SlidePlan, stage: str, tile: Tile) -> None:
+    """Record that ``stage`` finished ``tile``: a marker file under the slide's scratch
+    folder (``done/<stage>/<tile name>``), read by :func:`done_tiles`."""
     with fsspec.open(f"{plan.layout.scratch}/done/{stage}/{tile.name}", "w") as f:
         f.write("1")
 
 
 def done_tiles(plan: SlidePlan, stage: str) -> set[str]:
+    """The names (``"ty_tx"``) of the tiles :func:`mark_done` recorded for ``stage``
+    (empty when none)."""
     fs, path = fsspec.core.url_to_fs(f"{plan.layout.scratch}/done/{stage}")
     try:
         return {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
@@ -349,7 +431,7 @@ def track_chunk(plan: SlidePlan, tile: Tile, flow_params: dict[str, Any]) -> dic
     cy, cx = tile.y0 - y0, tile.x0 - x0
     core = names[cy : cy + tile.y1 - tile.y0, cx : cx + tile.x1 - tile.x0]
     anchors = open_array(plan.layout.scratch + "/anchors", mode="r+")
-    anchors[tile.y0:tile.y1, tile.x0:tile.x1] = core
+    anchors[tile.y0 : tile.y1, tile.x0 : tile.x1] = core
     strips = {}
     if tile.x1 < w:  # right border: columns x1-1 and x1
         strips["right"] = names[cy : cy + tile.y1 - tile.y0, tile.x1 - 1 - x0 : tile.x1 + 1 - x0]
@@ -362,8 +444,14 @@ def track_chunk(plan: SlidePlan, tile: Tile, flow_params: dict[str, Any]) -> dic
     return {"tile": tile, "names": np.unique(core[core > 0]), "strips": strips}
 
 
-def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray, ids: np.ndarray,
-                  shared: np.ndarray | None = None, geojson: bool = False) -> dict[str, Any]:
+def relabel_chunk(
+    plan: SlidePlan,
+    tile: Tile,
+    sorted_names: np.ndarray,
+    ids: np.ndarray,
+    shared: np.ndarray | None = None,
+    geojson: bool = False,
+) -> dict[str, Any]:
     """Anchor names -> final uint32 ids for one chunk, written to the labels; then, with
     ``shared`` (the ids present in several chunks), the chunk's cells are measured.
 
@@ -371,13 +459,14 @@ def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray, ids: np
     (cells complete in the chunk, staged as a table part) and ``border`` (partial
     measurements of the shared cells, merged by the caller).
     """
-    core = np.asarray(open_array(plan.layout.scratch + "/anchors")[tile.y0:tile.y1,
-                                                                   tile.x0:tile.x1])
+    core = np.asarray(
+        open_array(plan.layout.scratch + "/anchors")[tile.y0 : tile.y1, tile.x0 : tile.x1]
+    )
     out = np.zeros(core.shape, np.uint32)
     fg = core > 0
     out[fg] = ids[np.searchsorted(sorted_names, core[fg])]
     labels = open_array(plan.layout.path("labels", "cells", "0"), mode="r+")
-    labels[tile.y0:tile.y1, tile.x0:tile.x1] = out
+    labels[tile.y0 : tile.y1, tile.x0 : tile.x1] = out
     present, counts = np.unique(out[fg], return_counts=True)
     result: dict[str, Any] = {"present": present, "counts": counts}
     if shared is not None:
@@ -385,8 +474,9 @@ def relabel_chunk(plan: SlidePlan, tile: Tile, sorted_names: np.ndarray, ids: np
     return result
 
 
-def measure_cells(plan: SlidePlan, tile: Tile, labels: np.ndarray, shared: np.ndarray,
-                  geojson: bool) -> dict[str, Any]:
+def measure_cells(
+    plan: SlidePlan, tile: Tile, labels: np.ndarray, shared: np.ndarray, geojson: bool
+) -> dict[str, Any]:
     """Measure the cells of one chunk (:mod:`mediar_ray.cells`): rows of the cells
     complete in it are staged as ``.scratch/cells/<tile>.parquet`` (and their outlines
     as a GeoJSON piece); the partials of shared cells are returned as ``border``."""
@@ -394,8 +484,9 @@ def measure_cells(plan: SlidePlan, tile: Tile, labels: np.ndarray, shared: np.nd
     from mediar_ray.cells.table import cells_table, write_part
     from mediar_ray.pipeline.view import read_processing
 
-    logit = np.asarray(open_array(plan.layout.scratch + "/flows")[2, tile.y0:tile.y1,
-                                                                  tile.x0:tile.x1])
+    logit = np.asarray(
+        open_array(plan.layout.scratch + "/flows")[2, tile.y0 : tile.y1, tile.x0 : tile.x1]
+    )
     image = read_processing(plan, tile.y0, tile.y1, tile.x0, tile.x1)
     partials = measure_chunk(labels, (tile.y0, tile.x0), logit, image)
     complete, border = split_partials(partials, shared)
@@ -404,30 +495,36 @@ def measure_cells(plan: SlidePlan, tile: Tile, labels: np.ndarray, shared: np.nd
     if geojson:
         from mediar_ray.cells.geojson import features, write_piece
 
-        write_piece(f"{plan.layout.scratch}/geojson/{tile.name}.json",
-                    features(labels, (tile.y0, tile.x0), rows, scale=plan.to_level0,
-                             slide=plan.layout.stem))
+        write_piece(
+            f"{plan.layout.scratch}/geojson/{tile.name}.json",
+            features(
+                labels, (tile.y0, tile.x0), rows, scale=plan.to_level0, slide=plan.layout.stem
+            ),
+        )
     return {"rows": n, "border": border}
 
 
-def outline_piece(plan: SlidePlan, region: tuple[int, int, int, int],
-                  rows: dict[str, np.ndarray], url: str) -> int:
+def outline_piece(
+    plan: SlidePlan, region: tuple[int, int, int, int], rows: dict[str, np.ndarray], url: str
+) -> int:
     """Stage the GeoJSON outlines of cells that span chunks, from the final labels of a
     region holding them all; returns how many."""
     from mediar_ray.cells.geojson import features, write_piece
 
     y0, y1, x0, x1 = region
     labels = np.asarray(open_array(plan.layout.path("labels", "cells", "0"))[y0:y1, x0:x1])
-    return write_piece(url, features(labels, (y0, x0), rows, scale=plan.to_level0,
-                                     slide=plan.layout.stem))
+    return write_piece(
+        url, features(labels, (y0, x0), rows, scale=plan.to_level0, slide=plan.layout.stem)
+    )
 
 
 def downsample_chunk(src_url: str, dst_url: str, tile: Tile) -> None:
     """One chunk of pyramid level k + 1 from level k: every second pixel (nearest)."""
     src, dst = open_array(src_url), open_array(dst_url, mode="r+")
     lead = (slice(None),) * (src.ndim - 2)
-    region = np.asarray(src[lead + (slice(2 * tile.y0, 2 * tile.y1, 2),
-                                    slice(2 * tile.x0, 2 * tile.x1, 2))])
+    region = np.asarray(
+        src[lead + (slice(2 * tile.y0, 2 * tile.y1, 2), slice(2 * tile.x0, 2 * tile.x1, 2))]
+    )
     dst[lead + (slice(tile.y0, tile.y1), slice(tile.x0, tile.x1))] = region
 
 
@@ -440,7 +537,7 @@ def view_chunk(plan: SlidePlan, level: int, scale: float, dst_url: str, tile: Ti
     source = open_source(plan.url, plan.reader)
     region = read_resampled(source, level, scale, tile.y0, tile.y1, tile.x0, tile.x1)
     chw = region[None] if region.ndim == 2 else np.moveaxis(region, -1, 0)
-    open_array(dst_url, mode="r+")[:, tile.y0:tile.y1, tile.x0:tile.x1] = chw
+    open_array(dst_url, mode="r+")[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = chw
 
 
 def level0_chunk(plan: SlidePlan, src_url: str, dst_url: str, tile: Tile) -> None:
@@ -450,6 +547,6 @@ def level0_chunk(plan: SlidePlan, src_url: str, dst_url: str, tile: Tile) -> Non
     h, w = plan.shape
     rows = np.minimum(((np.arange(tile.y0, tile.y1) + 0.5) / sy).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(tile.x0, tile.x1) + 0.5) / sx).astype(np.int64), w - 1)
-    src = np.asarray(open_array(src_url)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    src = np.asarray(open_array(src_url)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
     out = src[(rows - rows[0])[:, None], (cols - cols[0])[None, :]]
-    open_array(dst_url, mode="r+")[tile.y0:tile.y1, tile.x0:tile.x1] = out
+    open_array(dst_url, mode="r+")[tile.y0 : tile.y1, tile.x0 : tile.x1] = out

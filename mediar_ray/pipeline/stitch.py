@@ -39,9 +39,11 @@ def anchor_labels(labels: np.ndarray, origin: tuple[int, int], width: int) -> np
     np.minimum.at(first, flat, positions)  # first raster pixel of each local id
     ys, xs = np.divmod(first[1:].clip(max=flat.size - 1), w)
     anchors = np.zeros(n + 1, np.uint64)
-    anchors[1:] = (ys + origin[0]).astype(np.uint64) * np.uint64(width) + (
-        xs + origin[1]
-    ).astype(np.uint64) + np.uint64(1)
+    anchors[1:] = (
+        (ys + origin[0]).astype(np.uint64) * np.uint64(width)
+        + (xs + origin[1]).astype(np.uint64)
+        + np.uint64(1)
+    )
     return anchors[lab]
 
 
@@ -88,6 +90,7 @@ class UnionFind:
         self.parent: dict[int, int] = {}
 
     def find(self, x: int) -> int:
+        """The root name of ``x``'s set (``x`` itself when never joined)."""
         parent = self.parent
         while parent.get(x, x) != x:
             parent[x] = parent.get(parent[x], parent[x])
@@ -95,6 +98,7 @@ class UnionFind:
         return x
 
     def union(self, a: int, b: int) -> None:
+        """Join the sets of ``a`` and ``b``; the smaller root names the joined set."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             lo, hi = min(ra, rb), max(ra, rb)
@@ -118,8 +122,10 @@ def consecutive_ids(names: np.ndarray, uf: UnionFind) -> tuple[np.ndarray, np.nd
     """
     sorted_names = np.unique(np.asarray(names, np.uint64))
     sorted_names = sorted_names[sorted_names > 0]
-    roots = np.array([uf.find(int(n)) for n in sorted_names], np.uint64) if uf.parent else (
-        sorted_names.copy()
+    roots = (
+        np.array([uf.find(int(n)) for n in sorted_names], np.uint64)
+        if uf.parent
+        else (sorted_names.copy())
     )
     unique_roots, ids = np.unique(roots, return_inverse=True)
     if unique_roots.size >= 2**32 - 1:

@@ -19,8 +19,9 @@ log = logging.getLogger("mediar_ray.slides")
 INLINE_MAX = 2
 
 
-def fan_out(fn: Callable[..., Any], calls: Sequence[tuple], cpus: float = 0.25,
-            progress: str | None = None) -> list[Any]:
+def fan_out(
+    fn: Callable[..., Any], calls: Sequence[tuple], cpus: float = 0.25, progress: str | None = None
+) -> list[Any]:
     """``[fn(*args) for args in calls]``, in order; as Ray tasks (3 retries each, ``cpus``
     CPUs) when there are more than :data:`INLINE_MAX` calls. ``progress`` names the stage
     for a log line every 10% of the calls."""

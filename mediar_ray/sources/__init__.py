@@ -23,17 +23,22 @@ READERS = ("auto", "tifffile", "openslide", "wsidicom", "ome-zarr", "pillow")
 def _construct(reader: str, url: str | Sequence[str]) -> SlideSource:
     if reader == "tifffile":
         from mediar_ray.sources.tiff import TiffSource
+
         return TiffSource(url)
     if reader == "openslide":
         from mediar_ray.sources.openslide_source import OpenSlideSource
+
         return OpenSlideSource(url)
     if reader == "wsidicom":
         from mediar_ray.sources.dicom import DicomSource
+
         return DicomSource(url)
     if reader == "ome-zarr":
         from mediar_ray.sources.omezarr import OmeZarrSource
+
         return OmeZarrSource(url)
     from mediar_ray.sources.pillow import DecodedSource
+
     return DecodedSource(url)
 
 
@@ -61,8 +66,10 @@ def open_slide(url: str | Sequence[str], reader: str = "auto") -> SlideSource:
         raise ValueError(f"unknown slide reader {reader!r}; choose one of {', '.join(READERS)}")
     multi = not isinstance(url, str)
     if multi and reader not in ("auto", "wsidicom"):
-        raise ValueError(f"a list of files is one DICOM WSI slide (reader 'wsidicom' or "
-                         f"'auto'), not for reader {reader!r}")
+        raise ValueError(
+            f"a list of files is one DICOM WSI slide (reader 'wsidicom' or "
+            f"'auto'), not for reader {reader!r}"
+        )
     if reader == "auto":
         from mediar_ray.sources.detect import choose_reader
 
@@ -73,5 +80,6 @@ def open_slide(url: str | Sequence[str], reader: str = "auto") -> SlideSource:
         raise
     except Exception as err:  # a reader library failing in a way it does not document
         named = shown(url if isinstance(url, str) else ",".join(url))
-        raise SlideReadError(f"not a slide/image: {named} ({reader} cannot read it: "
-                             f"{type(err).__name__}: {err})") from None
+        raise SlideReadError(
+            f"not a slide/image: {named} ({reader} cannot read it: {type(err).__name__}: {err})"
+        ) from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
 from mediar_ray.errors import UserError
 
 __all__ = ["Level", "SlideReadError", "SlideSource", "composite_alpha", "shown", "white_value"]
@@ -79,7 +80,11 @@ class SlideSource(ABC):
         """
 
     def close(self) -> None:
-        """Release files and handles (a no-op by default)."""
+        """Release files and handles (a no-op by default).
+
+        Not abstract on purpose: a source that holds nothing open need not override it.
+        """
+        return None
 
     @contextmanager
     def _reading(self, level: int, y0: int, y1: int, x0: int, x1: int) -> Iterator[None]:
@@ -87,12 +92,15 @@ class SlideSource(ABC):
         block (a corrupt tile, a lost connection) into a :class:`SlideReadError` naming
         the slide and the region."""
         if not 0 <= level < len(self.levels):
-            raise IndexError(f"{shown(self.url)} has {len(self.levels)} level(s); level "
-                             f"{level} asked")
+            raise IndexError(
+                f"{shown(self.url)} has {len(self.levels)} level(s); level {level} asked"
+            )
         h, w = self.levels[level].shape
         if not (0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w):
-            raise IndexError(f"{shown(self.url)}: region [{y0}:{y1}, {x0}:{x1}] is outside "
-                             f"level {level} ({h} x {w})")
+            raise IndexError(
+                f"{shown(self.url)}: region [{y0}:{y1}, {x0}:{x1}] is outside "
+                f"level {level} ({h} x {w})"
+            )
         try:
             yield
         except (SlideReadError, IndexError):
@@ -101,7 +109,8 @@ class SlideSource(ABC):
             raise SlideReadError(
                 f"{shown(self.url)}: cannot read level {level} region [{y0}:{y1}, {x0}:{x1}] "
                 f"with {self.reader} ({type(err).__name__}: {err}); the file may be corrupt or "
-                "truncated") from None
+                "truncated"
+            ) from None
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``source[y0:y1, x0:x1]``: a region of level 0."""
@@ -131,8 +140,9 @@ def white_value(dtype: np.dtype) -> float:
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
 
 
-def composite_alpha(region: np.ndarray, background: tuple[float, ...] | None = None,
-                    premultiplied: bool = False) -> np.ndarray:
+def composite_alpha(
+    region: np.ndarray, background: tuple[float, ...] | None = None, premultiplied: bool = False
+) -> np.ndarray:
     """Composite colour + alpha over a solid background, as a viewer shows it.
 
     Parameters
@@ -158,8 +168,12 @@ def composite_alpha(region: np.ndarray, background: tuple[float, ...] | None = N
     if np.all(alpha == full):  # opaque: the colour itself, bit for bit
         out = color
     else:
-        bg = np.broadcast_to(np.asarray(background if background is not None else
-                                        (full,) * color.shape[-1], np.float32), color.shape[-1:])
+        bg = np.broadcast_to(
+            np.asarray(
+                background if background is not None else (full,) * color.shape[-1], np.float32
+            ),
+            color.shape[-1:],
+        )
         a = alpha.astype(np.float32) / full
         c = color.astype(np.float32)
         blend = (c if premultiplied else c * a) + bg * (1.0 - a)

@@ -58,7 +58,8 @@ def choose_reader(url: str) -> str:
             if kind is None:
                 raise SlideReadError(
                     f"not a slide/image: {shown(url)} (a folder with neither OME-Zarr metadata "
-                    "nor DICOM files; to segment the slides in it, pass it as an input folder)")
+                    "nor DICOM files; to segment the slides in it, pass it as an input folder)"
+                )
             return kind
         with fs.open(path, "rb") as f:
             magic = f.read(132)
@@ -67,8 +68,7 @@ def choose_reader(url: str) -> str:
     except FileNotFoundError:
         raise SlideReadError(f"{shown(url)}: file not found") from None
     except Exception as err:
-        raise SlideReadError(f"{shown(url)}: cannot open ({type(err).__name__}: {err})") \
-            from None
+        raise SlideReadError(f"{shown(url)}: cannot open ({type(err).__name__}: {err})") from None
     suffix = PurePosixPath(path).suffix.lower()
     if suffix in OPENSLIDE_EXTENSIONS:
         return "openslide"

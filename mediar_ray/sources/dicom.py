@@ -44,27 +44,33 @@ class DicomSource(SlideSource):
             raise SlideReadError(f"{named}: file not found") from None
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {named} (wsidicom finds no readable DICOM "
-                                 f"WSI pyramid: {type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (wsidicom finds no readable DICOM "
+                f"WSI pyramid: {type(err).__name__}: {err})"
+            ) from None
         if not self._levels:
             self.close()
             raise SlideReadError(f"not a slide/image: {named} (no DICOM WSI pyramid levels)")
         sizes = [(int(lv.size.height), int(lv.size.width)) for lv in self._levels]
-        self.levels = [Level(s, self._downsample(lv, sizes[0], s))
-                       for lv, s in zip(self._levels, sizes)]
+        self.levels = [
+            Level(s, self._downsample(lv, sizes[0], s)) for lv, s in zip(self._levels, sizes)
+        ]
         self.mpp = self._level0_mpp()
         try:
             probe = self._read(0, 0, 1, 0, 1)
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {named} (its tiles cannot be decoded: "
-                                 f"{type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (its tiles cannot be decoded: "
+                f"{type(err).__name__}: {err})"
+            ) from None
         self._alpha = probe.ndim == 3 and probe.shape[2] in (2, 4)
         self.channels = 1 if probe.ndim == 2 else int(probe.shape[2]) - int(self._alpha)
         self.dtype = np.dtype(probe.dtype)
 
-    def _downsample(self, level, size0: tuple[int, int],
-                    size: tuple[int, int]) -> tuple[float, float]:
+    def _downsample(
+        self, level, size0: tuple[int, int], size: tuple[int, int]
+    ) -> tuple[float, float]:
         """From the Pixel Spacing ratio when both levels state it (exact), else sizes."""
         try:
             base, this = self._levels[0].pixel_spacing, level.pixel_spacing
@@ -87,11 +93,27 @@ class DicomSource(SlideSource):
         return np.asarray(image)
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``, decoded from the level's DICOM tiles.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel is composited onto white.
+        """
         with self._reading(level, y0, y1, x0, x1):
             region = self._read(level, y0, y1, x0, x1)
         return composite_alpha(region) if self._alpha else region
 
     def close(self) -> None:
+        """Close the DICOM files (a second call does nothing)."""
         if self._wsi is not None:
             self._wsi.close()
             self._wsi = None

@@ -17,8 +17,21 @@ __all__ = ["SLIDE_EXTENSIONS", "find_slides"]
 #: Slide files a folder contributes, by extension (case-insensitive). Folders that are
 #: slides (OME-Zarr, DICOM WSI) are found by content.
 SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".qptiff", ".ndpi", ".scn", ".bif", ".vms", ".vmu", ".mrxs",
-    ".svslide", ".png", ".jpg", ".jpeg", ".bmp",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".qptiff",
+    ".ndpi",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".mrxs",
+    ".svslide",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
 )
 
 
@@ -32,8 +45,7 @@ def _name(path: str) -> str:
 
 def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]]:
     """(path, is_folder) of each entry of folder ``path``."""
-    return [(e["name"].rstrip("/"), e["type"] == "directory")
-            for e in fs.ls(path, detail=True)]
+    return [(e["name"].rstrip("/"), e["type"] == "directory") for e in fs.ls(path, detail=True)]
 
 
 def _is_slide_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -110,7 +122,8 @@ def find_slides(inputs: list[str]) -> list[str]:
         if not slides:
             raise FileNotFoundError(
                 f"{shown(item)}: no slides found (looked for {', '.join(SLIDE_EXTENSIONS)} "
-                "files, OME-Zarr and DICOM WSI folders)")
+                "files, OME-Zarr and DICOM WSI folders)"
+            )
         local = isinstance(fs, LocalFileSystem)
         found.update(s if local else fs.unstrip_protocol(s) for s in slides)
     return sorted(found)

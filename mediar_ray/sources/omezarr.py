@@ -75,46 +75,81 @@ class OmeZarrSource(SlideSource):
         except FileNotFoundError:
             raise SlideReadError(f"not a slide/image: {named} (no zarr group there)") from None
         except (KeyError, IndexError, TypeError) as err:
-            raise SlideReadError(f"not a slide/image: {named} (a zarr group without OME-NGFF "
-                                 f"multiscales image metadata: missing {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (a zarr group without OME-NGFF "
+                f"multiscales image metadata: missing {err})"
+            ) from None
         except Exception as err:
-            raise SlideReadError(f"not a slide/image: {named} (cannot open it as OME-Zarr: "
-                                 f"{type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {named} (cannot open it as OME-Zarr: "
+                f"{type(err).__name__}: {err})"
+            ) from None
         shape0 = self._arrays[0].shape
         self._axes = _axes(multiscale, len(shape0))
         names = [a["name"] for a in self._axes]
         self._check_axes(named, names, shape0)
         global_scale = _scale(multiscale.get("coordinateTransformations"), len(names))
-        scales = [_scale(d.get("coordinateTransformations"), len(names)) * global_scale
-                  for d in datasets]
+        scales = [
+            _scale(d.get("coordinateTransformations"), len(names)) * global_scale for d in datasets
+        ]
         iy, ix = names.index("y"), names.index("x")
         shapes = [(int(a.shape[iy]), int(a.shape[ix])) for a in self._arrays]
         explicit = any(d.get("coordinateTransformations") for d in datasets)
-        self.levels = [Level(s, (sc[iy] / scales[0][iy], sc[ix] / scales[0][ix]) if explicit
-                             else (shapes[0][0] / s[0], shapes[0][1] / s[1]))
-                       for s, sc in zip(shapes, scales)]
+        self.levels = [
+            Level(
+                s,
+                (sc[iy] / scales[0][iy], sc[ix] / scales[0][ix])
+                if explicit
+                else (shapes[0][0] / s[0], shapes[0][1] / s[1]),
+            )
+            for s, sc in zip(shapes, scales)
+        ]
         units = [self._axes[i].get("unit") for i in (iy, ix)]
         sizes = [pixelsize.length_in_um(scales[0][i], u) for i, u in zip((iy, ix), units)]
         self.mpp = None if None in sizes else (sizes[0], sizes[1])
-        self._channel_axis = next((i for i, a in enumerate(self._axes)
-                                   if a.get("type") == "channel" or a["name"] == "c"), None)
+        self._channel_axis = next(
+            (i for i, a in enumerate(self._axes) if a.get("type") == "channel" or a["name"] == "c"),
+            None,
+        )
         stored = 1 if self._channel_axis is None else int(shape0[self._channel_axis])
-        labels = [str(c.get("label", "")).lower()
-                  for c in (ome.get("omero") or attrs.get("omero") or {}).get("channels", [])]
+        labels = [
+            str(c.get("label", "")).lower()
+            for c in (ome.get("omero") or attrs.get("omero") or {}).get("channels", [])
+        ]
         self._alpha = stored in (2, 4) and len(labels) == stored and labels[-1] in _ALPHA_LABELS
         self.channels = stored - int(self._alpha)
         self.dtype = np.dtype(self._arrays[0].dtype)
 
     def _check_axes(self, named: str, names: list[str], shape0: tuple[int, ...]) -> None:
-        extra = [f"{n}={size}" for n, size in zip(names, shape0)
-                 if n not in ("y", "x", "c") and size != 1]
+        extra = [
+            f"{n}={size}"
+            for n, size in zip(names, shape0)
+            if n not in ("y", "x", "c") and size != 1
+        ]
         if "y" not in names or "x" not in names or len(names) != len(shape0) or extra:
             raise SlideReadError(
                 f"{named}: OME-Zarr image with axes {names} and shape {tuple(shape0)}; expected "
                 "a 2-D image (y, x) with optional channels and singleton t/z"
-                + (f" (has {', '.join(extra)}: save one plane per image)" if extra else ""))
+                + (f" (has {', '.join(extra)}: save one plane per image)" if extra else "")
+            )
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``: the level's zarr array at t = z = 0,
+        reordered to (y, x, c).
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel is composited onto white.
+        """
         index: list[slice | int] = []
         kept: list[str] = []
         for i, axis in enumerate(self._axes):

@@ -28,7 +28,7 @@ def background_rgb(properties: dict) -> tuple[int, int, int]:
     absent or malformed."""
     text = str(properties.get("openslide.background-color", "") or "")
     try:
-        return tuple(int(text[i:i + 2], 16) for i in (0, 2, 4)) if len(text) == 6 else (255,) * 3
+        return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4)) if len(text) == 6 else (255,) * 3
     except ValueError:
         return (255, 255, 255)
 
@@ -57,18 +57,23 @@ class OpenSlideSource(SlideSource):
         except FileNotFoundError:
             raise SlideReadError(f"{shown(url)}: file not found") from None
         except Exception as err:
-            raise SlideReadError(f"{shown(url)}: cannot copy it to local scratch for OpenSlide "
-                                 f"({type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"{shown(url)}: cannot copy it to local scratch for OpenSlide "
+                f"({type(err).__name__}: {err})"
+            ) from None
         try:
             self._slide = openslide.OpenSlide(local)
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {shown(url)} (OpenSlide cannot read it: "
-                                 f"{type(err).__name__}: {err})") from None
+            raise SlideReadError(
+                f"not a slide/image: {shown(url)} (OpenSlide cannot read it: "
+                f"{type(err).__name__}: {err})"
+            ) from None
         props = dict(self._slide.properties)
         (w0, h0) = self._slide.level_dimensions[0]
-        self.levels = [Level((int(h), int(w)), (h0 / h, w0 / w))
-                       for w, h in self._slide.level_dimensions]
+        self.levels = [
+            Level((int(h), int(w)), (h0 / h, w0 / w)) for w, h in self._slide.level_dimensions
+        ]
         self._downsamples = list(self._slide.level_downsamples)
         self.channels = 3
         self.dtype = np.dtype(np.uint8)
@@ -86,6 +91,8 @@ class OpenSlideSource(SlideSource):
         return composite_alpha(rgba, self.background)
 
     def close(self) -> None:
+        """Close the slide and release its staged local copy, if any (a second call does
+        nothing)."""
         if self._slide is not None:
             self._slide.close()
             self._slide = None

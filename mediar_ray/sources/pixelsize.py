@@ -16,22 +16,42 @@ from fractions import Fraction
 from typing import Any
 
 __all__ = [
-    "imagej_mpp", "length_in_um", "ome_xml_mpp", "svs_mpp", "tiff_resolution_mpp",
+    "imagej_mpp",
+    "length_in_um",
+    "ome_xml_mpp",
+    "svs_mpp",
+    "tiff_resolution_mpp",
     "UM_PER",
 ]
 
 #: Micrometres in one unit, for OME-XML symbols and NGFF (UDUNITS-2) names alike.
 UM_PER: dict[str, float] = {
-    "m": 1e6, "meter": 1e6, "metre": 1e6,
-    "dm": 1e5, "decimeter": 1e5,
-    "cm": 1e4, "centimeter": 1e4,
-    "mm": 1e3, "millimeter": 1e3,
-    "µm": 1.0, "μm": 1.0, "um": 1.0, "micrometer": 1.0, "micrometre": 1.0, "micron": 1.0,
-    "nm": 1e-3, "nanometer": 1e-3,
-    "pm": 1e-6, "picometer": 1e-6,
-    "å": 1e-4, "Å": 1e-4, "angstrom": 1e-4,
-    "in": 25400.0, "inch": 25400.0,
-    "ft": 304800.0, "foot": 304800.0,
+    "m": 1e6,
+    "meter": 1e6,
+    "metre": 1e6,
+    "dm": 1e5,
+    "decimeter": 1e5,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "micron": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "pm": 1e-6,
+    "picometer": 1e-6,
+    "å": 1e-4,
+    "Å": 1e-4,
+    "angstrom": 1e-4,
+    "in": 25400.0,
+    "inch": 25400.0,
+    "ft": 304800.0,
+    "foot": 304800.0,
 }
 
 # Resolutions that image software writes when it knows nothing about the optics (screen
@@ -86,8 +106,12 @@ def ome_xml_mpp(xml: str, image: int = 0) -> tuple[float, float] | None:
     if not pixels:
         return None
     attrs = pixels[0].attrib
-    sizes = [length_in_um(attrs.get(f"PhysicalSize{a}"), attrs.get(f"PhysicalSize{a}Unit", "µm"))
-             if f"PhysicalSize{a}" in attrs else None for a in "YX"]
+    sizes = [
+        length_in_um(attrs.get(f"PhysicalSize{a}"), attrs.get(f"PhysicalSize{a}Unit", "µm"))
+        if f"PhysicalSize{a}" in attrs
+        else None
+        for a in "YX"
+    ]
     return _pair(*sizes)
 
 
@@ -100,8 +124,9 @@ def _per_unit(resolution: Any) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def tiff_resolution_mpp(x_resolution: Any, y_resolution: Any,
-                        resolution_unit: int | None) -> tuple[float, float] | None:
+def tiff_resolution_mpp(
+    x_resolution: Any, y_resolution: Any, resolution_unit: int | None
+) -> tuple[float, float] | None:
     """TIFF resolution tags: pixels per inch (unit 2) or per centimetre (unit 3) -> (y, x)
     micrometres. None for unit 1 (none) or a missing tag, and for the 72/96 dpi that
     software writes by default when it knows no pixel size."""
@@ -114,10 +139,11 @@ def tiff_resolution_mpp(x_resolution: Any, y_resolution: Any,
     return (unit_um / px[0], unit_um / px[1])  # type: ignore[operator]
 
 
-def imagej_mpp(unit: str | None, x_resolution: Any,
-               y_resolution: Any) -> tuple[float, float] | None:
-    """ImageJ TIFF: resolution tags are pixels per ``unit`` (from ImageJ's description,
-    e.g. "micron", "\\u00B5m", "nm"); None when the unit is not a length."""
+def imagej_mpp(
+    unit: str | None, x_resolution: Any, y_resolution: Any
+) -> tuple[float, float] | None:
+    r"""ImageJ TIFF: resolution tags are pixels per ``unit`` (from ImageJ's description,
+    e.g. "micron", "\u00B5m", "nm"); None when the unit is not a length."""
     if not unit:
         return None
     unit = unit.encode().decode("unicode_escape") if "\\u" in unit else unit

@@ -50,10 +50,13 @@ def companion_paths(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         parser.optionxform = str  # keep key case
         with fs.open(path, "r", encoding="utf-8", errors="replace") as f:
             parser.read_string(f.read())
-        names = {v.strip() for section in parser.sections()
-                 for k, v in parser.items(section)
-                 if k.startswith(("ImageFile", "MapFile", "OptimisationFile", "MacroImage"))
-                 and v.strip()}
+        names = {
+            v.strip()
+            for section in parser.sections()
+            for k, v in parser.items(section)
+            if k.startswith(("ImageFile", "MapFile", "OptimisationFile", "MacroImage"))
+            and v.strip()
+        }
         return sorted(str(p.parent / n) for n in names)
     return []
 
@@ -85,8 +88,7 @@ class StagedSlides:
         if self._dir is None:
             self._parent.mkdir(parents=True, exist_ok=True)
             self._remove_orphans()
-            self._dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-",
-                                              dir=self._parent))
+            self._dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=self._parent))
             atexit.register(self.clear)
         return self._dir
 
@@ -94,7 +96,7 @@ class StagedSlides:
         """Folders of processes that died without their exit handler (killed workers)."""
         for old in self._parent.glob(f"{_PREFIX}*"):
             try:
-                pid = int(old.name[len(_PREFIX):].split("-", 1)[0])
+                pid = int(old.name[len(_PREFIX) :].split("-", 1)[0])
             except ValueError:
                 continue
             if pid != os.getpid() and not _pid_alive(pid):
@@ -160,7 +162,7 @@ class StagedSlides:
 
     @property
     def folder(self) -> Path | None:
-        """This process's scratch folder (None before the first copy)."""
+        """The scratch folder of this process (None before the first copy)."""
         return self._dir
 
 

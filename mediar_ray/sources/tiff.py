@@ -68,17 +68,21 @@ class TiffSource(SlideSource):
             keyframe = levels[0].keyframe
             # Tiles missing from the file (never scanned) read as white on RGB slides.
             fill = 255 if keyframe.photometric in _COLOUR and keyframe.dtype == np.uint8 else 0
-            self._arrays = [zarr.open_array(series.aszarr(level=k, fillvalue=fill), mode="r")
-                            for k in range(len(levels))]
+            self._arrays = [
+                zarr.open_array(series.aszarr(level=k, fillvalue=fill), mode="r")
+                for k in range(len(levels))
+            ]
             self.mpp = tiff_mpp(self._tif)
         except FileNotFoundError:
             self.close()
             raise SlideReadError(f"{shown(url)}: file not found") from None
         except Exception as err:
             self.close()
-            raise SlideReadError(f"not a slide/image: {shown(url)} (tifffile cannot read it: "
-                                 f"{type(err).__name__}: {err}; the file may be truncated or "
-                                 "corrupt)") from None
+            raise SlideReadError(
+                f"not a slide/image: {shown(url)} (tifffile cannot read it: "
+                f"{type(err).__name__}: {err}; the file may be truncated or "
+                "corrupt)"
+            ) from None
         axes = levels[0].axes.replace("S", "C")
         shape0 = self._arrays[0].shape
         kept = "".join(a for a, n in zip(axes, shape0) if n > 1 or a in "YX")
@@ -86,7 +90,8 @@ class TiffSource(SlideSource):
             self.close()
             raise SlideReadError(
                 f"{shown(url)}: slide level 0 has axes {axes!r} (shape {shape0}); expected a "
-                "2-D image with optional channels (save one plane per file)")
+                "2-D image with optional channels (save one plane per file)"
+            )
         self._full_axes = axes
         self.axes = kept
         sizes = [dict(zip(axes, arr.shape)) for arr in self._arrays]
@@ -100,22 +105,47 @@ class TiffSource(SlideSource):
 
     @staticmethod
     def _alpha_kind(page: tifffile.TiffPage, channels: int) -> str | None:
-        """"straight"/"premultiplied" when the last sample of an RGB or grey page is
+        """Return "straight"/"premultiplied" when the last sample of an RGB or grey page is
         alpha (TIFF ExtraSamples), else None."""
         extra = tuple(getattr(page, "extrasamples", ()) or ())
         colour = {tifffile.PHOTOMETRIC.RGB: 3, tifffile.PHOTOMETRIC.MINISBLACK: 1}.get(
-            page.photometric)
+            page.photometric
+        )
         if colour is None or channels != colour + 1 or len(extra) != 1:
             return None
-        return {_EXTRASAMPLE_ASSOCALPHA: "premultiplied",
-                _EXTRASAMPLE_UNASSALPHA: "straight"}.get(int(extra[0]))
+        return {_EXTRASAMPLE_ASSOCALPHA: "premultiplied", _EXTRASAMPLE_UNASSALPHA: "straight"}.get(
+            int(extra[0])
+        )
 
     def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level``, read from the level's TIFF pages.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, an index into :attr:`levels` (0: full resolution).
+        y0, y1, x0, x1 : int
+            Half-open row and column bounds in pixels of ``level``, inside the level.
+
+        Returns
+        -------
+        ndarray
+            (y1 - y0, x1 - x0) when ``channels == 1``, else (y1 - y0, x1 - x0,
+            channels); dtype :attr:`dtype`. An alpha channel (straight or premultiplied) is
+            composited onto white.
+        """
         with self._reading(level, y0, y1, x0, x1):
             arr = self._arrays[level]
-            index = [slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else
-                     slice(None) if a == "C" and n > 1 else 0
-                     for a, n in zip(self._full_axes, arr.shape)]
+            index = [
+                slice(y0, y1)
+                if a == "Y"
+                else slice(x0, x1)
+                if a == "X"
+                else slice(None)
+                if a == "C" and n > 1
+                else 0
+                for a, n in zip(self._full_axes, arr.shape)
+            ]
             region = np.asarray(arr[tuple(index)])
         if self.axes == "CYX":
             region = np.moveaxis(region, 0, -1)
@@ -124,6 +154,7 @@ class TiffSource(SlideSource):
         return region
 
     def close(self) -> None:
+        """Close the TIFF and the file under it (a second call does nothing)."""
         if self._tif is not None:
             self._tif.close()
             self._tif = None

@@ -26,8 +26,14 @@ import torch
 
 from mediar_ray.model import load_state_dict, model_params, save_model
 
-__all__ = ["checkpoint_dir_name", "checkpoint_epoch", "latest_checkpoint",
-           "load_training_state", "save_training_state", "whole_checkpoint"]
+__all__ = [
+    "checkpoint_dir_name",
+    "checkpoint_epoch",
+    "latest_checkpoint",
+    "load_training_state",
+    "save_training_state",
+    "whole_checkpoint",
+]
 
 _DIR = re.compile(r"checkpoint_epoch_(\d+)$")
 #: The files of a checkpoint whose sizes ``state.json`` records.
@@ -39,23 +45,31 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:05d}"
 
 
-def save_training_state(folder: str | Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, scheduler: Any,
-                        state: dict[str, Any]) -> None:
+def save_training_state(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> None:
     """Write model, optimizer/scheduler and ``state`` into ``folder`` (created)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / "model.safetensors"), metadata={"training": state})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               folder / "optimizer.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        folder / "optimizer.pt",
+    )
     sizes = {name: (folder / name).stat().st_size for name in _FILES}
-    (folder / "state.json").write_text(json.dumps({**state, "files": sizes}, indent=1,
-                                                  default=str))
+    (folder / "state.json").write_text(json.dumps({**state, "files": sizes}, indent=1, default=str))
 
 
-def load_training_state(folder: str | Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer | None = None,
-                        scheduler: Any = None) -> dict[str, Any]:
+def load_training_state(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote; returns the ``state`` dict.
 
     The model is loaded strictly (every key must fit), the optimizer state with

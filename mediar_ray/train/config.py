@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import fsspec
+
 from mediar_ray.errors import UserError
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_config_data"]
@@ -32,15 +33,15 @@ class _Section:
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", path: str = "") -> Any:
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: {path or 'the config'} must be a mapping, "
-                              f"got {type(data).__name__}")
+            raise ConfigError(
+                f"{source}: {path or 'the config'} must be a mapping, got {type(data).__name__}"
+            )
         hints = get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
             where = path.rstrip(".") or "top level"
-            raise ConfigError(f"{source}: unknown key(s) {unknown} at {where}; "
-                              f"allowed: {names}")
+            raise ConfigError(f"{source}: unknown key(s) {unknown} at {where}; allowed: {names}")
         values = {}
         for name in names:
             if name not in data:
@@ -56,8 +57,9 @@ class _Section:
         obj._given = frozenset(data)
         for key, ok, allowed in obj._rules():
             if not ok:
-                raise ConfigError(f"{source}: {path}{key} = {getattr(obj, key)!r} is not "
-                                  f"allowed: {allowed}")
+                raise ConfigError(
+                    f"{source}: {path}{key} = {getattr(obj, key)!r} is not allowed: {allowed}"
+                )
         return obj
 
     def _rules(self) -> list[tuple[str, bool, str]]:
@@ -72,15 +74,21 @@ def _check_type(value: Any, kind: Any, source: str, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{source}: {key} may not be empty")
-    checks = [("bool", lambda v: isinstance(v, bool)),
-              ("int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-              ("float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-              ("str", lambda v: isinstance(v, str)),
-              ("list", lambda v: isinstance(v, list)),
-              ("dict", lambda v: isinstance(v, dict))]
+    checks = [
+        ("bool", lambda v: isinstance(v, bool)),
+        ("int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        ("float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+        ("str", lambda v: isinstance(v, str)),
+        ("list", lambda v: isinstance(v, list)),
+        ("dict", lambda v: isinstance(v, dict)),
+    ]
     for name, ok in checks:
-        if text.startswith(name) or text.startswith(f"typing.Optional[{name}") or \
-                text.startswith(f"{name} |") or text == f"<class '{name}'>":
+        if (
+            text.startswith(name)
+            or text.startswith(f"typing.Optional[{name}")
+            or text.startswith(f"{name} |")
+            or text == f"<class '{name}'>"
+        ):
             if not ok(value):
                 raise ConfigError(f"{source}: {key} must be {name}, got {value!r}")
             return float(value) if name == "float" else value
@@ -105,9 +113,14 @@ class DataSection(_Section):
     strict: bool = False
 
     def _rules(self):
-        return [("holdout_every", self.holdout_every >= 0 and self.holdout_every != 1,
-                 "0 (no held-out split) or >= 2"),
-                ("replay_per_batch", self.replay_per_batch >= 0, ">= 0")]
+        return [
+            (
+                "holdout_every",
+                self.holdout_every >= 0 and self.holdout_every != 1,
+                "0 (no held-out split) or >= 2",
+            ),
+            ("replay_per_batch", self.replay_per_batch >= 0, ">= 0"),
+        ]
 
 
 @dataclass
@@ -118,10 +131,15 @@ class ModelSection(_Section):
     init: str | None = None
 
     def _rules(self):
-        return [("decoder_channels", len(self.decoder_channels) == 5 and all(
-                    isinstance(c, int) and c > 0 for c in self.decoder_channels),
-                 "five positive integers"),
-                ("decoder_pab_channels", self.decoder_pab_channels > 0, "> 0")]
+        return [
+            (
+                "decoder_channels",
+                len(self.decoder_channels) == 5
+                and all(isinstance(c, int) and c > 0 for c in self.decoder_channels),
+                "five positive integers",
+            ),
+            ("decoder_pab_channels", self.decoder_pab_channels > 0, "> 0"),
+        ]
 
 
 @dataclass
@@ -152,10 +170,22 @@ class AugmentSection(_Section):
     touching_weight: float = 1.0
 
     def _rules(self):
-        probs = [(k, _prob(getattr(self, k)), "a probability in [0, 1]") for k in (
-            "zoom_p", "flip_p", "rotate_p", "cell_aware_p", "cell_aware_fraction",
-            "noise_p", "contrast_p", "smooth_p", "hist_shift_p", "sharpen_p",
-            "stain_p")]
+        probs = [
+            (k, _prob(getattr(self, k)), "a probability in [0, 1]")
+            for k in (
+                "zoom_p",
+                "flip_p",
+                "rotate_p",
+                "cell_aware_p",
+                "cell_aware_fraction",
+                "noise_p",
+                "contrast_p",
+                "smooth_p",
+                "hist_shift_p",
+                "sharpen_p",
+                "stain_p",
+            )
+        ]
         return probs + [
             ("stain_scale", 0 <= self.stain_scale < 1, "in [0, 1)"),
             ("stain_shift", self.stain_shift >= 0, ">= 0"),
@@ -164,20 +194,23 @@ class AugmentSection(_Section):
             ("touching_weight", self.touching_weight > 0, "> 0 (1: off)"),
             ("crop", self.crop >= 32 and self.crop % 32 == 0, "a multiple of 32, >= 32"),
             ("zoom_range", _pair(self.zoom_range, 0.0), "[low, high] with 0 < low <= high"),
-            ("cell_aware_range", _pair(self.cell_aware_range, 0.0),
-             "[low, high] with 0 < low <= high")]
+            (
+                "cell_aware_range",
+                _pair(self.cell_aware_range, 0.0),
+                "[low, high] with 0 < low <= high",
+            ),
+        ]
 
 
 def _pair(v: list, floor: float) -> bool:
-    return (len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
-            and floor < v[0] <= v[1])
+    return len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and floor < v[0] <= v[1]
 
 
 @dataclass
 class SamplingSection(_Section):
     amplified: bool = True
     min_per_cluster: int = 50
-    cluster_min: dict = field(default_factory=dict)   # {cluster id: its own m}
+    cluster_min: dict = field(default_factory=dict)  # {cluster id: its own m}
 
     def __post_init__(self):
         # JSON (a saved config, Ray's copy to workers) turns integer keys into strings.
@@ -185,15 +218,22 @@ class SamplingSection(_Section):
             self.cluster_min = {int(k): v for k, v in self.cluster_min.items()}
 
     def _rules(self):
-        good = all(isinstance(k, int) and k >= 0 and isinstance(v, int)
-                   and not isinstance(v, bool) and v >= 1 for k, v in self.cluster_min.items())
-        return [("min_per_cluster", self.min_per_cluster >= 1, ">= 1"),
-                ("cluster_min", good, "a mapping of cluster id (int >= 0) to an int >= 1")]
+        good = all(
+            isinstance(k, int)
+            and k >= 0
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+            and v >= 1
+            for k, v in self.cluster_min.items()
+        )
+        return [
+            ("min_per_cluster", self.min_per_cluster >= 1, ">= 1"),
+            ("cluster_min", good, "a mapping of cluster id (int >= 0) to an int >= 1"),
+        ]
 
 
 def _int_like(k: Any) -> bool:
-    return (isinstance(k, int) and not isinstance(k, bool)) or (
-        isinstance(k, str) and k.isdigit())
+    return (isinstance(k, int) and not isinstance(k, bool)) or (isinstance(k, str) and k.isdigit())
 
 
 @dataclass
@@ -204,13 +244,17 @@ class OptimSection(_Section):
     batch_size: int = 8
     flow_weight: float = 0.5
     warmup_epochs: int = 0
-    amp: bool = False           # bfloat16 autocast of the forward pass (loss in float32)
+    amp: bool = False  # bfloat16 autocast of the forward pass (loss in float32)
 
     def _rules(self):
-        return [("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-                ("flow_weight", self.flow_weight >= 0, ">= 0"),
-                ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "0 <= warmup < epochs")]
+        return [
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("flow_weight", self.flow_weight >= 0, ">= 0"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "0 <= warmup < epochs"),
+        ]
 
 
 @dataclass
@@ -233,19 +277,24 @@ class RunSection(_Section):
     resource_timeout: float = 600.0
 
     def _rules(self):
-        return [("num_workers", self.num_workers >= 1, ">= 1"),
-                ("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
-                ("loader_workers", self.loader_workers >= 1, ">= 1"),
-                ("loader_cpus", self.loader_cpus >= 0, ">= 0"),
-                ("max_failures", self.max_failures >= -1, ">= 0, or -1 for no limit"),
-                ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-                ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-                ("validate_every", self.validate_every >= 0, ">= 0 (0 = never)"),
-                ("validate_max_images", self.validate_max_images >= 0, ">= 0 (0 = all)"),
-                ("validate_roi", self.validate_roi % 32 == 0 and self.validate_roi > 0,
-                 "a positive multiple of 32"),
-                ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = no limit)"),
-                ("resource_timeout", self.resource_timeout >= 0, ">= 0 seconds")]
+        return [
+            ("num_workers", self.num_workers >= 1, ">= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
+            ("loader_workers", self.loader_workers >= 1, ">= 1"),
+            ("loader_cpus", self.loader_cpus >= 0, ">= 0"),
+            ("max_failures", self.max_failures >= -1, ">= 0, or -1 for no limit"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("validate_every", self.validate_every >= 0, ">= 0 (0 = never)"),
+            ("validate_max_images", self.validate_max_images >= 0, ">= 0 (0 = all)"),
+            (
+                "validate_roi",
+                self.validate_roi % 32 == 0 and self.validate_roi > 0,
+                "a positive multiple of 32",
+            ),
+            ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0 = no limit)"),
+            ("resource_timeout", self.resource_timeout >= 0, ">= 0 seconds"),
+        ]
 
 
 @dataclass
@@ -264,8 +313,13 @@ class TrainConfig(_Section):
     def _rules(self):
         import re
 
-        return [("name", bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)),
-                 "a non-empty run name of letters, digits, '.', '_' or '-'")]
+        return [
+            (
+                "name",
+                bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)),
+                "a non-empty run name of letters, digits, '.', '_' or '-'",
+            )
+        ]
 
 
 def _yaml12_loader() -> Any:
@@ -284,9 +338,12 @@ def _yaml12_loader() -> Any:
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
-                   r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-        list("-+0123456789."))
+        re.compile(
+            r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+            r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+        ),
+        list("-+0123456789."),
+    )
     return Loader
 
 
@@ -300,8 +357,11 @@ def read_config_data(path_or_url: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path_or_url} not found") from None
     try:
-        data = (json.loads(text) if str(path_or_url).endswith(".json")
-                else yaml.load(text, Loader=_yaml12_loader()))
+        data = (
+            json.loads(text)
+            if str(path_or_url).endswith(".json")
+            else yaml.load(text, Loader=_yaml12_loader())
+        )
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path_or_url}: not valid YAML/JSON ({err})") from None
     return data or {}

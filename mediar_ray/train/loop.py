@@ -30,11 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from mediar_ray.train.checkpoint import (checkpoint_dir_name, latest_checkpoint,
-                                         load_training_state, save_training_state)
+from mediar_ray.train.checkpoint import (
+    checkpoint_dir_name,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 
-__all__ = ["TrainData", "prepare_data", "run_training", "split_config_pairs",
-           "train_loop_per_worker", "train_step"]
+__all__ = [
+    "TrainData",
+    "prepare_data",
+    "run_training",
+    "split_config_pairs",
+    "train_loop_per_worker",
+    "train_step",
+]
 
 log = logging.getLogger("mediar_ray.train")
 
@@ -78,12 +88,16 @@ def split_config_pairs(cfg: Any, bad: list | None = None) -> tuple[list, list]:
         bad += problems
     if problems and cfg.data.strict:
         first = problems[0]
-        raise InputError(f"{len(problems)} file(s) of data.roots/data.mappings cannot be used "
-                         f"(e.g. {safe_url(first.path)}: {first.reason}); fix or remove "
-                         "them, or run without --strict to train on the good pairs")
+        raise InputError(
+            f"{len(problems)} file(s) of data.roots/data.mappings cannot be used "
+            f"(e.g. {safe_url(first.path)}: {first.reason}); fix or remove "
+            "them, or run without --strict to train on the good pairs"
+        )
     if not pairs:
-        raise InputError(f"none of the pairs of data.roots/data.mappings can be used "
-                         f"({len(problems)} bad, listed above)")
+        raise InputError(
+            f"none of the pairs of data.roots/data.mappings can be used "
+            f"({len(problems)} bad, listed above)"
+        )
     return split_holdout(pairs, cfg.data.holdout_every)
 
 
@@ -92,8 +106,11 @@ def prepare_data(cfg: Any) -> TrainData:
     from mediar_ray.data.mapping import load_pairs
 
     train, held = split_config_pairs(cfg)
-    public = (load_pairs(cfg.data.public_mappings, cfg.data.public_roots)
-              if cfg.data.public_mappings or cfg.data.public_roots else [])
+    public = (
+        load_pairs(cfg.data.public_mappings, cfg.data.public_roots)
+        if cfg.data.public_mappings or cfg.data.public_roots
+        else []
+    )
     clusters = np.zeros(len(train), np.int64)
     if cfg.data.modality_table:
         from mediar_ray.data.modalities import load_modality_table
@@ -101,10 +118,12 @@ def prepare_data(cfg: Any) -> TrainData:
         table = load_modality_table(cfg.data.modality_table)
         missing = [p.image for p in train if p.image not in table]
         if missing:
-            raise ValueError(f"modality table {cfg.data.modality_table} has no cluster for "
-                             f"{len(missing)} training images (e.g. {missing[0]}), which "
-                             "are readable pairs: the table was made from other data; run "
-                             "`mediar-ray discover-modalities` on the config's mappings/roots")
+            raise ValueError(
+                f"modality table {cfg.data.modality_table} has no cluster for "
+                f"{len(missing)} training images (e.g. {missing[0]}), which "
+                "are readable pairs: the table was made from other data; run "
+                "`mediar-ray discover-modalities` on the config's mappings/roots"
+            )
         clusters = np.array([table[p.image] for p in train], np.int64)
     return TrainData(train, held, public, clusters)
 
@@ -134,8 +153,9 @@ def _with_local_paths_absolute(cfg: Any) -> dict[str, Any]:
     return d
 
 
-def run_training(cfg: Any, max_epochs_this_run: int | None = None, *,
-                 overwrite: bool = False) -> dict[str, Any]:
+def run_training(
+    cfg: Any, max_epochs_this_run: int | None = None, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns a summary dict.
 
     ``max_epochs_this_run`` stops after that many epochs (a later run resumes).
@@ -148,8 +168,13 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None, *,
     from ray.train.torch import TorchTrainer
 
     from mediar_ray.pipeline.run import ensure_ray
-    from mediar_ray.train.preflight import (check_resources, check_run_name, check_storage,
-                                            pairs_fingerprint, resolve_model_init)
+    from mediar_ray.train.preflight import (
+        check_resources,
+        check_run_name,
+        check_storage,
+        pairs_fingerprint,
+        resolve_model_init,
+    )
 
     cfg = resolve_model_init(cfg)
     check_storage(cfg.run.storage_path)
@@ -162,8 +187,11 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None, *,
     if start >= cfg.optim.epochs:
         log.info("run %s finished already (epoch %d of %d)", cfg.name, start, cfg.optim.epochs)
         return {"name": cfg.name, "epochs_done": start, "resumed_from": start, "ran": 0}
-    stop = cfg.optim.epochs if max_epochs_this_run is None else min(
-        cfg.optim.epochs, start + max_epochs_this_run)
+    stop = (
+        cfg.optim.epochs
+        if max_epochs_this_run is None
+        else min(cfg.optim.epochs, start + max_epochs_this_run)
+    )
     if not os.environ.get("RAY_ADDRESS"):
         check_resources(cfg.run)  # this machine, before Ray starts
     ensure_ray()
@@ -173,41 +201,69 @@ def run_training(cfg: Any, max_epochs_this_run: int | None = None, *,
 
     plan = plan_stream(cfg, data.clusters, len(data.public), world, start)
     plan.rows = [r for r in plan.rows if r["epoch"] < stop]
-    log.info("run %s: epochs %d..%d of %d, %d training pairs (%d held out, %d public), "
-             "%d steps per epoch per worker x %d workers", cfg.name, start, stop - 1,
-             cfg.optim.epochs, len(data.train), len(data.held), len(data.public),
-             plan.steps_per_epoch, world)
+    log.info(
+        "run %s: epochs %d..%d of %d, %d training pairs (%d held out, %d public), "
+        "%d steps per epoch per worker x %d workers",
+        cfg.name,
+        start,
+        stop - 1,
+        cfg.optim.epochs,
+        len(data.train),
+        len(data.held),
+        len(data.public),
+        plan.steps_per_epoch,
+        world,
+    )
     throttle_idle_scheduling(ray.data.DataContext.get_current())
     ds = ray.data.from_items(plan.rows, override_num_blocks=max(1, min(len(plan.rows), 200)))
     ds = ds.map_batches(
-        BatchMaker, fn_constructor_args=(data.train, data.public, cfg.augment),
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.run.loader_workers),
-        num_cpus=cfg.run.loader_cpus)
+        BatchMaker,
+        fn_constructor_args=(data.train, data.public, cfg.augment),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.run.loader_workers),
+        num_cpus=cfg.run.loader_cpus,
+    )
     storage_path, storage_fs = _storage(cfg.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": _with_local_paths_absolute(cfg), "held": data.held,
-                           "steps_per_epoch": plan.steps_per_epoch,
-                           "stream_start": start, "stop_epoch": stop,
-                           "resume_from": latest[0] if latest else None,
-                           "pairs": fingerprint},
+        train_loop_config={
+            "cfg": _with_local_paths_absolute(cfg),
+            "held": data.held,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "stream_start": start,
+            "stop_epoch": stop,
+            "resume_from": latest[0] if latest else None,
+            "pairs": fingerprint,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=world, use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker,
-                                  **({"GPU": 1} if cfg.run.use_gpu else {})}),
+            num_workers=world,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.run.cpus_per_worker,
+                **({"GPU": 1} if cfg.run.use_gpu else {}),
+            },
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
         datasets={"train": ds},
     )
     began = time.time()
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    return {"name": cfg.name, "resumed_from": start, "epochs_done": stop,
-            "ran": stop - start, "seconds": round(time.time() - began, 1),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "metrics": metrics}
+    return {
+        "name": cfg.name,
+        "resumed_from": start,
+        "epochs_done": stop,
+        "ran": stop - start,
+        "seconds": round(time.time() - began, 1),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": metrics,
+    }
 
 
 def _cosine(optimizer: Any, epochs: int, warmup: int) -> Any:
@@ -237,8 +293,9 @@ def _build(cfg: Any) -> Any:
     return model.to(memory_format=torch.channels_last).train()
 
 
-def choose_restore(*, driver_epoch: int | None, ray_epoch: int | None,
-                   stream_start: int) -> str | None:
+def choose_restore(
+    *, driver_epoch: int | None, ray_epoch: int | None, stream_start: int
+) -> str | None:
     """Which checkpoint a worker restores: "driver", "ray" or None (start afresh).
 
     The driver planned the stream from ``stream_start`` = the epoch after the checkpoint
@@ -254,8 +311,7 @@ def choose_restore(*, driver_epoch: int | None, ray_epoch: int | None,
     return "driver" if driver_epoch is not None else None
 
 
-def _restore_from_url(url: str, model: Any, optimizer: Any, scheduler: Any
-                      ) -> dict[str, Any]:
+def _restore_from_url(url: str, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """:func:`load_training_state` of a checkpoint folder at a local path or URL."""
     import fsspec
 
@@ -267,9 +323,14 @@ def _restore_from_url(url: str, model: Any, optimizer: Any, scheduler: Any
         return load_training_state(folder, model, optimizer, scheduler)
 
 
-def build_training(cfg: Any, device: Any, *, resume_from: str | None = None,
-                   ray_checkpoint: Any = None, stream_start: int = 0
-                   ) -> tuple[Any, Any, Any, int, int]:
+def build_training(
+    cfg: Any,
+    device: Any,
+    *,
+    resume_from: str | None = None,
+    ray_checkpoint: Any = None,
+    stream_start: int = 0,
+) -> tuple[Any, Any, Any, int, int]:
     """Model, AdamW, cosine schedule and the (epoch, step) to start at, on ``device``.
 
     The model is moved to ``device`` before the optimizer is made and its state loaded:
@@ -290,13 +351,16 @@ def build_training(cfg: Any, device: Any, *, resume_from: str | None = None,
     from mediar_ray.train.checkpoint import checkpoint_epoch
 
     model = _build(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     scheduler = _cosine(optimizer, cfg.optim.epochs, cfg.optim.warmup_epochs)
     ray_path = getattr(ray_checkpoint, "path", None) if ray_checkpoint else None
     which = choose_restore(
         driver_epoch=checkpoint_epoch(resume_from) if resume_from else None,
-        ray_epoch=checkpoint_epoch(ray_path) if ray_path else None, stream_start=stream_start)
+        ray_epoch=checkpoint_epoch(ray_path) if ray_path else None,
+        stream_start=stream_start,
+    )
     if which is None:
         epoch, step = 0, 0
     elif which == "ray":
@@ -307,8 +371,10 @@ def build_training(cfg: Any, device: Any, *, resume_from: str | None = None,
         state = _restore_from_url(resume_from, model, optimizer, scheduler)
         epoch, step = state["epoch"] + 1, state["step"]
     if epoch < stream_start:
-        raise RuntimeError(f"the restored checkpoint ends at epoch {epoch - 1} but the "
-                           f"driver planned the stream from epoch {stream_start}")
+        raise RuntimeError(
+            f"the restored checkpoint ends at epoch {epoch - 1} but the "
+            f"driver planned the stream from epoch {stream_start}"
+        )
     return model, optimizer, scheduler, epoch, step
 
 
@@ -341,8 +407,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = get_device()
     model, optimizer, scheduler, epoch, step = build_training(
-        cfg, device, resume_from=config.get("resume_from"),
-        ray_checkpoint=ray.train.get_checkpoint(), stream_start=config["stream_start"])
+        cfg,
+        device,
+        resume_from=config.get("resume_from"),
+        ray_checkpoint=ray.train.get_checkpoint(),
+        stream_start=config["stream_start"],
+    )
     model = prepare_model(model, move_to_device=False)
     steps = config["steps_per_epoch"]
     skip = (epoch - config["stream_start"]) * steps  # rows already trained on
@@ -361,10 +431,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         if done >= remaining:
             break
-        tensors = {k: _to_device(batch[k][0], device, cuda)
-                   for k in ("image", "flows", "cell", "valid")}
-        losses.append(train_step(model, optimizer, tensors, cfg.optim.flow_weight,
-                                 cfg.optim.amp, as_tensor=True))
+        tensors = {
+            k: _to_device(batch[k][0], device, cuda) for k in ("image", "flows", "cell", "valid")
+        }
+        losses.append(
+            train_step(
+                model, optimizer, tensors, cfg.optim.flow_weight, cfg.optim.amp, as_tensor=True
+            )
+        )
         seen += json_ids(batch["ids"][0])
         step, done = step + 1, done + 1
         if done % steps == 0:
@@ -373,8 +447,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 warm["samples"] += len(seen)
                 warm["seconds"] += seconds
             mean_loss = float(torch.stack(losses).mean())
-            _end_epoch(cfg, config, model, optimizer, scheduler, epoch, step, mean_loss,
-                       seen, seconds, rank, warm, device)
+            _end_epoch(
+                cfg,
+                config,
+                model,
+                optimizer,
+                scheduler,
+                epoch,
+                step,
+                mean_loss,
+                seen,
+                seconds,
+                rank,
+                warm,
+                device,
+            )
             epoch, losses, seen, began = epoch + 1, [], [], time.perf_counter()
 
 
@@ -385,8 +472,15 @@ def _to_device(array: np.ndarray, device: Any, cuda: bool) -> Any:
     return tensor.pin_memory().to(device, non_blocking=True) if cuda else tensor.to(device)
 
 
-def train_step(model: Any, optimizer: Any, batch: dict[str, Any], flow_weight: float = 0.5,
-               amp: bool = False, *, as_tensor: bool = False) -> Any:
+def train_step(
+    model: Any,
+    optimizer: Any,
+    batch: dict[str, Any],
+    flow_weight: float = 0.5,
+    amp: bool = False,
+    *,
+    as_tensor: bool = False,
+) -> Any:
     """One optimiser step on one batch; returns the loss (float, or with ``as_tensor`` a
     detached 0-d tensor on the model's device, which does not wait for the device).
 
@@ -405,8 +499,7 @@ def train_step(model: Any, optimizer: Any, batch: dict[str, Any], flow_weight: f
     # faster than float32 (1.6x here, bench/train_throughput.py). Weights stay float32.
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         out = model(batch["image"])
-    loss = mediar_loss(out.float(), batch["flows"], batch["cell"], batch["valid"],
-                       flow_weight)
+    loss = mediar_loss(out.float(), batch["flows"], batch["cell"], batch["valid"], flow_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -419,9 +512,21 @@ def json_ids(text: Any) -> list[str]:
     return json.loads(str(text))
 
 
-def _end_epoch(cfg: Any, config: dict, model: Any, optimizer: Any, scheduler: Any,
-               epoch: int, step: int, loss: float, seen: list[str],
-               seconds: float, rank: int, warm: dict[str, float], device: Any) -> None:
+def _end_epoch(
+    cfg: Any,
+    config: dict,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    step: int,
+    loss: float,
+    seen: list[str],
+    seconds: float,
+    rank: int,
+    warm: dict[str, float],
+    device: Any,
+) -> None:
     """Step the schedule, validate (rank 0), and report metrics and maybe a checkpoint.
 
     ``loss`` is this worker's mean loss of the epoch; the loss reported is the mean over
@@ -434,32 +539,52 @@ def _end_epoch(cfg: Any, config: dict, model: Any, optimizer: Any, scheduler: An
     scheduler.step()
     mean_loss, per_rank = _mean_over_workers(loss, device)
     metrics: dict[str, Any] = {
-        "epoch": epoch, "step": step, "loss": mean_loss, "loss_ranks": per_rank, "lr": lr,
+        "epoch": epoch,
+        "step": step,
+        "loss": mean_loss,
+        "loss_ranks": per_rank,
+        "lr": lr,
         "samples_per_s": len(seen) / max(seconds, 1e-9),
-        "samples_per_s_after_first": warm["samples"] / max(warm["seconds"], 1e-9)}
+        "samples_per_s_after_first": warm["samples"] / max(warm["seconds"], 1e-9),
+    }
     last = epoch + 1 == config["stop_epoch"]
     every = cfg.run.validate_every
     if rank == 0 and every and ((epoch + 1) % every == 0 or last) and config["held"]:
         from mediar_ray.train.validate import validate
 
         bad: list = []
-        metrics.update(validate(getattr(model, "module", model), config["held"],
-                                cfg.run.validate_max_images, cfg.run.validate_roi, bad=bad))
+        metrics.update(
+            validate(
+                getattr(model, "module", model),
+                config["held"],
+                cfg.run.validate_max_images,
+                cfg.run.validate_roi,
+                bad=bad,
+            )
+        )
         for pair in bad:
             log.warning("validation left out %s: %s", pair.path, pair.reason)
     save = (epoch + 1) % cfg.run.checkpoint_every == 0 or last
     if not save:
         ray.train.report(metrics)
         return
-    state = {**metrics, "next_lr": optimizer.param_groups[0]["lr"], "config": cfg.to_dict(),
-             "pairs": config.get("pairs")}
+    state = {
+        **metrics,
+        "next_lr": optimizer.param_groups[0]["lr"],
+        "config": cfg.to_dict(),
+        "pairs": config.get("pairs"),
+    }
     with tempfile.TemporaryDirectory() as folder:
         if rank == 0:
-            save_training_state(folder, getattr(model, "module", model), optimizer,
-                                scheduler, state)
+            save_training_state(
+                folder, getattr(model, "module", model), optimizer, scheduler, state
+            )
         import json
 
         with open(os.path.join(folder, f"seen_rank{rank}.json"), "w") as f:
             json.dump(seen, f)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=checkpoint_dir_name(epoch))
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(folder),
+            checkpoint_dir_name=checkpoint_dir_name(epoch),
+        )

@@ -27,8 +27,16 @@ import fsspec
 from mediar_ray.errors import UserError
 from mediar_ray.train.config import ConfigError
 
-__all__ = ["ResourceNeeds", "TrainResourceError", "check_resources", "check_run_name",
-           "check_storage", "pairs_fingerprint", "resolve_model_init", "resource_problem"]
+__all__ = [
+    "ResourceNeeds",
+    "TrainResourceError",
+    "check_resources",
+    "check_run_name",
+    "check_storage",
+    "pairs_fingerprint",
+    "resolve_model_init",
+    "resource_problem",
+]
 
 log = logging.getLogger("mediar_ray.train")
 
@@ -41,6 +49,7 @@ class TrainResourceError(UserError):
 
 
 # --------------------------------------------------------------------------- model.init
+
 
 def _safetensors_header(url: str) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor shapes and ``__metadata__``)."""
@@ -59,15 +68,19 @@ def _init_header(url: str) -> dict[str, Any] | None:
     """
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
-        raise ConfigError(f"model.init: {url} does not exist; give the path of a .safetensors "
-                          "or .pth checkpoint (relative to the folder you run from)")
+        raise ConfigError(
+            f"model.init: {url} does not exist; give the path of a .safetensors "
+            "or .pth checkpoint (relative to the folder you run from)"
+        )
     if not url.endswith(".safetensors"):
         return None
     try:
         return _safetensors_header(url)
     except (OSError, ValueError, struct.error) as err:
-        raise ConfigError(f"model.init: {url} is not a readable safetensors file ({err}); "
-                          "download or copy it again") from None
+        raise ConfigError(
+            f"model.init: {url} is not a readable safetensors file ({err}); "
+            "download or copy it again"
+        ) from None
 
 
 def _shapes_that_differ(params: dict[str, Any], header: dict[str, Any]) -> list[str]:
@@ -103,25 +116,33 @@ def resolve_model_init(cfg: Any) -> Any:
     stored = json.loads(meta.get("mediar_ray_model_params", "{}"))
     given = getattr(cfg.model, "_given", frozenset(MODEL_KEYS))
     fill = {k: stored[k] for k in MODEL_KEYS if k in stored and k not in given}
-    conflicts = [f"model.{k} = {getattr(cfg.model, k)!r} but the checkpoint has {stored[k]!r}"
-                 for k in MODEL_KEYS if k in stored and k in given
-                 and getattr(cfg.model, k) != stored[k]]
+    conflicts = [
+        f"model.{k} = {getattr(cfg.model, k)!r} but the checkpoint has {stored[k]!r}"
+        for k in MODEL_KEYS
+        if k in stored and k in given and getattr(cfg.model, k) != stored[k]
+    ]
     model = dataclasses.replace(cfg.model, **fill)
     model._given = given
     params = {k: getattr(model, k) for k in MODEL_KEYS}
     wrong = _shapes_that_differ(params, header)
     if wrong:
-        why = ("; ".join(conflicts) + ": remove those keys to use the checkpoint's own"
-               if conflicts else "set model.encoder_name, decoder_channels and "
-               "decoder_pab_channels to those it was trained with")
-        raise ConfigError(f"model.init {init} does not fit the model {params} "
-                          f"({len(wrong)} tensors differ, e.g. {wrong[0]}): {why}")
+        why = (
+            "; ".join(conflicts) + ": remove those keys to use the checkpoint's own"
+            if conflicts
+            else "set model.encoder_name, decoder_channels and "
+            "decoder_pab_channels to those it was trained with"
+        )
+        raise ConfigError(
+            f"model.init {init} does not fit the model {params} "
+            f"({len(wrong)} tensors differ, e.g. {wrong[0]}): {why}"
+        )
     for conflict in conflicts:
         log.warning("model.init %s: %s; the config's value is used", init, conflict)
     return dataclasses.replace(cfg, model=model)
 
 
 # --------------------------------------------------------------------------- storage
+
 
 def check_storage(url: str) -> None:
     """Create ``url`` (``run.storage_path``) if needed and write and delete a probe file.
@@ -142,12 +163,15 @@ def check_storage(url: str) -> None:
             f.write(b"ok")
         fs.rm(probe)
     except Exception as err:  # noqa: BLE001 - any failure means: cannot be written
-        raise ConfigError(f"run.storage_path {safe_url(url)} cannot be written "
-                          f"({describe_error(err)}): give a writable folder or bucket "
-                          "with --storage-path") from None
+        raise ConfigError(
+            f"run.storage_path {safe_url(url)} cannot be written "
+            f"({describe_error(err)}): give a writable folder or bucket "
+            "with --storage-path"
+        ) from None
 
 
 # --------------------------------------------------------------------------- run name
+
 
 def pairs_fingerprint(pairs: Sequence[Any]) -> str:
     """SHA-256 (hex, 16 digits) of the sorted (image, label) paths of ``pairs``."""
@@ -169,13 +193,15 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{path}{k}.")]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in _differences(old.get(k), new.get(k), f"{path}{k}.")
+        ]
     return [] if old == new else [path.rstrip(".")]
 
 
-def check_run_name(run_url: str, cfg: Any, fingerprint: str, *, overwrite: bool = False
-                   ) -> None:
+def check_run_name(run_url: str, cfg: Any, fingerprint: str, *, overwrite: bool = False) -> None:
     """Refuse to resume a run whose stored config or pairs differ from this one.
 
     ``fingerprint``: :func:`pairs_fingerprint` of this run's training pairs. With
@@ -193,25 +219,30 @@ def check_run_name(run_url: str, cfg: Any, fingerprint: str, *, overwrite: bool 
     if latest is None:
         return
     state = latest[1]
-    differ = _differences(_comparable(state.get("config") or {}),
-                          _comparable(cfg.to_dict()))
+    differ = _differences(_comparable(state.get("config") or {}), _comparable(cfg.to_dict()))
     if state.get("pairs") not in (None, fingerprint):
         differ.append("training pairs")
     if not differ:
         return
     if overwrite:
-        log.warning("--overwrite: deleting run %s (made with a different %s)",
-                    safe_url(run_url), ", ".join(differ))
+        log.warning(
+            "--overwrite: deleting run %s (made with a different %s)",
+            safe_url(run_url),
+            ", ".join(differ),
+        )
         fs, path = fsspec.core.url_to_fs(run_url)
         fs.rm(path, recursive=True)
         return
-    raise ConfigError(f"run {cfg.name} in {safe_url(run_url)} was made with a different "
-                      f"config or data ({', '.join(differ[:5])}"
-                      f"{' ...' if len(differ) > 5 else ''}): give a new --name, or "
-                      "--overwrite to delete it and start again")
+    raise ConfigError(
+        f"run {cfg.name} in {safe_url(run_url)} was made with a different "
+        f"config or data ({', '.join(differ[:5])}"
+        f"{' ...' if len(differ) > 5 else ''}): give a new --name, or "
+        "--overwrite to delete it and start again"
+    )
 
 
 # --------------------------------------------------------------------------- resources
+
 
 @dataclass(frozen=True)
 class ResourceNeeds:
@@ -226,8 +257,13 @@ class ResourceNeeds:
 
     @classmethod
     def of(cls, run: Any) -> ResourceNeeds:
-        return cls(run.num_workers, run.cpus_per_worker, 1.0 if run.use_gpu else 0.0,
-                   run.loader_workers, run.loader_cpus)
+        return cls(
+            run.num_workers,
+            run.cpus_per_worker,
+            1.0 if run.use_gpu else 0.0,
+            run.loader_workers,
+            run.loader_cpus,
+        )
 
 
 def resource_problem(needs: ResourceNeeds, nodes: Sequence[dict[str, float]]) -> str | None:
@@ -240,22 +276,30 @@ def resource_problem(needs: ResourceNeeds, nodes: Sequence[dict[str, float]]) ->
     free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
     gpus = sum(g for _, g in free)
     if needs.worker_gpus and max((g for _, g in free), default=0) < needs.worker_gpus:
-        return (f"--use-gpu: this Ray cluster has {gpus:g} GPUs; run without --use-gpu "
-                "(run.use_gpu: false) or on a cluster with GPU nodes")
-    asks = ([(needs.worker_cpus, needs.worker_gpus)] * needs.workers
-            + [(needs.loader_cpus, 0.0)] * needs.loaders)
+        return (
+            f"--use-gpu: this Ray cluster has {gpus:g} GPUs; run without --use-gpu "
+            "(run.use_gpu: false) or on a cluster with GPU nodes"
+        )
+    asks = [(needs.worker_cpus, needs.worker_gpus)] * needs.workers + [
+        (needs.loader_cpus, 0.0)
+    ] * needs.loaders
     for cpus, gpu in asks:
         node = next((n for n in free if n[0] + eps >= cpus and n[1] + eps >= gpu), None)
         if node is None:
             total = sum(n.get("CPU", 0.0) for n in nodes)
-            want = (needs.workers * needs.worker_cpus + needs.loaders * needs.loader_cpus)
-            what = (f"{needs.workers} GPU(s) on nodes with {needs.worker_cpus:g} CPUs free"
-                    if gpu else f"{want:g} CPUs")
-            return (f"--num-workers {needs.workers} x run.cpus_per_worker "
-                    f"{needs.worker_cpus:g} + run.loader_workers {needs.loaders} x "
-                    f"run.loader_cpus {needs.loader_cpus:g} need {what}, but this Ray "
-                    f"cluster has {total:g} CPUs and {gpus:g} GPUs: lower --num-workers, "
-                    "run.cpus_per_worker or run.loader_cpus")
+            want = needs.workers * needs.worker_cpus + needs.loaders * needs.loader_cpus
+            what = (
+                f"{needs.workers} GPU(s) on nodes with {needs.worker_cpus:g} CPUs free"
+                if gpu
+                else f"{want:g} CPUs"
+            )
+            return (
+                f"--num-workers {needs.workers} x run.cpus_per_worker "
+                f"{needs.worker_cpus:g} + run.loader_workers {needs.loaders} x "
+                f"run.loader_cpus {needs.loader_cpus:g} need {what}, but this Ray "
+                f"cluster has {total:g} CPUs and {gpus:g} GPUs: lower --num-workers, "
+                "run.cpus_per_worker or run.loader_cpus"
+            )
         node[0] -= cpus
         node[1] -= gpu
     return None
@@ -277,6 +321,7 @@ def _alive_nodes() -> list[dict[str, float]]:
 
     try:
         from ray._private.utils import get_num_cpus
+
         cpus = float(get_num_cpus())
     except Exception:  # noqa: BLE001 - another Ray version
         cpus = float(os.cpu_count() or 1)
@@ -307,13 +352,18 @@ def check_resources(run: Any, *, poll_seconds: float = 5.0) -> None:
 
     if not ray.is_initialized() or not autoscaler_present():
         raise TrainResourceError(problem + " (no autoscaler can add nodes)")
-    log.info("waiting up to %.0f s (run.resource_timeout) for the autoscaler: %s",
-             run.resource_timeout, problem)
+    log.info(
+        "waiting up to %.0f s (run.resource_timeout) for the autoscaler: %s",
+        run.resource_timeout,
+        problem,
+    )
     deadline = time.monotonic() + run.resource_timeout
     while time.monotonic() < deadline:
         time.sleep(poll_seconds)
         problem = resource_problem(needs, _alive_nodes())
         if problem is None:
             return
-    raise TrainResourceError(f"after waiting {run.resource_timeout:.0f} s "
-                             f"(run.resource_timeout) for the autoscaler: {problem}")
+    raise TrainResourceError(
+        f"after waiting {run.resource_timeout:.0f} s "
+        f"(run.resource_timeout) for the autoscaler: {problem}"
+    )

@@ -39,10 +39,17 @@ class StreamPlan:
     start_epoch: int
 
 
-def epoch_batches(epoch: int, seed: int, clusters: np.ndarray | None, n_public: int,
-                  batch_size: int, replay_per_batch: int, min_per_cluster: int,
-                  amplified: bool, cluster_min: dict[int, int] | None = None,
-                  ) -> list[list[tuple[str, int]]]:
+def epoch_batches(
+    epoch: int,
+    seed: int,
+    clusters: np.ndarray | None,
+    n_public: int,
+    batch_size: int,
+    replay_per_batch: int,
+    min_per_cluster: int,
+    amplified: bool,
+    cluster_min: dict[int, int] | None = None,
+) -> list[list[tuple[str, int]]]:
     """The batches of one epoch, each a list of ("main" | "public", index).
 
     Deterministic in (seed, epoch): a rerun, or a resumed run, draws the same samples.
@@ -55,11 +62,12 @@ def epoch_batches(epoch: int, seed: int, clusters: np.ndarray | None, n_public: 
         main = rng.permutation(n)
     order = with_replay(main, n_public, replay_per_batch if n_public else 0, batch_size, rng)
     full = len(order) // batch_size
-    return [list(order[b * batch_size:(b + 1) * batch_size]) for b in range(full)]
+    return [list(order[b * batch_size : (b + 1) * batch_size]) for b in range(full)]
 
 
-def plan_stream(cfg: Any, clusters: np.ndarray, n_public: int, world_size: int,
-                start_epoch: int = 0) -> StreamPlan:
+def plan_stream(
+    cfg: Any, clusters: np.ndarray, n_public: int, world_size: int, start_epoch: int = 0
+) -> StreamPlan:
     """All rows from ``start_epoch`` to the last epoch of ``cfg`` (a TrainConfig).
 
     ``clusters`` (N,) int: the modality cluster of each training pair (all 0 when no
@@ -70,25 +78,40 @@ def plan_stream(cfg: Any, clusters: np.ndarray, n_public: int, world_size: int,
     if unknown:
         raise ValueError(
             f"sampling.cluster_min names cluster(s) {unknown} that no training pair is in "
-            f"(modality table {cfg.data.modality_table}); use ids of that table's clusters")
+            f"(modality table {cfg.data.modality_table}); use ids of that table's clusters"
+        )
     rows = []
     per_epoch = None
     for epoch in range(start_epoch, cfg.optim.epochs):
-        batches = epoch_batches(epoch, cfg.seed, clusters, n_public, cfg.optim.batch_size,
-                                cfg.data.replay_per_batch, cfg.sampling.min_per_cluster,
-                                cfg.sampling.amplified, cfg.sampling.cluster_min)
+        batches = epoch_batches(
+            epoch,
+            cfg.seed,
+            clusters,
+            n_public,
+            cfg.optim.batch_size,
+            cfg.data.replay_per_batch,
+            cfg.sampling.min_per_cluster,
+            cfg.sampling.amplified,
+            cfg.sampling.cluster_min,
+        )
         keep = len(batches) - len(batches) % world_size
         if cfg.run.max_steps_per_epoch:
             keep = min(keep, cfg.run.max_steps_per_epoch * world_size)
         per_epoch = keep if per_epoch is None else min(per_epoch, keep)
         for b, items in enumerate(batches[:keep]):
-            rows.append({"epoch": epoch, "batch": b,
-                         "items": json.dumps([[k, int(i)] for k, i in items]),
-                         "seed": int(np.random.default_rng([cfg.seed, epoch, b]).integers(2**31))})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "batch": b,
+                    "items": json.dumps([[k, int(i)] for k, i in items]),
+                    "seed": int(np.random.default_rng([cfg.seed, epoch, b]).integers(2**31)),
+                }
+            )
     if per_epoch == 0:
         raise ValueError(
             f"an epoch has fewer samples than one batch of {cfg.optim.batch_size} per "
-            f"worker x {world_size} workers: lower optim.batch_size or add data")
+            f"worker x {world_size} workers: lower optim.batch_size or add data"
+        )
     per_epoch = per_epoch or 0
     return StreamPlan(rows, per_epoch, per_epoch // world_size, start_epoch)
 
@@ -139,8 +162,9 @@ class BatchMaker:
     reads the images of minor modalities many times per epoch.
     """
 
-    def __init__(self, train: Sequence[Pair], public: Sequence[Pair], augment: Any,
-                 cache_mb: int = 1024) -> None:
+    def __init__(
+        self, train: Sequence[Pair], public: Sequence[Pair], augment: Any, cache_mb: int = 1024
+    ) -> None:
         import numba
 
         # One numba thread: the actor has a fraction of a core, and idle numba workers
@@ -162,8 +186,10 @@ class BatchMaker:
             return self.cache[pair.image]
         item = (normalize(read_image(pair.image)), read_labels(pair.label))
         if item[0].shape[1:] != item[1].shape:
-            raise ValueError(f"{pair.image} {item[0].shape[1:]} and its labels {pair.label} "
-                             f"{item[1].shape} differ in size")
+            raise ValueError(
+                f"{pair.image} {item[0].shape[1:]} and its labels {pair.label} "
+                f"{item[1].shape} differ in size"
+            )
         self.cache[pair.image] = item
         self.cache_bytes += item[0].nbytes + item[1].nbytes
         while self.cache_bytes > self.cache_limit and len(self.cache) > 1:
@@ -180,16 +206,19 @@ class BatchMaker:
         for kind, index in items:
             pair = self.pairs[kind][index]
             image, labels = self._load(pair)
-            samples.append(augment_sample(image, labels, rng, self.augment,
-                                        public=(kind == "public")))
+            samples.append(
+                augment_sample(image, labels, rng, self.augment, public=(kind == "public"))
+            )
             ids.append(f"{kind}:{index}")
         out = {k: np.stack([s[k] for s in samples]) for k in ("image", "flows", "cell", "valid")}
         out["ids"] = np.array(json.dumps(ids))
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        made = [self.make(json.loads(str(items)), int(seed))
-                for items, seed in zip(batch["items"], batch["seed"])]
+        made = [
+            self.make(json.loads(str(items)), int(seed))
+            for items, seed in zip(batch["items"], batch["seed"])
+        ]
         out = {k: np.stack([m[k] for m in made]) for k in ("image", "flows", "cell", "valid")}
         out["ids"] = np.array([str(m["ids"]) for m in made])
         out["epoch"] = np.asarray(batch["epoch"])

@@ -16,10 +16,18 @@ from mediar_ray.segment import segment_image
 __all__ = ["validate"]
 
 
-def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequence[Any],
-             max_images: int = 0, roi_size: int | None = None, tta: bool = False,
-             per_image: list | None = None, bad: list | None = None, *,
-             precision: str = "auto", sw_batch_size: int | None = None) -> dict[str, float]:
+def validate(
+    models: torch.nn.Module | Sequence[torch.nn.Module],
+    pairs: Sequence[Any],
+    max_images: int = 0,
+    roi_size: int | None = None,
+    tta: bool = False,
+    per_image: list | None = None,
+    bad: list | None = None,
+    *,
+    precision: str = "auto",
+    sw_batch_size: int | None = None,
+) -> dict[str, float]:
     """Segment held-out images as ``mediar-ray segment`` would and score them.
 
     Parameters
@@ -62,27 +70,41 @@ def validate(models: torch.nn.Module | Sequence[torch.nn.Module], pairs: Sequenc
                 truth = read_labels(pair.label)
                 image = read_image(pair.image)
                 if image.shape[:2] != truth.shape:
-                    raise InputError(f"{pair.image} is {image.shape[0]}x{image.shape[1]} "
-                                     f"pixels but its label is {truth.shape[0]}x"
-                                     f"{truth.shape[1]}")
+                    raise InputError(
+                        f"{pair.image} is {image.shape[0]}x{image.shape[1]} "
+                        f"pixels but its label is {truth.shape[0]}x"
+                        f"{truth.shape[1]}"
+                    )
             except UserError as err:  # one bad pair must not lose the other scores
                 if bad is None:
                     raise
-                bad.append(BadPair(pair.label if isinstance(err, LabelError)
-                                   else pair.image, str(err)))
+                bad.append(
+                    BadPair(pair.label if isinstance(err, LabelError) else pair.image, str(err))
+                )
                 continue
-            labels = segment_image(image, models, tta=tta, roi_size=roi_size, device=device,
-                                   precision=precision, sw_batch_size=sw_batch_size).labels
+            labels = segment_image(
+                image,
+                models,
+                tta=tta,
+                roi_size=roi_size,
+                device=device,
+                precision=precision,
+                sw_batch_size=sw_batch_size,
+            ).labels
             score = cellseg_f1(truth, labels)
             scores.setdefault(pair.source, []).append(score.f1)
             if per_image is not None:
-                per_image.append((pair.image, pair.source, score.f1,
-                                  score.tp + score.fn, score.tp + score.fp))
+                per_image.append(
+                    (pair.image, pair.source, score.f1, score.tp + score.fn, score.tp + score.fp)
+                )
     finally:
         for m, training in zip(models, modes):
             m.train(training)
     every = [s for v in scores.values() for s in v]
-    out = {"val_f1": float(np.mean(every)) if every else 0.0, "val_images": len(every),
-           "val_bad": len(bad or [])}
+    out = {
+        "val_f1": float(np.mean(every)) if every else 0.0,
+        "val_images": len(every),
+        "val_bad": len(bad or []),
+    }
     out.update({f"val_f1_{k}": float(np.mean(v)) for k, v in scores.items()})
     return out

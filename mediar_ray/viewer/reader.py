@@ -43,15 +43,20 @@ def _is_output(path: str) -> bool:
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list] | None:
     """npe2 reader contribution: :func:`read_output` for mediar_ray outputs, else None."""
     paths = [path] if isinstance(path, str) else list(path)
-    if not paths or not all(str(p).rstrip("/").endswith(".zarr") and _is_output(str(p))
-                            for p in paths):
+    if not paths or not all(
+        str(p).rstrip("/").endswith(".zarr") and _is_output(str(p)) for p in paths
+    ):
         return None
     return read_output
 
 
 def _placement(p: Pyramid) -> dict[str, Any]:
-    return {"scale": p.scale[0], "translate": p.translation[0], "multiscale": True,
-            "units": p.unit or "pixel"}
+    return {
+        "scale": p.scale[0],
+        "translate": p.translation[0],
+        "multiscale": True,
+        "units": p.unit or "pixel",
+    }
 
 
 def _image(out: SlideOutput) -> LayerData:
@@ -71,8 +76,9 @@ def layer_data(out: SlideOutput) -> list[LayerData]:
     layers = [_image(out)]
     if "tissue" in out.labels:
         t = out.labels["tissue"]
-        layers.append((t.levels, {"name": f"{out.name} tissue", "opacity": 0.25,
-                                  **_placement(t)}, "labels"))
+        layers.append(
+            (t.levels, {"name": f"{out.name} tissue", "opacity": 0.25, **_placement(t)}, "labels")
+        )
     c = out.cells
     meta: dict[str, Any] = {"name": f"{out.name} cells", **_placement(c)}
     try:

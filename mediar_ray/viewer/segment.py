@@ -13,8 +13,6 @@ layer's size in uint32) and the cell rows are read back before the folder is rem
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,14 +22,12 @@ import numpy as np
 import pandas as pd
 
 from mediar_ray.errors import UserError
+from mediar_ray.pipeline.options import PRECISIONS  # the choices of --precision
 
 __all__ = ["PRECISIONS", "Progress", "SegmentRequest", "WidgetResult", "run_segmentation"]
 
 #: Largest side (pixels) segmented in one pass; above it the tiled slide path runs.
 WHOLE_IMAGE_MAX_SIDE = 4096
-#: Choices offered for the network's arithmetic ("auto": what the installed
-#: :func:`mediar_ray.segment.segment_image` picks).
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -71,8 +67,10 @@ def _check_2d(image: Any, rgb: bool) -> None:
     """A napari image layer's data must be what :func:`mediar_ray.io.read_image` returns:
     (H, W) or (H, W, C)."""
     if not (image.ndim == 2 or (image.ndim == 3 and rgb)):
-        raise UserError(f"image layer of shape {image.shape}: the widget segments a 2-D "
-                        "image (grey, or RGB); pick a 2-D layer or slice out one plane")
+        raise UserError(
+            f"image layer of shape {image.shape}: the widget segments a 2-D "
+            "image (grey, or RGB); pick a 2-D layer or slice out one plane"
+        )
 
 
 def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
@@ -81,22 +79,9 @@ def _tiles(image: Any, tile: int) -> Iterator[np.ndarray]:
     h, w = image.shape[:2]
     for y in range(0, h, tile):
         for x in range(0, w, tile):
-            block = np.asarray(image[y:y + tile, x:x + tile])
+            block = np.asarray(image[y : y + tile, x : x + tile])
             pad = [(0, tile - block.shape[0]), (0, tile - block.shape[1])]
             yield np.pad(block, pad + [(0, 0)] * (block.ndim - 2))
-
-
-def _precision_kwargs(precision: str) -> dict[str, Any]:
-    """``precision=`` for segment_image where it takes one; on a build without it only
-    float32 arithmetic exists ("auto" and "float32" are accepted)."""
-    from mediar_ray.segment import segment_image
-
-    if "precision" in inspect.signature(segment_image).parameters:
-        return {"precision": precision}
-    if precision not in ("auto", "float32"):
-        raise UserError(f"precision {precision!r}: this mediar_ray runs the network in "
-                        "float32 only; choose auto or float32")
-    return {}
 
 
 def features_of(labels: np.ndarray, image: np.ndarray, logit: np.ndarray) -> pd.DataFrame:
@@ -115,15 +100,19 @@ def features_of(labels: np.ndarray, image: np.ndarray, logit: np.ndarray) -> pd.
 def _whole(image: np.ndarray, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
     from mediar_ray.segment import load_models, segment_image
 
-    extra = _precision_kwargs(req.precision)
     yield Progress(1, 3, "loading the model")
     models = load_models(req.weights or None, device=req.device)
     yield Progress(2, 3, "segmenting")
-    result = segment_image(image, models, tta=req.tta, device=req.device,
-                           roi_size=req.roi_size, **extra)
+    result = segment_image(
+        image,
+        models,
+        tta=req.tta,
+        device=req.device,
+        roi_size=req.roi_size,
+        precision=req.precision,
+    )
     yield Progress(3, 3, "measuring cells")
-    yield WidgetResult(result.labels, features_of(result.labels, image, result.raw[2]),
-                       tiled=False)
+    yield WidgetResult(result.labels, features_of(result.labels, image, result.raw[2]), tiled=False)
 
 
 def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]:
@@ -137,15 +126,26 @@ def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]
     from mediar_ray.pipeline import SlideOptions, run_slides
     from mediar_ray.segment import resolve_weights
 
-    opts = SlideOptions(weights=resolve_weights(req.weights or None), tta=req.tta,
-                        roi_size=req.roi_size, tile_size=req.tile, tissue="off",
-                        device=req.device, precision=req.precision)
+    opts = SlideOptions(
+        weights=resolve_weights(req.weights or None),
+        tta=req.tta,
+        roi_size=req.roi_size,
+        tile_size=req.tile,
+        tissue="off",
+        device=req.device,
+        precision=req.precision,
+    )
     with tempfile.TemporaryDirectory(prefix="mediar_napari_") as tmp:
         yield Progress(1, 4, "writing the layer as a tiled TIFF")
         path = f"{tmp}/layer.tif"
-        tifffile.imwrite(path, _tiles(image, 256), shape=image.shape, dtype=image.dtype,
-                         tile=(256, 256),
-                         photometric="rgb" if image.ndim == 3 else "minisblack")
+        tifffile.imwrite(
+            path,
+            _tiles(image, 256),
+            shape=image.shape,
+            dtype=image.dtype,
+            tile=(256, 256),
+            photometric="rgb" if image.ndim == 3 else "minisblack",
+        )
         yield Progress(2, 4, "running the slide job's tiled path on a local Ray")
         started = not ray.is_initialized()
         if started:
@@ -167,8 +167,9 @@ def _tiled(image: Any, req: SegmentRequest) -> Iterator[Progress | WidgetResult]
     yield WidgetResult(labels, features, tiled=True)
 
 
-def run_segmentation(image: Any, req: SegmentRequest, *,
-                     rgb: bool = False) -> Iterator[Progress | WidgetResult]:
+def run_segmentation(
+    image: Any, req: SegmentRequest, *, rgb: bool = False
+) -> Iterator[Progress | WidgetResult]:
     """Segment a napari image layer's data, yielding :class:`Progress` between steps
     (where a napari worker may stop) and the :class:`WidgetResult` last.
 
@@ -187,4 +188,3 @@ def run_segmentation(image: Any, req: SegmentRequest, *,
         yield from _whole(np.asarray(image), req)
     else:
         yield from _tiled(image, req)
-

@@ -99,16 +99,20 @@ class SegmentWidget(QWidget):
 
     def _browse(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
-            self, "MEDIAR checkpoints", "", "Checkpoints (*.safetensors *.pth *.pt)")
+            self, "MEDIAR checkpoints", "", "Checkpoints (*.safetensors *.pth *.pt)"
+        )
         if paths:
             self.weights.setText(";".join(paths))
 
     def request(self) -> SegmentRequest:
         """The options as set in the widget."""
         weights = [w.strip() for w in self.weights.text().split(";") if w.strip()]
-        return SegmentRequest(weights=weights, tta=self.tta.isChecked(),
-                              precision=self.precision.currentText(),
-                              roi_size=self.window.value() or None)
+        return SegmentRequest(
+            weights=weights,
+            tta=self.tta.isChecked(),
+            precision=self.precision.currentText(),
+            roi_size=self.window.value() or None,
+        )
 
     def start(self) -> Any:
         """Segment the chosen layer in a worker thread; returns the worker."""
@@ -148,8 +152,13 @@ class SegmentWidget(QWidget):
             return
         self.last_result = item
         self.progress.setValue(self.progress.maximum())
-        self.status.setText(f"{len(item.features)} cells"
-                            + (" (tiled, as the slide job)" if item.tiled else ""))
-        self.viewer.add_labels(item.labels, name=f"{layer.name} cells",
-                               features=item.features, scale=layer.scale[-2:],
-                               translate=layer.translate[-2:])
+        self.status.setText(
+            f"{len(item.features)} cells" + (" (tiled, as the slide job)" if item.tiled else "")
+        )
+        self.viewer.add_labels(
+            item.labels,
+            name=f"{layer.name} cells",
+            features=item.features,
+            scale=layer.scale[-2:],
+            translate=layer.translate[-2:],
+        )
