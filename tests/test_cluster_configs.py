@@ -140,7 +140,12 @@ def test_gpu_slide_job_names_the_released_ensemble(path, ref_dir, monkeypatch):
     spec.loader.exec_module(module)
     args = module.parse_args(entry[2:])
     assert args.config and (CLUSTER.parent / args.config).is_file()
-    assert args.num_gpus_per_worker == 1 and args.workers <= _gpu_groups(doc)
+    from mediar_ray.pipeline.options import SlideOptions
+
+    pool = SlideOptions(workers=args.workers)
+    # elastic: one actor to start, at most one per GPU the cluster may add
+    assert args.num_gpus_per_worker == 1 and pool.min_workers == 1
+    assert pool.max_workers == _gpu_groups(doc)
     assert [w.rsplit("/", 1)[-1] for w in args.weights] == ["from_phase1.pth", "from_phase2.pth"]
     assert all(w.split("://", 1)[0] in ("s3", "gs", "https") for w in args.weights)
     assert not any("your-bucket" in w or "example" in w for w in args.weights)

@@ -154,3 +154,40 @@ def test_losing_the_inference_node_mid_job_gives_identical_labels(tmp_path):
     assert len(records_at_loss) == 1 and 0 < max(records_at_loss.values()) < 16, records_at_loss
     labels, expected = check_outputs(out, ["nuclei"]), check_outputs(ref, ["nuclei"])
     np.testing.assert_array_equal(labels["nuclei"], expected["nuclei"])
+
+
+@pytest.mark.slow
+def test_elastic_pool_grows_over_three_nodes_with_a_fixed_pools_labels(tmp_path):
+    """``--workers 1:3`` on a cluster that starts with no worker node: the job starts with
+    one model actor and, while tiles queue, the pool grows to actors on three nodes that
+    the autoscaler adds; the 4-slide archive's labels equal those of a fixed pool of one
+    actor (a local Ray)."""
+    slides = tmp_path / "slides"
+    shutil.copytree(DEMO, slides)
+    tifffile.imwrite(slides / "phase.tif", read_image(
+        str(REPO.parent / "shared/data/usiigaci_phase/images/train_set1.tif"))[:512, :512])
+    names = sorted(p.name.split(".")[0] for p in slides.iterdir())
+    job = [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(slides),
+           "--no-tta", "--roi-size", "128", "--tile-size", "128", "--halo", "48"]
+    fixed, out = tmp_path / "fixed", tmp_path / "out"
+    subprocess.run([*job, "--output", str(fixed), "--workers", "1"], check=True,
+                   capture_output=True, env={**driver_env(""), "RAY_ADDRESS": "local"},
+                   timeout=1200)
+    workers = {"cpu": {"resources": {"CPU": 1, "object_store_memory": 150 << 20},
+                       "node_config": {}, "min_workers": 0, "max_workers": 3}}
+    with autoscaling_cluster(workers) as head:
+        before = cluster_nodes(head.gcs_address)  # the head only (its autoscaler is up)
+        assert len(before) == 1 and "CPU" not in before[0]["Resources"]
+        result = subprocess.run([*job, "--output", str(out), "--workers", "1:3"],
+                                env=driver_env(head.gcs_address), capture_output=True,
+                                text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["pool"]["min"] == 1 and summary["pool"]["max"] == 3
+    told = [line for line in (result.stdout + result.stderr).splitlines()
+            if "autoscaler" in line or "archive:" in line or "Adding" in line]
+    assert summary["pool"]["peak"] >= 2 and summary["model_nodes"] == 3, (
+        summary["pool"], summary["model_nodes"], told[-30:])
+    labels, expected = check_outputs(out, names), check_outputs(fixed, names)
+    for name in names:
+        np.testing.assert_array_equal(labels[name], expected[name])

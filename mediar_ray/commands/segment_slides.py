@@ -12,7 +12,7 @@ log = logging.getLogger("mediar_ray.slides")
 #: argparse type of each option's annotation (``from __future__ import annotations``
 #: keeps them as text).
 _TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str,
-          "str | None": str, "list[str]": str, "dict[str, Any]": str}
+          "str | None": str, "int | str": str, "list[str]": str, "dict[str, Any]": str}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

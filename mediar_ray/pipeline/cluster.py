@@ -119,12 +119,12 @@ def _check_room_for_stages(opts: SlideOptions, nodes: list[dict]) -> None:
     cpus, gpus = opts.actor_cpus(), opts.num_gpus_per_worker
     fits = 0
     for r in nodes:
-        per_node = int(r.get("CPU", 0) // cpus) if cpus else opts.workers
+        per_node = int(r.get("CPU", 0) // cpus) if cpus else opts.max_workers
         if gpus:
             per_node = min(per_node, int(r.get("GPU", 0) // gpus))
         fits += per_node
     total = sum(r.get("CPU", 0) for r in nodes)
-    held = min(fits, opts.workers) * cpus
+    held = min(fits, opts.max_workers) * cpus  # the pool may grow to its maximum
     if total - held < opts.cpus_per_task - 1e-9:
         raise ResourceError(
             f"--workers {opts.workers} x --cpus-per-worker {cpus:g} hold {held:g} of this "

@@ -1,63 +1,132 @@
-"""The archive engine: one streaming job over every slide, model actors never waiting.
+"""The archive engine on Ray Data: one streaming dataset of tiles over a pool of model actors.
 
-One pool of model actors (:class:`~mediar_ray.pipeline.actors.InferenceActor`, models
-loaded once each) lives for the whole job and is fed the tiles of all slides. Each slide
-is prepared (fingerprint, skip/plan: :func:`~mediar_ray.pipeline.plan.prepare_slide`) by
-a CPU task; its tiles join the queue; when its last tile is inferred, a CPU task
-finishes it (:func:`~mediar_ray.pipeline.finish.finish_slide`) while the actors infer
-other slides. No slide is planned before one actor has loaded the models (strictly:
-a checkpoint that does not fit stops the job there). The driver only orders and
-throttles:
+How the job maps onto Ray Data (one :class:`ray.data.Dataset` per job)::
 
-- slides are admitted in input order while fewer than ``slides_in_flight`` are being
-  prepared, inferred or finished and while the tile queue is short (fewer than four
-  tiles per actor), so the next slide is planned before the pool runs dry, and scratch
-  storage and memory stay bounded however large the archive;
-- each actor has one tile in flight, two while the queue is long, so it never waits for
-  the driver between tiles;
-- Ray restarts a dead actor and retries its tile; plan and finish tasks retry too.
+    slides (one row, one block each, input order)
+      -> flat_map(plan_rows)        CPU tasks (--cpus-per-task): gate, lease, prepare/plan;
+                                    one row per tile still to infer, or one row saying
+                                    what became of the slide (skipped, failed, ...)
+                                    (one row per block: target_max_block_size=1; Ray
+                                    Data never splits a block, and a block of all a
+                                    slide's tiles would go to one actor)
+      -> map_batches(TileInferer)   the model actors, ActorPoolStrategy(min, max) from
+                                    --workers N or MIN:MAX, one tile per call
+      -> iter_rows() on the driver  TileRecords in completion order; a slide's finish
+                                    task (gather, track, relabel, tables, pyramids, marker)
+                                    starts as soon as its last tile is in
+
+Ray Data grows the pool while tiles queue and shrinks it when they drain, applies
+backpressure, restarts dead actors and retries their tiles, and shows nothing (its
+progress bars are off: the driver logs today's progress lines). What it does not do, and
+this module does:
+
+- **The gate bounds slides in flight.** Ray Data's backpressure counts bytes and
+  resources; tile records are tiny, so planning would run ahead through the whole
+  archive and fill scratch storage. A small actor (:class:`SlideGate`) admits at most
+  ``--max-slides-in-flight`` slides: a plan task acquires a place before it plans, and
+  the place is given back when the slide has finished (the finish task's completion
+  callback), failed (the plan task or the model actor that saw the failure) or was
+  skipped. It is never given back by the loop that reads the dataset: that loop waits
+  for tiles that only a freed place lets be planned, so it would deadlock.
+- **Planning stays out of the model actors.** A task stage with the model stage's
+  resources fuses into the actors; the plan stage asks for ``--cpus-per-task`` CPUs and
+  a bounded task pool, so ``ds.explain()`` shows it as its own operator.
+- **A failing tile fails its slide, never the dataset.** A UDF exception aborts the
+  whole dataset, so :class:`TileInferer` catches per tile and emits a failed record. A
+  tile that kills its actor is retried by Ray forever; the gate counts attempts, and
+  after :data:`MAX_TILE_ATTEMPTS` the tile is failed without running it.
+- **No progress timeout.** Long plans, finishes or waits for a GPU node must not abort
+  the dataset (``execution_no_progress_timeout_s`` is disabled).
+- **The pool's peak size** is computed from the tile records (actor, start, end).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import queue
+import socket
+import tempfile
+import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any, Iterable
 
 from mediar_ray.pipeline.cluster import ResourceError
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.utilization import all_busy_fraction
 
-__all__ = ["ArchiveRun"]
+__all__ = ["ArchiveRun", "Outcome", "SlideGate", "TileInferer", "TileRecord", "build_dataset",
+           "peak_overlap"]
 
 log = logging.getLogger("mediar_ray.slides")
 
 #: Seconds between progress lines of the archive while tiles are inferred.
 PROGRESS_EVERY = 10.0
-#: Times one actor slot is re-created after Ray reports its actor dead for good (its
-#: restarts exhausted, or its creation cancelled before it started), after a pause of
-#: 1, 2, 4, ... 30 s (about 1.5 min in all); then the job stops with the slides not ended
-#: listed as failed.
-MAX_REPLACEMENTS = 7
+#: Times a tile is started on a model actor before its slide fails: a tile that kills
+#: its actor every time (Ray restarts the actor and retries the tile forever) stops here.
+MAX_TILE_ATTEMPTS = 3
+#: Environment variable (tests only) naming a slide whose tiles end their model actor's
+#: process on every attempt, as a tile that crashes the device would.
+KILL_SLIDE_ENV = "MEDIAR_TEST_KILL_SLIDE"
+
+
+class Outcome(str, Enum):
+    """What a :class:`TileRecord` says."""
+
+    TO_INFER = "to_infer"      # a tile the plan stage sent to the model actors
+    INFERRED = "inferred"      # ... inferred (its partial chunk and done record written)
+    PLANNED_EMPTY = "empty"    # a planned slide whose tiles were all inferred before
+    SKIPPED = "skipped"        # complete already
+    ELSEWHERE = "elsewhere"    # another live job holds the slide's lease
+    FAILED = "failed"          # the slide failed (plan, or one of its tiles)
+    CANCELLED = "cancelled"    # a tile of a slide that failed already: not run
 
 
 @dataclass
-class _Slide:
-    url: str
-    name: str
-    state: str = "preparing"          # preparing -> inferring -> finishing
+class TileRecord:
+    """The one row schema of the dataset after planning: a tile (to infer, or inferred)
+    or, with ``tile`` empty, what became of a slide. Empty strings and zeros stand for
+    "none" so that every block has the same columns and types."""
+
+    slide: str
+    outcome: str
+    tile: str = ""              # the tile's JSON (:class:`.layout.Tile`)
+    tile_name: str = ""
     plan_json: str = ""
-    plan_ref: Any = None
-    tiles_total: int = 0
-    tiles_left: int = 0               # queued or running
-    running: int = 0
-    started: float | None = None      # first tile start (actor clock)
-    ended: float | None = None        # last tile end
-    seconds: dict[str, float] = field(default_factory=dict)
-    windows: dict[str, int] = field(default_factory=lambda: {"run": 0, "skipped": 0})
-    failed: bool = False
+    tiles_total: int = 0        # tiles of the slide still to infer when it was planned
+    windows_skipped: int = 0    # windows no tile the model sees owns (glass)
+    plan_seconds: float = 0.0
+    reused: bool = False
+    note: str = ""              # skip note, failure reason or the lease holder
+    actor: str = ""             # the model actor that inferred the tile
+    node: str = ""
+    start: float = 0.0          # actor clock, seconds since the epoch
+    end: float = 0.0
+    windows_run: int = 0
+    windows_skipped_tile: int = 0
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TileRecord":
+        """A record from a dataset row (numpy or Arrow scalars turned into Python's)."""
+        values = {}
+        for f in fields(cls):
+            v = row[f.name]
+            v = v.item() if hasattr(v, "item") else v
+            values[f.name] = {"str": str, "int": int, "float": float, "bool": bool}[f.type](v)
+        return cls(**values)
+
+
+def _columns(records: list[TileRecord]) -> dict[str, list]:
+    return {f.name: [getattr(r, f.name) for r in records] for f in fields(TileRecord)}
+
+
+def _records(batch: dict[str, Any]) -> list[TileRecord]:
+    n = len(batch["slide"])
+    return [TileRecord.from_row({k: batch[k][i] for k in batch}) for i in range(n)]
 
 
 def _reason(err: BaseException) -> str:
@@ -69,16 +138,261 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}".strip()
 
 
-def _warm_up() -> None:
-    """Import what the CPU stages need (run once, as a task, to start a worker)."""
-    import mediar_ray.pipeline.finish  # noqa: F401
-    import mediar_ray.pipeline.plan  # noqa: F401
+# -- the gate ---------------------------------------------------------------------------
+class SlideGate:
+    """Admits at most ``limit`` slides between planning and their end, and counts the
+    attempts of each tile (an async Ray actor; it outlives the model actors' restarts).
+
+    It records the most slides it ever admitted at once, for the run summary and tests.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self.active: set[str] = set()
+        self.failed: set[str] = set()
+        self.attempts: dict[tuple[str, str], int] = {}
+        self.peak = 0
+        self._changed = None  # asyncio.Condition, made in the actor's event loop
+
+    def _cond(self):
+        import asyncio
+
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def acquire(self, slide: str) -> None:
+        """Wait for a place, then hold it for ``slide``."""
+        cond = self._cond()
+        async with cond:
+            await cond.wait_for(lambda: len(self.active) < self.limit)
+            self.active.add(slide)
+            self.peak = max(self.peak, len(self.active))
+
+    async def release(self, slide: str) -> None:
+        """``slide`` ended (finished, skipped or failed): its place is free."""
+        cond = self._cond()
+        async with cond:
+            self.active.discard(slide)
+            cond.notify_all()
+
+    async def fail(self, slide: str) -> None:
+        """``slide`` failed: its other tiles are not run, its place is free."""
+        self.failed.add(slide)
+        await self.release(slide)
+
+    async def attempt(self, slide: str, tile: str) -> int:
+        """Count one more start of ``tile``; returns the count, or 0 when its slide
+        failed already (the tile is not to be run)."""
+        if slide in self.failed:
+            return 0
+        key = (slide, tile)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key]
+
+    async def state(self) -> dict[str, Any]:
+        """{"active": slides holding a place, "peak": most ever held at once}."""
+        return {"active": sorted(self.active), "peak": self.peak}
 
 
+# -- the plan stage ---------------------------------------------------------------------
+def plan_rows(row: dict[str, Any], *, gate: Any, output: str, opts: SlideOptions,
+              weight_hashes: list[str], job: str) -> list[dict[str, Any]]:
+    """The plan stage of one slide (a Ray Data task): wait at the gate, claim the lease,
+    skip or plan (:func:`~mediar_ray.pipeline.plan.prepare_slide`); returns one
+    :class:`TileRecord` row per tile to infer, or one saying what became of the slide.
+    The gate's place is given back here unless the slide goes on to the model actors.
+    It never raises: an exception would abort the whole dataset."""
+    import ray
+
+    from mediar_ray.pipeline.lease import Leases
+
+    url, name, mpp = json.loads(row["spec"])
+    _warm_numba_once_per_node()  # CPU-only nodes run finish tasks, never a model actor
+    ray.get(gate.acquire.remote(name))
+    leases = Leases(output, job=job)
+    try:
+        records = _plan_slide(url, name, mpp, leases, output, opts, weight_hashes)
+    except Exception as err:  # noqa: BLE001 - one slide's failure, reported per slide
+        records = [TileRecord(name, Outcome.FAILED.value, note=_reason(err))]
+    if records[0].outcome != Outcome.TO_INFER.value:
+        if records[0].outcome != Outcome.PLANNED_EMPTY.value:
+            ray.get(gate.release.remote(name))
+        if records[0].outcome in (Outcome.SKIPPED.value, Outcome.FAILED.value):
+            leases.release(name)
+    return [asdict(r) for r in records]
+
+
+def _plan_slide(url: str, name: str, mpp: float | None, leases: Any, output: str,
+                opts: SlideOptions, weight_hashes: list[str]) -> list[TileRecord]:
+    from mediar_ray.pipeline.layout import Tile
+    from mediar_ray.pipeline.plan import prepare_slide
+
+    holder = leases.claim(name)
+    if holder is not None:
+        return [TileRecord(name, Outcome.ELSEWHERE.value, note=holder)]
+    result = prepare_slide(url, name, output, opts, weight_hashes, mpp)
+    if result["kind"] == "skip":
+        return [TileRecord(name, Outcome.SKIPPED.value, note=result.get("note") or "")]
+    if result["kind"] != "planned":
+        return [TileRecord(name, Outcome.FAILED.value, note=result["reason"])]
+    planned = result["planned"]
+    common = dict(plan_json=planned.plan_json, tiles_total=len(planned.tiles),
+                  windows_skipped=planned.windows_skipped, plan_seconds=result["seconds"],
+                  reused=planned.reused)
+    if not planned.tiles:
+        return [TileRecord(name, Outcome.PLANNED_EMPTY.value, **common)]
+    return [TileRecord(name, Outcome.TO_INFER.value, tile=t,
+                       tile_name=Tile(**json.loads(t)).name, **common)
+            for t in planned.tiles]
+
+
+# -- the model stage --------------------------------------------------------------------
+def _warm_numba_once_per_node() -> None:
+    """Compile flow tracking's numba kernels once per node, in the background: the first
+    process on a node to get here does it (an exclusive file marks the node), and every
+    later process on the node finds them in numba's on-disk cache."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    mark = os.path.join(tempfile.gettempdir(), f"mediar_ray_numba_warm_{node}")
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError:
+        return  # another process on this node warms (or warmed) them
+
+    def warm() -> None:
+        from mediar_ray.dynamics.warm import warm as compile_kernels
+
+        try:
+            compile_kernels()
+        except Exception as err:  # noqa: BLE001 - a cold cache only costs time
+            log.warning("numba kernels not warmed on this node (%s)", err)
+
+    threading.Thread(target=warm, name="mediar-numba-warm", daemon=True).start()
+
+
+class TileInferer:
+    """The model stage: a callable class run by Ray Data's actor pool. ``__init__`` loads
+    the models once (:class:`~mediar_ray.pipeline.actors.InferenceActor`); ``__call__``
+    infers a batch of tile rows and returns their records. It never raises for a tile: a
+    failing tile becomes a :data:`Outcome.FAILED` record and fails its slide at the gate.
+    """
+
+    def __init__(self, opts: SlideOptions, gate: Any, kill_slide: str = "") -> None:
+        from mediar_ray.pipeline.actors import InferenceActor
+
+        cpus = opts.actor_cpus()
+        device = "cuda" if opts.gpu else opts.device
+        self.model = InferenceActor(opts.weights, opts.model_config, opts.tta, device,
+                                    max(1, round(cpus)), precision=opts.precision,
+                                    batch_size=opts.batch_size)
+        self.gate, self.kill_slide = gate, kill_slide
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        _warm_numba_once_per_node()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """The records of a batch of rows (columns in, columns out)."""
+        return _columns([self._one(r) for r in _records(batch)])
+
+    def _one(self, rec: TileRecord) -> TileRecord:
+        import ray
+        import torch
+
+        if rec.outcome != Outcome.TO_INFER.value:
+            return rec  # what became of a slide: passed on to the driver
+        attempt = ray.get(self.gate.attempt.remote(rec.slide, rec.tile_name))
+        if attempt == 0:
+            rec.outcome = Outcome.CANCELLED.value
+            return rec
+        if attempt > MAX_TILE_ATTEMPTS:
+            return self._failed(rec, f"tile {rec.tile_name} ended its model actor "
+                                f"{MAX_TILE_ATTEMPTS} times")
+        if self.kill_slide and rec.slide == self.kill_slide:  # tests: a crashing tile
+            logging.shutdown()
+            os._exit(1)
+        try:
+            with torch.inference_mode():
+                result = self.model.infer(rec.plan_json, rec.tile)
+        except Exception as err:  # noqa: BLE001 - the slide fails, the dataset goes on
+            return self._failed(rec, f"tile {rec.tile_name}: {_reason(err)}")
+        rec.outcome = Outcome.INFERRED.value
+        rec.actor, rec.node = self.id, result["node"]
+        rec.start, rec.end = result["start"], result["end"]
+        rec.windows_run, rec.windows_skipped_tile = (result["windows_run"],
+                                                     result["windows_skipped"])
+        rec.tile = ""
+        return rec
+
+    def _failed(self, rec: TileRecord, reason: str) -> TileRecord:
+        self.gate.fail.remote(rec.slide)
+        rec.outcome, rec.note = Outcome.FAILED.value, reason
+        return rec
+
+
+def build_dataset(slides: list[tuple[str, str, float | None]], output: str,
+                  opts: SlideOptions, weight_hashes: list[str], *, gate: Any, job: str,
+                  kill_slide: str = ""):
+    """The job's dataset (lazy): slides -> plan -> one tile per block -> model actors."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    rows = [{"spec": json.dumps([url, name, mpp])} for url, name, mpp in slides]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.flat_map(plan_rows, fn_kwargs=dict(gate=gate, output=output, opts=opts,
+                                               weight_hashes=weight_hashes, job=job),
+                     num_cpus=opts.cpus_per_task,
+                     compute=TaskPoolStrategy(size=min(len(rows), opts.slides_in_flight())))
+    return ds.map_batches(
+        TileInferer, fn_constructor_kwargs=dict(opts=opts, gate=gate, kill_slide=kill_slide),
+        compute=ActorPoolStrategy(min_size=opts.min_workers, max_size=opts.max_workers,
+                                  initial_size=opts.min_workers,
+                                  max_tasks_in_flight_per_actor=2),
+        batch_size=1, batch_format="numpy", num_cpus=opts.actor_cpus(),
+        num_gpus=opts.num_gpus_per_worker or None)
+
+
+def data_context(opts: SlideOptions, *, wait_for_nodes: bool):
+    """The Ray Data settings of the slide job (see the module docstring): a copy of the
+    current :class:`ray.data.DataContext`, for ``DataContext.current(...)``, so that
+    other datasets of the process keep theirs."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current().copy()
+    ctx.enable_progress_bars = False          # one progress display: the driver's lines
+    ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = -1  # long plans/finishes/node waits are progress
+    # The minimum pool loads the models before any slide is planned: a checkpoint that
+    # does not fit stops the job there, with nothing written.
+    # One tile per block: Ray Data never splits a block, and a slide's tiles in one block
+    # would all go to one actor. (A repartition stage would ask for a whole CPU, which a
+    # 2-CPU node holding two model actors never has: the job would hang.)
+    ctx.target_max_block_size = 1
+    ctx.wait_for_min_actors_s = int(opts.resource_timeout) if wait_for_nodes else 3600
+    ctx.actor_task_retry_on_errors = False
+    return ctx
+
+
+def peak_overlap(spans: Iterable[tuple[float, float]]) -> int:
+    """Most intervals open at once (an actor's first tile start to its last tile end).
+
+    >>> peak_overlap([(0, 4), (1, 2), (3, 5)])
+    2
+    """
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans],
+                    key=lambda e: (e[0], e[1]))
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+# -- the driver -------------------------------------------------------------------------
 def _load_error(err: BaseException) -> Exception:
-    """The error of a model actor that died loading the models: a
-    :class:`~mediar_ray.weights.CheckpointError` (its message names the file and the
-    fix) when a checkpoint was at fault, else a RuntimeError."""
+    """The error to raise when the model actors could not start: a
+    :class:`~mediar_ray.weights.CheckpointError` when a checkpoint was at fault, a
+    :class:`.cluster.ResourceError` when no node could hold one, else a RuntimeError."""
     from mediar_ray.weights import CheckpointError
 
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -86,288 +400,269 @@ def _load_error(err: BaseException) -> Exception:
         name, _, message = line.partition(": ")
         if name.rsplit(".", 1)[-1] == "CheckpointError":
             return CheckpointError(message)
-    return RuntimeError(f"the model actors could not start: {lines[-1] if lines else err}")
+    if any("Timed out while starting actors" in line for line in lines):
+        return ResourceError("no node able to hold a model actor joined in time "
+                             "(--resource-timeout)")
+    return RuntimeError(f"the slide job stopped: {lines[-1] if lines else err}")
+
+
+@dataclass
+class _Slide:
+    plan_json: str
+    tiles_total: int
+    tiles_in: int = 0
+    started: float | None = None
+    ended: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=lambda: {"run": 0, "skipped": 0})
 
 
 class ArchiveRun:
     """One job over ``slides`` ((url, output name, pixel-size override)) into ``output``.
 
     ``run()`` returns the report: done (cells, seconds per stage), skipped, failed
-    (reason), and the pool's utilisation.
+    (reason), elsewhere, the pool's utilisation and sizes.
     """
 
     def __init__(self, slides: list[tuple[str, str, float | None]], output: str,
-                 opts: SlideOptions,
-                 weight_hashes: list[str], wait_for_nodes: bool = False) -> None:
-        self.waiting = deque(slides)
-        self.total = len(slides)
+                 opts: SlideOptions, weight_hashes: list[str],
+                 wait_for_nodes: bool = False) -> None:
+        self.slides, self.total = slides, len(slides)
         self.output, self.opts, self.weight_hashes = output, opts, weight_hashes
         self.wait_for_nodes = wait_for_nodes
-        self.active: dict[str, _Slide] = {}
-        self.queue: deque[tuple[str, str]] = deque()  # (slide name, tile JSON)
-        self.pending: dict[Any, tuple] = {}             # ObjectRef -> what it is
         self.report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "notes": {},
                                        "elsewhere": {}}
-        self.leases = None  # a .lease.Leases: slides another live job holds are left to it
-        self.intervals: list[list[tuple[float, float]]] = []
+        self.leases = None  # a .lease.Leases: its job id is the plan tasks' too
+        self.planned: dict[str, _Slide] = {}     # slides with tiles in the stream
+        self.finishing: dict[str, Any] = {}      # name -> ObjectRef of its finish task
+        self.ended: queue.Queue = queue.Queue()  # (name, finish future), from callbacks
+        self.intervals: dict[str, list[tuple[float, float]]] = {}
         self.nodes: set[str] = set()
         self.tiles_done = 0
+        self.gate = None
+        self.gate_peak = 0
+        self.elastic = False    # an elastic pool on an autoscaling cluster
+        self._requested = -1    # model actors the autoscaler was last asked to make room for
         self._last_progress = 0.0
         self._t0 = time.perf_counter()
 
-    # -- setup ------------------------------------------------------------------------
-    def _start_actors(self) -> None:
+    def in_flight(self) -> list[str]:
+        """Slides this job holds (planned or planning, not ended): their leases are kept
+        alive. Asked of the gate, from the lease thread."""
         import ray
 
-        from mediar_ray.pipeline.actors import InferenceActor
+        if self.gate is None:
+            return []
+        r = self.report
+        ended = {*r["done"], *r["failed"], *r["skipped"], *r["elsewhere"]}
+        # the gate may not have heard of a slide's end yet: its lease is not renewed
+        names = [n for n in ray.get(self.gate.state.remote(), timeout=30)["active"]
+                 if n not in ended]
+        if self.leases is not None:
+            for name in names:  # claimed by a plan task under this job's id
+                self.leases.held.setdefault(name, time.time())
+        return names
 
-        opts = self.opts
-        cpus = opts.actor_cpus()
-        actor = ray.remote(InferenceActor).options(
-            num_cpus=cpus, num_gpus=opts.num_gpus_per_worker, max_restarts=-1,
-            max_task_retries=-1, scheduling_strategy="SPREAD")
-        device = "cuda" if opts.gpu else opts.device
-        self._new_actor = lambda: actor.remote(opts.weights, opts.model_config, opts.tta,
-                                               device, max(1, round(cpus)),
-                                               precision=opts.precision,
-                                               batch_size=opts.batch_size)
-        self.actors = [self._new_actor() for _ in range(opts.workers)]
-        self.generation = [0] * len(self.actors)
-        self.load = [0] * len(self.actors)
-        self.intervals = [[] for _ in self.actors]
-        # A CPU-stage worker starts (imports) while the models load, not after.
-        ray.remote(_warm_up).options(num_cpus=opts.cpus_per_task).remote()
-        self._await_models(cpus)
-
-    def _await_models(self, cpus: float) -> None:
-        """Return when one model actor has loaded the models. They load strictly, so a
-        checkpoint that does not fit the model raises here, before any slide is planned;
-        with ``wait_for_nodes`` (an autoscaler may add the nodes) the wait is bounded."""
+    def run(self) -> dict[str, Any]:
+        """Run the dataset to its end and every slide's finish; returns the report."""
         import ray
-
-        opts = self.opts
-        timeout = opts.resource_timeout if self.wait_for_nodes else None
-        ready, _ = ray.wait([a.node.remote() for a in self.actors], num_returns=1,
-                            timeout=timeout)
-        if not ready:
-            raise ResourceError(
-                f"no node able to hold a model actor ({cpus:g} CPU, "
-                f"{opts.num_gpus_per_worker:g} GPU) joined within "
-                f"{opts.resource_timeout:.0f} s (--resource-timeout)")
-        try:
-            ray.get(ready[0])
-        except ray.exceptions.ActorDiedError as err:
-            raise _load_error(err) from None
-
-    def _tasks(self) -> None:
-        import ray
+        from ray.data import DataContext
 
         from mediar_ray.pipeline.finish import finish_slide
-        from mediar_ray.pipeline.plan import prepare_slide
 
-        cpus = self.opts.cpus_per_task
-        self.prepare_task = ray.remote(prepare_slide).options(num_cpus=cpus, max_retries=3)
-        self.finish_task = ray.remote(finish_slide).options(num_cpus=cpus, max_retries=3)
+        if not self.slides:
+            return self._report()
+        from mediar_ray.pipeline.cluster import autoscaler_present
 
-    # -- the loop ---------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        import ray
-
-        self._tasks()
-        self._start_actors()
-        while self.waiting or self.active:
-            self._admit()
-            self._dispatch()
-            if not self.pending:
-                raise RuntimeError("internal: slides in flight but nothing pending")
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=PROGRESS_EVERY)
-            for ref in ready:
-                self._handle(ref, self.pending.pop(ref))
-            self._progress()
-        self.report["utilization"] = self.utilization()
-        self.report["model_nodes"] = len(self.nodes)
-        for actor in self.actors:
-            ray.kill(actor)
-        return self.report
-
-    def _admit(self) -> None:
-        limit, lookahead = self.opts.slides_in_flight(), 4 * len(self.actors)
-        preparing = sum(s.state == "preparing" for s in self.active.values())
-        while self.waiting and len(self.active) < limit and len(self.queue) + preparing < lookahead:
-            url, name, mpp = self.waiting.popleft()
-            holder = self.leases.claim(name) if self.leases is not None else None
-            if holder is not None:
-                log.info("%s: in progress elsewhere (job %s holds it), left to it", name, holder)
-                self.report["elsewhere"][name] = holder
-                continue
-            self.active[name] = _Slide(url, name)
-            ref = self.prepare_task.remote(url, name, self.output, self.opts,
-                                           self.weight_hashes, mpp)
-            self.pending[ref] = ("prepare", name)
-            preparing += 1
-
-    def _dispatch(self) -> None:
-        for i, actor in enumerate(self.actors):
-            depth = 2 if len(self.queue) >= 2 * len(self.actors) else 1
-            while self.load[i] < depth and self.queue:
-                name, tile_json = self.queue.popleft()
-                slide = self.active.get(name)
-                if slide is None or slide.failed:
-                    continue
-                ref = actor.infer.remote(slide.plan_ref, tile_json)
-                self.pending[ref] = ("tile", name, i, tile_json, self.generation[i])
-                self.load[i] += 1
-                slide.running += 1
-
-    def _handle(self, ref: Any, what: tuple) -> None:
-        import ray
-
-        kind, name = what[0], what[1]
-        slide = self.active[name]
+        self.elastic = self.opts.max_workers > self.opts.min_workers and autoscaler_present()
+        self.gate = ray.remote(SlideGate).options(num_cpus=0, max_concurrency=1000).remote(
+            self.opts.slides_in_flight())
+        self.finish_task = ray.remote(finish_slide).options(num_cpus=self.opts.cpus_per_task,
+                                                           max_retries=3)
+        job = self.leases.job if self.leases is not None else uuid.uuid4().hex
         try:
-            result = ray.get(ref)
-        except ray.exceptions.ActorDiedError as err:  # restarts exhausted or init failed
-            if kind == "tile":
-                self._actor_died(slide, *what[2:], err)
-            else:
-                self._fail(slide, _reason(err))
-            return
-        except Exception as err:  # noqa: BLE001 - one slide's failure, reported per slide
-            if kind == "tile":
-                self._tile_ended(slide, what[2], what[4])
-            if slide.failed:
-                self._forget_if_idle(slide)
-            else:
-                self._fail(slide, _reason(err))
-            return
-        getattr(self, f"_on_{kind}")(slide, result, *what[2:])
+            with DataContext.current(data_context(self.opts,
+                                                  wait_for_nodes=self.wait_for_nodes)):
+                ds = build_dataset(self.slides, self.output, self.opts, self.weight_hashes,
+                                   gate=self.gate, job=job,
+                                   kill_slide=os.environ.get(KILL_SLIDE_ENV, ""))
+                for row in ds.iter_rows():
+                    self._on_record(TileRecord.from_row(row))
+                    self._collect()
+                    self._progress()
+                    self._hint_autoscaler()
+        except Exception as err:  # the dataset itself stopped (model actors could not start)
+            log.debug("the dataset stopped", exc_info=True)
+            self._report()
+            if self.tiles_done == 0:
+                raise _load_error(err) from None
+            raise RuntimeError(f"the slide job stopped: {_reason(err)}") from None
+        finally:
+            self._hint_autoscaler(end=True)
+        while self.finishing:
+            self._collect(block=True)
+            self._progress()
+        self.gate_peak = ray.get(self.gate.state.remote())["peak"]
+        ray.kill(self.gate)
+        return self._report()
 
-    def _on_prepare(self, slide: _Slide, result: dict) -> None:
-        import ray
+    # -- records ----------------------------------------------------------------------
+    def _on_record(self, rec: TileRecord) -> None:
+        outcome = Outcome(rec.outcome)
+        if outcome is Outcome.ELSEWHERE:
+            log.info("%s: in progress elsewhere (job %s holds it), left to it", rec.slide,
+                     rec.note)
+            self.report["elsewhere"][rec.slide] = rec.note
+        elif outcome is Outcome.SKIPPED:
+            log.info("%s: complete already, skipped (--overwrite to redo)%s", rec.slide,
+                     f"; {rec.note}" if rec.note else "")
+            self.report["skipped"].append(rec.slide)
+            if rec.note:
+                self.report["notes"][rec.slide] = rec.note
+        elif outcome is Outcome.FAILED:
+            self._fail(rec.slide, rec.note)
+        elif outcome is Outcome.PLANNED_EMPTY:
+            self._finish(rec.slide, self._slide(rec))
+        elif outcome is Outcome.INFERRED:
+            self._on_tile(rec)
 
-        if result["kind"] == "skip":
-            log.info("%s: complete already, skipped (--overwrite to redo)%s", slide.name,
-                     f"; {result['note']}" if result.get("note") else "")
-            self.report["skipped"].append(slide.name)
-            if result.get("note"):
-                self.report["notes"][slide.name] = result["note"]
-            del self.active[slide.name]
-            return
-        if result["kind"] == "stale":
-            self._fail(slide, result["reason"])
-            return
-        planned = result["planned"]
-        slide.seconds["plan"] = result["seconds"]
-        slide.plan_json = planned.plan_json
-        slide.plan_ref = ray.put(planned.plan_json)  # once, not once per tile
-        slide.tiles_total = slide.tiles_left = len(planned.tiles)
-        slide.windows["skipped"] += planned.windows_skipped
-        slide.state = "inferring"
-        log.info("%s: planned, %d tile(s) to infer%s", slide.name, len(planned.tiles),
-                 " (earlier state reused)" if planned.reused else "")
-        self.queue.extend((slide.name, t) for t in planned.tiles)
-        if not planned.tiles:
-            self._finish(slide)
+    def _slide(self, rec: TileRecord) -> _Slide:
+        slide = self.planned.get(rec.slide)
+        if slide is None:
+            slide = self.planned[rec.slide] = _Slide(rec.plan_json, rec.tiles_total)
+            slide.seconds["plan"] = rec.plan_seconds
+            slide.windows["skipped"] += rec.windows_skipped
+            log.info("%s: planned, %d tile(s) to infer%s", rec.slide, rec.tiles_total,
+                     " (earlier state reused)" if rec.reused else "")
+        return slide
 
-    def _tile_ended(self, slide: _Slide, actor: int, generation: int) -> None:
-        if generation == self.generation[actor]:
-            self.load[actor] -= 1
-        slide.running -= 1
-
-    def _actor_died(self, slide: _Slide, actor: int, tile_json: str, generation: int,
-                    err: BaseException) -> None:
-        """Ray gave up on an actor: put its tile back in the queue and, the first time
-        one of its tiles reports it, start a new actor in its slot (bounded)."""
-        self._tile_ended(slide, actor, generation)
-        if generation == self.generation[actor]:
-            if self.generation[actor] >= MAX_REPLACEMENTS:
-                raise RuntimeError(
-                    f"the model actors could not be restarted: {_reason(err)}") from None
-            pause = min(30.0, 2.0 ** self.generation[actor])
-            log.warning("model actor %d died (%s): a new one in %.0f s", actor,
-                        " | ".join(str(err).split("\n")), pause)
-            time.sleep(pause)  # the driver only; tasks and the other actors go on
-            self.actors[actor] = self._new_actor()
-            self.generation[actor] += 1
-            self.load[actor] = 0
-        if slide.failed:
-            self._forget_if_idle(slide)
-        else:
-            self.queue.appendleft((slide.name, tile_json))
-
-    def _on_tile(self, slide: _Slide, result: dict, actor: int, tile_json: str,
-                 generation: int) -> None:
-        self._tile_ended(slide, actor, generation)
+    def _on_tile(self, rec: TileRecord) -> None:
         self.tiles_done += 1
-        self.intervals[actor].append((result["start"], result["end"]))
-        self.nodes.add(result["node"])
-        slide.windows["run"] += result["windows_run"]
-        slide.windows["skipped"] += result["windows_skipped"]
-        slide.started = min(slide.started or result["start"], result["start"])
-        slide.ended = max(slide.ended or result["end"], result["end"])
-        if slide.failed:
-            self._forget_if_idle(slide)
+        self.intervals.setdefault(rec.actor, []).append((rec.start, rec.end))
+        self.nodes.add(rec.node)
+        if rec.slide in self.report["failed"]:
             return
-        slide.tiles_left -= 1
-        done = slide.tiles_total - slide.tiles_left
-        if slide.tiles_total >= 10 and done % max(1, slide.tiles_total // 10) == 0:
-            log.info("%s: %d/%d tiles inferred", slide.name, done, slide.tiles_total)
-        if slide.tiles_left == 0:
-            self._finish(slide)
+        slide = self._slide(rec)
+        slide.tiles_in += 1
+        slide.windows["run"] += rec.windows_run
+        slide.windows["skipped"] += rec.windows_skipped_tile
+        slide.started = min(slide.started or rec.start, rec.start)
+        slide.ended = max(slide.ended or rec.end, rec.end)
+        done, total = slide.tiles_in, slide.tiles_total
+        if total >= 10 and done % max(1, total // 10) == 0:
+            log.info("%s: %d/%d tiles inferred", rec.slide, done, total)
+        if done == total:
+            self._finish(rec.slide, slide)
 
-    def _finish(self, slide: _Slide) -> None:
-        slide.state = "finishing"
+    def _finish(self, name: str, slide: _Slide) -> None:
+        """Start the slide's finish task; its completion callback frees the gate."""
         if slide.started is not None:
             slide.seconds["infer"] = round(slide.ended - slide.started, 3)
-        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds, slide.windows)
-        self.pending[ref] = ("finish", slide.name)
+        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds,
+                                      slide.windows)
+        self.finishing[name] = ref
+        gate, ended = self.gate, self.ended
 
-    def _on_finish(self, slide: _Slide, summary: dict) -> None:
-        self.report["done"][slide.name] = {"cells": summary["cells"],
-                                           "seconds": summary["seconds"],
-                                           "tiles_inferred": slide.tiles_total,
-                                           "windows": slide.windows}
-        log.info("[%d/%d] %s: %d cells", self._count_ended(), self.total, slide.name,
-                 summary["cells"])
-        del self.active[slide.name]
+        def done(future: Any) -> None:  # a Ray thread: never blocks on the dataset
+            gate.release.remote(name)
+            ended.put((name, future))
 
-    def _fail(self, slide: _Slide, reason: str) -> None:
-        log.error("%s: failed: %s", slide.name, reason)
-        self.report["failed"][slide.name] = reason
-        slide.failed = True
-        self._forget_if_idle(slide)
+        ref.future().add_done_callback(done)
 
-    def _forget_if_idle(self, slide: _Slide) -> None:
-        if slide.running == 0:
-            self.active.pop(slide.name, None)
+    def _collect(self, block: bool = False) -> None:
+        """Record the finish tasks that ended (their gate places are free already)."""
+        while True:
+            try:
+                name, future = self.ended.get(timeout=PROGRESS_EVERY) if block else \
+                    self.ended.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            self.finishing.pop(name, None)
+            slide = self.planned.pop(name)
+            try:
+                summary = future.result()
+            except Exception as err:  # noqa: BLE001 - one slide's failure
+                self._fail(name, _reason(err))
+                continue
+            if self.leases is not None:
+                self.leases.release(name)
+            self.report["done"][name] = {"cells": summary["cells"],
+                                         "seconds": summary["seconds"],
+                                         "tiles_inferred": slide.tiles_total,
+                                         "windows": slide.windows}
+            log.info("[%d/%d] %s: %d cells", self._count_ended(), self.total, name,
+                     summary["cells"])
+
+    def _fail(self, name: str, reason: str) -> None:
+        if name in self.report["failed"]:
+            return
+        log.error("%s: failed: %s", name, reason)
+        self.report["failed"][name] = reason
+        self.planned.pop(name, None)
+        if self.leases is not None:
+            self.leases.release(name)
+
+    def _hint_autoscaler(self, *, end: bool = False) -> None:
+        """On an autoscaling cluster, ask for room for as many model actors as the queued
+        tiles can keep busy (one per 4 tiles waiting, between --workers MIN and MAX), and
+        for nothing once the archive has ended. Ray Data grows its pool only within the
+        resources of the nodes already up (the operator's budget), so without this hint
+        an elastic pool on a cluster that starts small never grows."""
+        if not self.elastic:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        waiting = sum(s.tiles_total - s.tiles_in for s in self.planned.values())
+        want = 0 if end else min(self.opts.max_workers,
+                                 max(self.opts.min_workers, -(-waiting // 4)))
+        if want == self._requested:
+            return
+        self._requested = want
+        bundle = {"CPU": self.opts.actor_cpus()}
+        if self.opts.gpu:
+            bundle["GPU"] = self.opts.num_gpus_per_worker
+        request_resources(bundles=[bundle] * want)
 
     # -- reporting --------------------------------------------------------------------
     def _count_ended(self) -> int:
         r = self.report
         return len(r["done"]) + len(r["skipped"]) + len(r["failed"]) + len(r["elsewhere"])
 
-    def _progress(self, force: bool = False) -> None:
+    def _progress(self) -> None:
         now = time.perf_counter()
-        if not force and now - self._last_progress < PROGRESS_EVERY:
+        if now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
         elapsed = now - self._t0
         rate = self.tiles_done / elapsed if elapsed > 0 else 0.0
-        known = [s for s in self.active.values() if s.state != "preparing"]
-        left = sum(s.tiles_left for s in known)
+        known = list(self.planned.values())
+        left = sum(s.tiles_total - s.tiles_in for s in known)
         per_slide = (sum(s.tiles_total for s in known) / len(known)) if known else 1.0
-        left += per_slide * (len(self.waiting) + len(self.active) - len(known))
+        left += per_slide * (self.total - self._count_ended() - len(known))
         eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
         r = self.report
         log.info("archive: %d/%d slides ended (%d done, %d skipped, %d failed), %d in flight; "
                  "%d tiles inferred, %.2f tiles/s, ETA %s", self._count_ended(), self.total,
-                 len(r["done"]), len(r["skipped"]), len(r["failed"]), len(self.active),
+                 len(r["done"]), len(r["skipped"]), len(r["failed"]), len(known),
                  self.tiles_done, rate, eta)
+
+    def _report(self) -> dict[str, Any]:
+        self.report["utilization"] = self.utilization()
+        self.report["model_nodes"] = len(self.nodes)
+        spans = [(min(a for a, _ in iv), max(b for _, b in iv))
+                 for iv in self.intervals.values()]
+        self.report["pool"] = {"min": self.opts.min_workers, "max": self.opts.max_workers,
+                               "peak": peak_overlap(spans)}
+        self.report["slides_in_flight_peak"] = self.gate_peak
+        return self.report
 
     def utilization(self) -> dict[str, Any]:
         """Fraction of the time between the first tile's start and the last tile's end
         in which every model actor was busy (timestamps taken inside the actors)."""
-        together, span = all_busy_fraction(self.intervals)
+        # the pool's minimum actors were there from the start: one without a tile counts
+        per_actor = list(self.intervals.values())
+        per_actor += [[] for _ in range(self.opts.min_workers - len(per_actor))]
+        together, span = all_busy_fraction(per_actor)
         return {"all_actors_busy": round(together, 4), "span_s": round(span, 3),
                 "tiles": self.tiles_done, "actors": len(self.intervals)}
-

@@ -40,6 +40,20 @@ def _pixel_size(value: float | None) -> bool:
     return value is None or (math.isfinite(value) and 0 < value <= MAX_MPP)
 
 
+def _pool_size(value: int | str) -> tuple[int, int] | None:
+    """``--workers`` as (minimum, maximum) actors: "N" or N is (N, N), "MIN:MAX" an elastic
+    pool; None when it is neither (or a bound is below 1, or MIN > MAX)."""
+    if isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        return None
+    return bounds if 1 <= bounds[0] <= bounds[1] else None
+
+
 def _flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A field that is also a command-line flag (``--<name with dashes>``): its default,
     its help, and any further ``argparse`` arguments (``metavar``, ``action``).
@@ -58,8 +72,10 @@ class OptionError(UserError):
 class SlideOptions:
     """Options of a slide job (defaults: the single-image path's).
 
-    ``workers`` model actors live for the whole job; ``max_slides_in_flight`` bounds the
-    slides planned but not finished (0: ``2 x workers + 4``), which bounds scratch
+    ``workers`` is the pool of model actors: N (fixed) or "MIN:MAX" (elastic: Ray Data
+    grows it while tiles queue, up to MAX, and shrinks it when they drain);
+    ``max_slides_in_flight`` bounds the slides planned but not finished (0:
+    ``2 x max workers + 4``), which bounds scratch
     storage and memory whatever the archive's size. ``cpus_per_worker`` is the CPU
     request of each model actor (0: 1 with GPUs, else 0.75, so that a node holding an
     actor keeps room for the CPU stages); ``cpus_per_task`` that of each CPU stage task.
@@ -95,7 +111,9 @@ class SlideOptions:
         1024, "tile and chunk side in pixels (memory per worker grows with it; a slide "
         "smaller than a tile is one chunk of its own size)")
     halo: int = _flag(128, "flow-tracking halo in pixels (at least the largest cell diameter)")
-    workers: int = _flag(1, "model actors, living for the whole job (one per GPU on GPUs)")
+    workers: int | str = _flag(
+        1, "model actors: N (a fixed pool) or MIN:MAX (a pool that grows while tiles queue "
+        "and shrinks when they drain; on GPUs one actor per GPU)", metavar="N|MIN:MAX")
     num_gpus_per_worker: float = _flag(0.0, "GPUs per model actor; > 0 runs the models on CUDA")
     device: str = _flag("cpu", "cpu, or cuda / cuda:N with --num-gpus-per-worker > 0")
     overwrite: bool = _flag(False, "redo slides that are complete")
@@ -105,7 +123,7 @@ class SlideOptions:
     flow_params: dict[str, Any] = field(default_factory=dict)  # no flag: from Python only
     max_slides_in_flight: int = _flag(
         0, "slides prepared, inferred or finished at once (bounds scratch storage and "
-        "memory; default 0: 2 x workers + 4)", metavar="N")
+        "memory; default 0: 2 x the maximum of --workers + 4)", metavar="N")
     cpus_per_worker: float = _flag(
         0.0, "CPUs each model actor requests (default: 1 with GPUs, else 0.75, leaving "
         "room on its node for the CPU stages)")
@@ -161,7 +179,8 @@ class SlideOptions:
             ("--halo", self.halo, 0 <= self.halo <= self.tile_size,
              f"an integer from 0 to the tile size ({self.tile_size}); at least the largest "
              "cell diameter"),
-            ("--workers", self.workers, self.workers >= 1, "an integer >= 1"),
+            ("--workers", self.workers, _pool_size(self.workers) is not None,
+             "N (an integer >= 1) or MIN:MAX (integers, 1 <= MIN <= MAX)"),
             ("--num-gpus-per-worker", self.num_gpus_per_worker,
              self.num_gpus_per_worker >= 0, ">= 0"),
             ("--device", self.device, self.device in ("cpu", "cuda") or
@@ -198,8 +217,18 @@ class SlideOptions:
     def gpu(self) -> bool:
         return self.num_gpus_per_worker > 0
 
+    @property
+    def min_workers(self) -> int:
+        """Model actors the pool starts with and never goes below (``--workers``)."""
+        return _pool_size(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """Model actors the pool may grow to while tiles queue (``--workers``)."""
+        return _pool_size(self.workers)[1]
+
     def slides_in_flight(self) -> int:
-        return self.max_slides_in_flight or 2 * self.workers + 4
+        return self.max_slides_in_flight or 2 * self.max_workers + 4
 
     def actor_cpus(self) -> float:
         return self.cpus_per_worker or (1.0 if self.gpu else 0.75)

@@ -3,10 +3,10 @@
 Before any slide is touched, the options are validated, the output root is probed for
 writing, the cluster is checked for the resources the model actors ask for, and the
 weights are loaded once on the driver (strict key check) and hashed. Then one
-:class:`~mediar_ray.pipeline.engine.ArchiveRun` segments every slide: each slide
-``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when ``.mediar_complete`` exists
-(written last). A rerun skips complete slides made with the same input, options and
-weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
+:class:`~mediar_ray.pipeline.engine.ArchiveRun` (a Ray Data pipeline) segments every
+slide: each slide ``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when
+``.mediar_complete`` exists (written last). A rerun skips complete slides made with the
+same input, options and weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
 logged and reported in ``OUTPUT/run_summary.json``; the others finish.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mediar_ray.io import redact, safe_url, url_secrets
 from mediar_ray.pipeline.cluster import check_resources, ensure_ray
-from mediar_ray.pipeline.engine import ArchiveRun
+from mediar_ray.pipeline import engine, engine_core
 from mediar_ray.pipeline.layout import record_output_names, stable_output_names
 from mediar_ray.pipeline.lease import Leases
 from mediar_ray.pipeline.options import OptionError, SlideOptions
@@ -213,9 +214,12 @@ def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
     opts, hashes = check_weights(opts)
     record_output_names(names, output)  # every check passed: the slides get these names
     slides = [(url, names[url], mpps[url]) for url in urls]
-    run = ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
+    # MEDIAR_ENGINE=core: the Ray Core engine, kept only until bench/archive_throughput.py
+    # has measured the Ray Data engine against it.
+    chosen = engine_core if os.environ.get("MEDIAR_ENGINE") == "core" else engine
+    run = chosen.ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
     run.leases = Leases(output)
-    stop_leases = run.leases.keep_alive(lambda: list(run.active))
+    stop_leases = run.leases.keep_alive(run.in_flight)
     try:
         report = run.run()
     except RuntimeError as err:  # the pool itself is lost: report every slide not ended
