@@ -1,8 +1,9 @@
 """The Ray Data archive engine against the Ray Core one it replaces, measured in one run.
 
 Each command runs both engines (``MEDIAR_ENGINE=core``: the Ray Core engine of
-``mediar_ray/pipeline/engine_core.py``, kept only for this comparison; else the Ray Data
-engine), alternating, ``--repeats`` times, and keeps each engine's best.
+``mediar_ray/pipeline/engine_core.py``, the default until this comparison is made;
+``MEDIAR_ENGINE=data``: the Ray Data engine), alternating, ``--repeats`` times, and
+keeps each engine's best.
 
 (a) An archive of small real images (DSB2018 and NuInsSeg fields of at most 512 px from
     ../shared/data) through ``mediar-ray segment-slides --workers 2``, beside
@@ -43,8 +44,9 @@ def small_images(n: int) -> list[Path]:
     """``n`` real images of at most 512 px a side, alternating DSB2018 and NuInsSeg."""
     from PIL import Image
 
-    dsb = [p for p in sorted((DATA / "dsb2018/images").glob("*.png"))
-           if max(Image.open(p).size) <= 512]
+    dsb = [
+        p for p in sorted((DATA / "dsb2018/images").glob("*.png")) if max(Image.open(p).size) <= 512
+    ]
     nuin = sorted((DATA / "nuinsseg/images").glob("*.png"))
     picks = [p for pair in zip(dsb, nuin) for p in pair]
     if len(picks) < n:
@@ -84,15 +86,37 @@ def small_archive(work: Path, n: int, flags: list[str], repeats: int) -> dict:
     src.mkdir()
     for p in small_images(n):
         shutil.copy(p, src / p.name)
-    seg = timed([sys.executable, "-m", "mediar_ray.cli", "segment", str(src),
-                 "--output", str(work / "seg"), *flags])
+    seg = timed(
+        [
+            sys.executable,
+            "-m",
+            "mediar_ray.cli",
+            "segment",
+            str(src),
+            "--output",
+            str(work / "seg"),
+            *flags,
+        ]
+    )
     best: dict[str, float] = {}
     identical: dict[str, int] = {}
     for rep in range(repeats):
         for name, engine in ENGINES.items():
             dest = work / f"slides_{name}_{rep}"
-            seconds = timed([sys.executable, "-m", "mediar_ray.cli", "segment-slides",
-                             str(src), str(dest), "--workers", "2", *flags], engine)
+            seconds = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "mediar_ray.cli",
+                    "segment-slides",
+                    str(src),
+                    str(dest),
+                    "--workers",
+                    "2",
+                    *flags,
+                ],
+                engine,
+            )
             best[name] = min(best.get(name, seconds), seconds)
             summary = json.loads((dest / "run_summary.json").read_text())
             if summary["failed"]:
@@ -105,11 +129,14 @@ def small_archive(work: Path, n: int, flags: list[str], repeats: int) -> dict:
                 same += same_cells(ours, theirs)
             identical[name] = min(identical.get(name, same), same)
             shutil.rmtree(dest, ignore_errors=True)
-    return {"images": n, "segment_s": round(seg, 1),
-            **{f"{k}_s": round(v, 1) for k, v in best.items()},
-            "data_over_core": round(best["ray_data"] / best["ray_core"], 3),
-            **{f"{k}_over_segment": round(v / seg, 3) for k, v in best.items()},
-            "labels_identical": identical}
+    return {
+        "images": n,
+        "segment_s": round(seg, 1),
+        **{f"{k}_s": round(v, 1) for k, v in best.items()},
+        "data_over_core": round(best["ray_data"] / best["ray_core"], 3),
+        **{f"{k}_over_segment": round(v / seg, 3) for k, v in best.items()},
+        "labels_identical": identical,
+    }
 
 
 def big_archive(work: Path, n: int, size: int, flags: list[str], repeats: int) -> dict:
@@ -124,11 +151,26 @@ def big_archive(work: Path, n: int, size: int, flags: list[str], repeats: int) -
     for rep in range(repeats):
         for name, engine in ENGINES.items():
             dest = work / f"big_{name}_{rep}"
-            seconds = timed([sys.executable, "-m", "mediar_ray.cli", "segment-slides",
-                             str(src), str(dest), "--workers", "2", *flags], engine)
+            seconds = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "mediar_ray.cli",
+                    "segment-slides",
+                    str(src),
+                    str(dest),
+                    "--workers",
+                    "2",
+                    *flags,
+                ],
+                engine,
+            )
             summary = json.loads((dest / "run_summary.json").read_text())
-            run = {"wall_s": round(seconds, 1), **summary["utilization"],
-                   "pool_peak": summary.get("pool", {}).get("peak")}
+            run = {
+                "wall_s": round(seconds, 1),
+                **summary["utilization"],
+                "pool_peak": summary.get("pool", {}).get("peak"),
+            }
             if name not in out or run["all_actors_busy"] > out[name]["all_actors_busy"]:
                 out[name] = run
             shutil.rmtree(dest, ignore_errors=True)
@@ -142,11 +184,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="side of the slides of (b)")
     parser.add_argument("--small-flags", default="", help="extra options for (a) (both commands)")
     parser.add_argument("--big-flags", default="--no-tta", help="options for (b)")
-    parser.add_argument("--roi-size", type=int, default=None,
-                        help="sliding-window size for every command (default: the weights' "
-                        "own; figures measured before 2026-12-02 used 512)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of each engine per archive, alternating (best kept)")
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        default=None,
+        help="sliding-window size for every command (default: the weights' "
+        "own; figures measured before 2026-12-02 used 512)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each engine per archive, alternating (best kept)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="archive_bench_"))
@@ -155,24 +205,36 @@ def main() -> None:
         args.small_flags = " ".join([args.small_flags, *roi]).strip()
         args.big_flags = " ".join([args.big_flags, *roi]).strip()
         a = small_archive(work, args.small, args.small_flags.split(), args.repeats)
-        print(f"(a) {a['images']} small real images, options: {args.small_flags or 'defaults'}, "
-              f"best of {args.repeats}")
+        print(
+            f"(a) {a['images']} small real images, options: {args.small_flags or 'defaults'}, "
+            f"best of {args.repeats}"
+        )
         print("| command | wall s | / segment | labels same cells |\n|---|---|---|---|")
         print(f"| mediar-ray segment (one process) | {a['segment_s']} | 1 | |")
         for name in ENGINES:
-            print(f"| segment-slides --workers 2, {name} engine | {a[name + '_s']} | "
-                  f"{a[name + '_over_segment']} | {a['labels_identical'][name]}/{a['images']} |")
+            print(
+                f"| segment-slides --workers 2, {name} engine | {a[name + '_s']} | "
+                f"{a[name + '_over_segment']} | {a['labels_identical'][name]}/{a['images']} |"
+            )
         print(f"Ray Data / Ray Core engine: {a['data_over_core']} (goal <= 1.05)")
         b = big_archive(work, args.slides, args.size, args.big_flags.split(), args.repeats)
-        print(f"\n(b) {args.slides} slides of {args.size}^2 from real DSB2018 crops, 2 model "
-              f"actors, options: {args.big_flags}, best of {args.repeats}")
-        print("| engine | wall s | every actor busy | span s | tiles | pool peak |\n"
-              "|---|---|---|---|---|---|")
+        print(
+            f"\n(b) {args.slides} slides of {args.size}^2 from real DSB2018 crops, 2 model "
+            f"actors, options: {args.big_flags}, best of {args.repeats}"
+        )
+        print(
+            "| engine | wall s | every actor busy | span s | tiles | pool peak |\n"
+            "|---|---|---|---|---|---|"
+        )
         for name, r in b.items():
-            print(f"| {name} | {r['wall_s']} | {r['all_actors_busy']:.3f} | {r['span_s']} "
-                  f"| {r['tiles']} | {r['pool_peak']} |")
-        print(f"every-actor-busy fraction, Ray Data engine: "
-              f"{b['ray_data']['all_actors_busy']:.3f} (goal >= 0.9)")
+            print(
+                f"| {name} | {r['wall_s']} | {r['all_actors_busy']:.3f} | {r['span_s']} "
+                f"| {r['tiles']} | {r['pool_peak']} |"
+            )
+        print(
+            f"every-actor-busy fraction, Ray Data engine: "
+            f"{b['ray_data']['all_actors_busy']:.3f} (goal >= 0.9)"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps({"small": a, "big": b}, indent=1))
     finally:

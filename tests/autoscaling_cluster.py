@@ -21,8 +21,9 @@ from ray_head import RayHead, free_port, new_temp_dir, ray_head
 HEAD_TYPE = "ray.head.default"
 
 
-def fake_cluster_config(gcs_address: str, worker_types: dict[str, Any],
-                        idle_timeout_minutes: float = 1.0) -> dict[str, Any]:
+def fake_cluster_config(
+    gcs_address: str, worker_types: dict[str, Any], idle_timeout_minutes: float = 1.0
+) -> dict[str, Any]:
     """A complete autoscaler config for the fake multi-node provider (no defaults are
     filled in by the monitor, so every key it reads is here)."""
     return {
@@ -59,8 +60,11 @@ def fake_cluster_config(gcs_address: str, worker_types: dict[str, Any],
 
 
 @contextmanager
-def autoscaling_cluster(worker_types: dict[str, Any], env: dict[str, str] | None = None,
-                        idle_timeout_minutes: float = 1.0) -> Iterator[RayHead]:
+def autoscaling_cluster(
+    worker_types: dict[str, Any],
+    env: dict[str, str] | None = None,
+    idle_timeout_minutes: float = 1.0,
+) -> Iterator[RayHead]:
     """A head with no CPUs (nothing runs on it but drivers) and an autoscaler that adds
     nodes of ``worker_types`` (``{name: {"resources": {...}, "node_config": {},
     "min_workers": 0, "max_workers": n}}``); stops head and workers on exit."""
@@ -70,6 +74,11 @@ def autoscaling_cluster(worker_types: dict[str, Any], env: dict[str, str] | None
     with open(path, "w") as f:
         json.dump(config, f)
     fake_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {})}
-    with ray_head(num_cpus=0, env=fake_env, port=port, temp_dir=tmp,
-                  extra_args=[f"--autoscaling-config={path}"]) as head:
+    with ray_head(
+        num_cpus=0,
+        env=fake_env,
+        port=port,
+        temp_dir=tmp,
+        extra_args=[f"--autoscaling-config={path}"],
+    ) as head:
         yield head

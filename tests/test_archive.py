@@ -39,8 +39,7 @@ def three_slides(data_dir, tmp_path_factory) -> Path:
     phase = read_image(str(data_dir / "usiigaci_phase/images/train_set1.tif"))[:600, :520]
     tifffile.imwrite(src / "phase.tif", phase, tile=(128, 128))
     shutil.copy(DEMO / "dsb_tissue_f952cc65.png", src / "tissue.png")
-    tifffile.imwrite(src / "nuclei.ome.tif", read_image(str(DEMO / "stardist_img2d.tif")),
-                     ome=True)
+    tifffile.imwrite(src / "nuclei.ome.tif", read_image(str(DEMO / "stardist_img2d.tif")), ome=True)
     return src
 
 
@@ -50,14 +49,19 @@ def three_slides(data_dir, tmp_path_factory) -> Path:
 def test_archive_equals_slides_run_one_at_a_time(local_ray, three_slides, tmp_path):
     report = run_slides([str(three_slides)], str(tmp_path / "all"), small_opts(workers=2))
     assert report["failed"] == {} and sorted(report["done"]) == ["nuclei", "phase", "tissue"]
-    assert report["utilization"]["actors"] == 2 and report["utilization"]["tiles"] == sum(
-        d["tiles_inferred"] for d in report["done"].values()) > 6
+    assert (
+        report["utilization"]["actors"] == 2
+        and report["utilization"]["tiles"]
+        == sum(d["tiles_inferred"] for d in report["done"].values())
+        > 6
+    )
     summary = json.loads((tmp_path / "all/run_summary.json").read_text())
     assert summary["inputs"]["phase"] == str(three_slides / "phase.tif")
     for path in sorted(three_slides.iterdir()):
         name = path.name.split(".")[0]
-        alone = run_slides([str(path)], str(tmp_path / name),
-                           small_opts(workers=1, max_slides_in_flight=1))
+        alone = run_slides(
+            [str(path)], str(tmp_path / name), small_opts(workers=1, max_slides_in_flight=1)
+        )
         assert list(alone["done"]) == [name]
         together = labels_of(tmp_path / "all", name)
         np.testing.assert_array_equal(together, labels_of(tmp_path / name, name))

@@ -25,8 +25,13 @@ from mediar_ray.pipeline import SlideOptions, run_slides
 from mediar_ray.pipeline.layout import tile_grid
 from mediar_ray.pipeline.plan import plan_slide
 from mediar_ray.pipeline.run import check_weights, slide_fingerprint
-from mediar_ray.pipeline.stages import (gather_tile, infer_partial, mark_done, open_array,
-                                        tiles_to_infer)
+from mediar_ray.pipeline.stages import (
+    gather_tile,
+    infer_partial,
+    mark_done,
+    open_array,
+    tiles_to_infer,
+)
 from mediar_ray.preprocess import normalize
 from mediar_ray.segment import load_models, resolve_weights
 
@@ -41,8 +46,7 @@ def plan_as_job(image: Path, out: Path, opts: SlideOptions):
     run_slides reuses what the test puts into its scratch."""
     resolved, hashes = check_weights(opts)
     fp = slide_fingerprint(str(image), resolved, hashes, opts.mpp)
-    return plan_slide(str(image), image.name.split(".")[0], str(out), resolved, fp,
-                      opts.mpp).plan
+    return plan_slide(str(image), image.name.split(".")[0], str(out), resolved, fp, opts.mpp).plan
 
 
 def infer_in_process(plan, opts: SlideOptions) -> None:
@@ -75,8 +79,9 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tiny, tmp_path
     dense = real_labels(("dsb2018", "stardist_nuclei"))
     dense.sort(key=lambda lab: len(np.unique(lab)) / lab.size, reverse=True)
     truth = mosaic(dense[:40], 3072, seed=5)
-    raw = np.concatenate([labels_to_flows(truth) * 5,
-                          np.where(truth > 0, 5.0, -5.0)[None]]).astype(np.float32)
+    raw = np.concatenate([labels_to_flows(truth) * 5, np.where(truth > 0, 5.0, -5.0)[None]]).astype(
+        np.float32
+    )
     reference = flows_to_labels(raw)
     image = tmp_path / "mosaic.tif"
     tifffile.imwrite(image, (truth > 0).astype(np.uint8) * 200, tile=(256, 256))
@@ -85,7 +90,9 @@ def test_mosaic_with_injected_flows_equals_whole_image(local_ray, tiny, tmp_path
     plan = plan_as_job(image, out, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     for tile in tile_grid(plan.shape, plan.tile):  # stage 2 replaced by the true flows
-        flows[:, tile.y0:tile.y1, tile.x0:tile.x1] = raw[:, tile.y0:tile.y1, tile.x0:tile.x1]
+        flows[:, tile.y0 : tile.y1, tile.x0 : tile.x1] = raw[
+            :, tile.y0 : tile.y1, tile.x0 : tile.x1
+        ]
         mark_done(plan, "infer", tile)
     report = run_slides([str(image)], str(out), opts)
     assert report["failed"] == {} and report["done"]["mosaic"]["tiles_inferred"] == 0
@@ -117,8 +124,16 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     whole = predict_raw(normalize(read_image(svs)), models, tta=False, precision="fp32")
     out = tmp_path / "out"
     # tissue off: every window runs, as in whole-image inference; the full image copied
-    opts = SlideOptions(weights=resolve_weights(None), tta=False, tile_size=512, halo=128, workers=2,
-                        tissue="off", copy_image=True, precision="fp32")
+    opts = SlideOptions(
+        weights=resolve_weights(None),
+        tta=False,
+        tile_size=512,
+        halo=128,
+        workers=2,
+        tissue="off",
+        copy_image=True,
+        precision="fp32",
+    )
     plan = plan_as_job(Path(svs), out, opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 30
     infer_in_process(plan, opts)
@@ -134,8 +149,9 @@ def test_svs_flows_and_labels_equal_whole_image_inference(local_ray, data_dir, t
     assert cells_across_borders(labels, 512) == cells_across_borders(reference, 512) > 0
     image = zarr.open_array(str(out / "CMU-1-Small-Region.zarr/0"), mode="r")
     assert image.shape == (3, 2967, 2220)
-    np.testing.assert_array_equal(np.moveaxis(image[:, :300, :300], 0, -1),
-                                  read_image(svs)[:300, :300])
+    np.testing.assert_array_equal(
+        np.moveaxis(image[:, :300, :300], 0, -1), read_image(svs)[:300, :300]
+    )
     # Levels halve until the slide fits one 512-px tile: 2967 -> 1484 -> 742 -> 371.
     attrs = zarr.open_group(str(out / "CMU-1-Small-Region.zarr/labels/cells"), mode="r").attrs
     assert "image-label" in attrs["ome"] and len(attrs["ome"]["multiscales"][0]["datasets"]) == 4
@@ -149,16 +165,30 @@ def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir,
     of a run without losses."""
     weights, params = tiny
     image = tmp_path / "phase.tif"
-    tifffile.imwrite(image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700])
-    opts = SlideOptions(weights=[weights], model_config=params, tta=True, roi_size=256,
-                        tile_size=256, workers=1, precision="fp32")
+    tifffile.imwrite(
+        image, read_image(str(data_dir / "usiigaci_phase/images/train_set4.tif"))[:600, :700]
+    )
+    opts = SlideOptions(
+        weights=[weights],
+        model_config=params,
+        tta=True,
+        roi_size=256,
+        tile_size=256,
+        workers=1,
+        precision="fp32",
+    )
     plan = plan_as_job(image, tmp_path / "out", opts)
     assert len(tile_grid(plan.shape, plan.tile)) == 9
     infer_in_process(plan, opts)
     flows = open_array(plan.layout.scratch + "/flows", mode="r+")
     first = np.asarray(flows[:])
-    whole = predict_raw(normalize(read_image(str(image))), load_model(weights, **params),
-                        tta=True, roi_size=256, precision="fp32")
+    whole = predict_raw(
+        normalize(read_image(str(image))),
+        load_model(weights, **params),
+        tta=True,
+        roi_size=256,
+        precision="fp32",
+    )
     assert np.linalg.norm(first - whole) / np.linalg.norm(whole) < 1e-5
     done = Path(plan.layout.scratch) / "done"
     assert len(list((done / "windows").iterdir())) == 9
@@ -172,8 +202,9 @@ def test_rerun_of_inference_redoes_only_missing_tiles(local_ray, tiny, data_dir,
     assert report["done"]["phase"]["tiles_inferred"] == 1
     clean = run_slides([str(image)], str(tmp_path / "clean"), opts)
     assert clean["done"]["phase"]["tiles_inferred"] == 9
-    np.testing.assert_array_equal(labels_of(tmp_path / "out", "phase"),
-                                  labels_of(tmp_path / "clean", "phase"))
+    np.testing.assert_array_equal(
+        labels_of(tmp_path / "out", "phase"), labels_of(tmp_path / "clean", "phase")
+    )
 
 
 def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
@@ -200,7 +231,7 @@ def test_dask_reads_one_chunk_lazily(local_ray, tiny, tmp_path):
     lazy = da.from_zarr(str(out / "s.zarr/labels/cells/0"))
     assert lazy.chunksize == (256, 256) and lazy.shape == (1024, 1024)
     block = lazy[256:512, 512:768].compute()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whichever codec error zarr raises
         lazy[0:256, 0:256].compute()  # the corruption is real
     np.testing.assert_array_equal(block, expected[256:512, 512:768])
     assert block.any()
@@ -211,6 +242,7 @@ def kill_session(proc: subprocess.Popen) -> None:
     and return when none is left. Killing its process group is not enough: Ray's
     processes run in a group of their own (its reaper's) and stop a moment after the
     driver, long enough for a stage task to finish a slide after the kill."""
+
     def session_pids() -> list[int]:  # live (not zombie) processes of the job's session
         pids = []
         for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -244,16 +276,32 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
     for name in ("train_set1", "train_set4"):
         image = read_image(str(data_dir / f"usiigaci_phase/images/{name}.tif"))
         tifffile.imwrite(src / f"{name}.tif", image[:512, :640])
-    flags = ["--weights", weights, "--model-config", json.dumps(params), "--no-tta",
-             "--roi-size", "256", "--tile-size", "256", "--halo", "64"]
+    flags = [
+        "--weights",
+        weights,
+        "--model-config",
+        json.dumps(params),
+        "--no-tta",
+        "--roi-size",
+        "256",
+        "--tile-size",
+        "256",
+        "--halo",
+        "64",
+    ]
     job = [sys.executable, str(REPO / "jobs/segment_slides.py"), "--input", str(src)] + flags
     ref_out, out = tmp_path / "ref", tmp_path / "out"
     # Each job starts its own local Ray: without an address, ray.init() joins the latest
     # cluster that `ray start` left in /tmp/ray, which on a shared machine is someone else's.
     env = {**os.environ, "RAY_ADDRESS": "local"}
     subprocess.run(job + ["--output", str(ref_out)], check=True, capture_output=True, env=env)
-    proc = subprocess.Popen(job + ["--output", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        job + ["--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     # Kill while the second slide's tiles are being inferred (its partials half done).
     done_dir = out / "train_set4.zarr/.scratch/done/windows"
     deadline = time.monotonic() + 600
@@ -261,8 +309,9 @@ def test_killed_job_resumes_and_equals_an_uninterrupted_run(local_ray, tiny, dat
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     kill_session(proc)
-    complete = [n for n in ("train_set1", "train_set4")
-                if (out / f"{n}.zarr/.mediar_complete").exists()]
+    complete = [
+        n for n in ("train_set1", "train_set4") if (out / f"{n}.zarr/.mediar_complete").exists()
+    ]
     assert "train_set4" not in complete
     subprocess.run(job + ["--output", str(out)], check=True, capture_output=True, env=env)
     summary = json.loads((out / "run_summary.json").read_text())

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from s3_server import environment
 
 from mediar_ray.io import read_image
 from mediar_ray.pipeline import SlideOptions, run_slides
-from s3_server import environment
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_s3_in_and_out(s3, slide_bytes, ref_dir, caplog, tmp_path):
     local = run_slides([str(tmp_path / "in")], str(tmp_path / "out"), opts)
     assert local["done"]["nuclei"]["cells"] == report["done"]["nuclei"]["cells"] > 0
     np.testing.assert_array_equal(
-        labels.compute(), zarr.open_array(str(tmp_path / "out/nuclei.zarr/labels/cells/0"))[:])
+        labels.compute(), zarr.open_array(str(tmp_path / "out/nuclei.zarr/labels/cells/0"))[:]
+    )
 
 
 def test_missing_bucket_is_a_clear_failure(s3, slide_bytes, ref_dir, caplog):
@@ -75,9 +76,13 @@ def test_missing_bucket_is_a_clear_failure(s3, slide_bytes, ref_dir, caplog):
 def test_missing_credentials_are_a_clear_failure(s3, ref_dir, caplog, tmp_path):
     client, env = s3
     # moto accepts any key pair, so "bad credentials" here means none can be found.
-    none = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    none = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], tile_size=256)
     with environment(none):
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -99,11 +104,19 @@ def test_awkward_names_on_s3(s3, slide_bytes, ref_dir):
         client.put_object(Bucket="lab", Key=key, Body=slide_bytes[0])
     client.put_object(Bucket="lab", Key="awk/._my slide [1].tif", Body=b"\x00\x05\x16\x07" * 8)
     params = json.loads((ref_dir / "index.json").read_text())["model_params"]
-    opts = SlideOptions(weights=[str(ref_dir / "model_a.pth")], model_config=params,
-                        tta=False, roi_size=256, tile_size=256, halo=64)
+    opts = SlideOptions(
+        weights=[str(ref_dir / "model_a.pth")],
+        model_config=params,
+        tta=False,
+        roi_size=256,
+        tile_size=256,
+        halo=64,
+    )
     report = run_slides(["s3://lab/awk/"], "s3://results/awk", opts)
     assert sorted(report["inputs"][n] for n in report["done"]) == [
-        "s3://lab/awk/my slide (2).tif", "s3://lab/awk/my slide [1].tif"]
+        "s3://lab/awk/my slide (2).tif",
+        "s3://lab/awk/my slide [1].tif",
+    ]
     (bad,) = report["failed"]
     assert "._my slide [1].tif" in report["failed"][bad]
     for name in report["done"]:

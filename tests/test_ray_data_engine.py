@@ -25,22 +25,30 @@ from mediar_ray.pipeline.engine import (
 from mediar_ray.pipeline.options import OptionError
 
 
+@pytest.fixture(autouse=True)
+def ray_data_engine(monkeypatch):
+    """These tests are of the Ray Data engine, not the default one."""
+    monkeypatch.setenv("MEDIAR_ENGINE", "data")
+
+
 def tiny_opts(**kw) -> SlideOptions:
     """One 64-px window per small slide, no tissue detection: the fastest real job."""
-    return SlideOptions(tta=False, roi_size=64, tile_size=64, halo=16, tissue="off",
-                        cells=False, **kw)
+    return SlideOptions(
+        tta=False, roi_size=64, tile_size=64, halo=16, tissue="off", cells=False, **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def fields() -> list:
     """Real 64 x 64 fields of fluorescence nuclei (the demo image), all different."""
     image = read_image(str(DEMO / "dsb_fluor_193ffaa5.png"))
-    return [image[y:y + 64, x:x + 64] for y in range(0, 448, 64) for x in range(0, 384, 64)]
+    return [image[y : y + 64, x : x + 64] for y in range(0, 448, 64) for x in range(0, 384, 64)]
 
 
 @pytest.mark.slow  # three restarts of the model actor: about 50 s on 2 CPUs
-def test_a_tile_that_always_kills_its_actor_fails_its_slide_alone(local_ray, fields,
-                                                                 tmp_path, monkeypatch):
+def test_a_tile_that_always_kills_its_actor_fails_its_slide_alone(
+    local_ray, fields, tmp_path, monkeypatch
+):
     src = tmp_path / "in"
     src.mkdir()
     for i, name in enumerate(("good", "deadly")):
@@ -63,8 +71,9 @@ def test_forty_slides_never_more_than_four_in_flight(local_ray, fields, tmp_path
     src.mkdir()
     for i in range(40):
         Image.fromarray(fields[i]).save(src / f"s{i:02d}.png")
-    report = run_slides([str(src)], str(tmp_path / "out"),
-                        tiny_opts(workers=1, max_slides_in_flight=4))
+    report = run_slides(
+        [str(src)], str(tmp_path / "out"), tiny_opts(workers=1, max_slides_in_flight=4)
+    )
     assert len(report["done"]) == 40 and report["failed"] == {}
     assert report["slides_in_flight_peak"] == 4
     assert report["pool"] == {"min": 1, "max": 1, "peak": 1}
@@ -93,12 +102,17 @@ def test_planning_is_not_fused_into_the_model_actors(local_ray, capsys):
     # resources is fused into them (planning would run inside the model actors).
     opts = tiny_opts(workers=1)
     ds = ray.data.from_items([{"spec": "[]"}]).map_batches(
-        _plan_batches, num_cpus=opts.actor_cpus(), batch_size=1)
-    ds = ds.map_batches(build_dataset.__globals__["TileInferer"],
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
-                        batch_size=1, num_cpus=opts.actor_cpus())
+        _plan_batches, num_cpus=opts.actor_cpus(), batch_size=1
+    )
+    ds = ds.map_batches(
+        build_dataset.__globals__["TileInferer"],
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        batch_size=1,
+        num_cpus=opts.actor_cpus(),
+    )
     assert "MapBatches(_plan_batches)->MapBatches(TileInferer)" in _optimized_physical_plan(
-        ds, capsys)
+        ds, capsys
+    )
     ray.kill(gate)
 
 

@@ -42,8 +42,12 @@ def crops() -> list[np.ndarray]:
     """Four different real 256 x 320 fields (fluorescence nuclei, stained tissue)."""
     fluor = read_image(str(DEMO / "dsb_fluor_193ffaa5.png"))
     tissue = read_image(str(DEMO / "dsb_tissue_f952cc65.png"))
-    return [fluor[:256, :320], fluor[260:516, 370:690], tissue[:256, :320],
-            tissue[200:456, 300:620]]
+    return [
+        fluor[:256, :320],
+        fluor[260:516, 370:690],
+        tissue[:256, :320],
+        tissue[200:456, 300:620],
+    ]
 
 
 def save(path: Path, image: np.ndarray) -> Path:
@@ -87,7 +91,8 @@ def test_resume_state_from_another_input_is_not_reused(job, local_ray, crops, tm
 
 
 def test_a_checkpoint_that_does_not_fit_stops_the_job_before_any_slide(
-        job, local_ray, crops, tiny, tmp_path, caplog):
+    job, local_ray, crops, tiny, tmp_path, caplog
+):
     """The model actors load the weights strictly before any slide is planned: the
     fixtures' small checkpoint without its --model-config exits 2 with a message naming
     the file and the fix, and writes no slide output."""
@@ -120,8 +125,7 @@ def test_changed_options_do_not_reuse_a_finished_slide(job, local_ray, crops, tm
     assert chunks == (320, 320)
 
 
-def test_bad_halo_is_refused_before_work_and_a_rerun_works(job, local_ray, crops, tmp_path,
-                                                           caplog):
+def test_bad_halo_is_refused_before_work_and_a_rerun_works(job, local_ray, crops, tmp_path, caplog):
     src = save(tmp_path / "in/cells.png", crops[1])
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):
@@ -134,8 +138,12 @@ def test_bad_halo_is_refused_before_work_and_a_rerun_works(job, local_ray, crops
 def test_same_names_get_distinct_outputs(job, local_ray, crops, tmp_path):
     """Class 2: a.1.png / a.2.png and f1/slide.png / f2/slide.png. Before: one output
     each, the second skipped as complete (or deleting the first with --overwrite)."""
-    inputs = [save(tmp_path / "in/a.1.png", crops[0]), save(tmp_path / "in/a.2.png", crops[1]),
-              save(tmp_path / "f1/slide.png", crops[2]), save(tmp_path / "f2/slide.png", crops[3])]
+    inputs = [
+        save(tmp_path / "in/a.1.png", crops[0]),
+        save(tmp_path / "in/a.2.png", crops[1]),
+        save(tmp_path / "f1/slide.png", crops[2]),
+        save(tmp_path / "f2/slide.png", crops[3]),
+    ]
     out = tmp_path / "out"
     code, summary = run(job, inputs, out)
     assert code == 0 and len(summary["done"]) == 4 and summary["skipped"] == []
@@ -157,7 +165,9 @@ def test_awkward_file_names_do_not_stop_the_archive(job, local_ray, crops, tmp_p
     code, summary = run(job, [src], out)
     assert code == 1
     assert sorted(summary["inputs"][n] for n in summary["done"]) == [
-        str(src / "cells (copy).png"), str(src / "my slide [1].png")]
+        str(src / "cells (copy).png"),
+        str(src / "my slide [1].png"),
+    ]
     (bad,) = summary["failed"]
     assert "._cells (copy).png" in summary["failed"][bad]
     for name in summary["done"]:
@@ -209,18 +219,20 @@ def test_gpu_request_without_gpus_is_an_error_at_once(job, local_ray, crops, tmp
     assert code == 2 and "--num-gpus-per-worker 1" in caplog.text and summary == {}
 
 
-
 @pytest.mark.timeout(300)  # before: the actors held both CPUs and no slide was ever planned
 def test_actors_that_leave_no_cpu_for_the_stages_are_an_error_at_once(
-        job, local_ray, crops, tmp_path, caplog):
+    job, local_ray, crops, tmp_path, caplog
+):
     """2 workers x 1 CPU on a 2-CPU cluster without an autoscaler: the actors live for the
     job, so the CPU stage tasks could never run."""
     src = save(tmp_path / "in/cells.png", crops[0])
     with caplog.at_level(logging.ERROR):
-        code, summary = run(job, [src], tmp_path / "out", "--workers", "2",
-                            "--cpus-per-worker", "1")
+        code, summary = run(
+            job, [src], tmp_path / "out", "--workers", "2", "--cpus-per-worker", "1"
+        )
     assert code == 2 and "--cpus-per-worker 1" in caplog.text and summary == {}
     assert run(job, [src], tmp_path / "out", "--workers", "2")[0] == 0  # 0.75 each fits
+
 
 def test_outputs_in_the_input_folder_are_not_inputs(job, local_ray, crops, tmp_path):
     """Class 6: `segment-slides in/ --output in/` twice: the second run finds its own
@@ -238,8 +250,11 @@ def test_mixed_batch_good_and_every_kind_of_bad(job, local_ray, crops, tmp_path)
     """Issue 20, must show 2: every good input segmented, every bad one listed with its
     reason, exit code 1."""
     src = tmp_path / "in"
-    good = [save(src / "a.1.png", crops[0]), save(src / "a.2.png", crops[1]),
-            save(src / "with space [x].png", crops[2])]
+    good = [
+        save(src / "a.1.png", crops[0]),
+        save(src / "a.2.png", crops[1]),
+        save(src / "with space [x].png", crops[2]),
+    ]
     nonfinite = crops[3][..., 0].astype(np.float32)
     nonfinite[5, 5] = np.nan
     tifffile.imwrite(src / "nan.tif", nonfinite)
@@ -255,6 +270,7 @@ def test_mixed_batch_good_and_every_kind_of_bad(job, local_ray, crops, tmp_path)
     assert done_inputs == sorted(map(str, good))
     failed_inputs = {summary["inputs"][n]: reason for n, reason in summary["failed"].items()}
     assert sorted(failed_inputs) == sorted(
-        str(src / n) for n in ("corrupt.tif", "empty.png", "notes.svs", "._a.1.png"))
+        str(src / n) for n in ("corrupt.tif", "empty.png", "notes.svs", "._a.1.png")
+    )
     for url, reason in failed_inputs.items():
         assert Path(url).name in reason, reason  # each reason names its file

@@ -11,8 +11,17 @@ log = logging.getLogger("mediar_ray.slides")
 
 #: argparse type of each option's annotation (``from __future__ import annotations``
 #: keeps them as text).
-_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str,
-          "str | None": str, "int | str": str, "list[str]": str, "dict[str, Any]": str}
+_TYPES = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "float | None": float,
+    "str": str,
+    "str | None": str,
+    "int | str": str,
+    "list[str]": str,
+    "dict[str, Any]": str,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``segment-slides``: its options are generated from
+    :class:`~mediar_ray.pipeline.options.SlideOptions` (one field, one flag).
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The ``mediar-ray`` command line's sub-commands.
+    """
     p = subparsers.add_parser(
         "segment-slides",
         help="segment whole slides on Ray into OME-Zarr labels",
@@ -65,8 +82,11 @@ def options_from_args(args: argparse.Namespace):
     from mediar_ray.pipeline import SlideOptions
     from mediar_ray.weights import parse_model_config, resolve_weights
 
-    values = {f.name: getattr(args, f.name) for f in fields(SlideOptions)
-              if "help" in f.metadata and hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(SlideOptions)
+        if "help" in f.metadata and hasattr(args, f.name)
+    }
     values["weights"] = resolve_weights(values.get("weights"))
     values["model_config"] = parse_model_config(values.get("model_config"))
     return SlideOptions(**values)
@@ -82,8 +102,15 @@ def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
     from mediar_ray.pipeline import run_slides
     from mediar_ray.pipeline.cluster import ResourceError
 
-    secrets = url_secrets([*inputs, output, getattr(args, "mpp_csv", None) or "",
-                           getattr(args, "tissue", None) or "", *(args.weights or [])])
+    secrets = url_secrets(
+        [
+            *inputs,
+            output,
+            getattr(args, "mpp_csv", None) or "",
+            getattr(args, "tissue", None) or "",
+            *(args.weights or []),
+        ]
+    )
     try:
         opts = options_from_args(args)
         report = run_slides(inputs, output, opts)
@@ -95,13 +122,17 @@ def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001 - a fault of ours: its trace, without credentials
         log.error("the job stopped: %s", redact(traceback.format_exc(), *secrets))
         return 1
-    print(json.dumps({k: report[k] for k in ("done", "skipped", "failed", "elsewhere")},
-                     indent=1))
-    print(f"outputs: {safe_url(output)}/<slide>.zarr (labels at labels/cells/0); "
-          f"run summary: {safe_url(output)}/run_summary.json")
+    print(json.dumps({k: report[k] for k in ("done", "skipped", "failed", "elsewhere")}, indent=1))
+    print(
+        f"outputs: {safe_url(output)}/<slide>.zarr (labels at labels/cells/0); "
+        f"run summary: {safe_url(output)}/run_summary.json"
+    )
     if report["elsewhere"]:
-        log.info("%d slide(s) in progress in another job on this output root: %s",
-                 len(report["elsewhere"]), ", ".join(report["elsewhere"]))
+        log.info(
+            "%d slide(s) in progress in another job on this output root: %s",
+            len(report["elsewhere"]),
+            ", ".join(report["elsewhere"]),
+        )
     if report["failed"]:
         log.error("%d slide(s) failed: %s", len(report["failed"]), ", ".join(report["failed"]))
         return 1
@@ -109,4 +140,17 @@ def run_job(inputs: list[str], output: str, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the slide job on the parsed arguments.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``input``, ``output`` and the options of :class:`SlideOptions`.
+
+    Returns
+    -------
+    int
+        0 every slide done or skipped; 1 some slides failed (listed with their reasons,
+        the others done); 2 a usage error found before any slide was touched.
+    """
     return run_job(args.input, args.output, args)

@@ -20,8 +20,16 @@ T = TypeVar("T")
 
 #: Words of the errors that leave a CUDA context unusable (sticky errors): every later
 #: kernel launch in this process fails too, so the process must go.
-_FAULTS = ("cuda error", "cublas_status", "cudnn_status", "illegal memory access",
-           "device-side assert", "unspecified launch failure", "ecc error", "nccl")
+_FAULTS = (
+    "cuda error",
+    "cublas_status",
+    "cudnn_status",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "ecc error",
+    "nccl",
+)
 
 
 def is_device_fault(err: BaseException) -> bool:
@@ -42,14 +50,18 @@ def is_device_fault(err: BaseException) -> bool:
 def _die(err: BaseException) -> None:  # pragma: no cover - ends the process
     """End this actor's process at once: Ray restarts the actor (``max_restarts``) and
     retries its tile (``max_task_retries``), on a fresh CUDA context."""
-    log.error("model actor %s: device fault, exiting so Ray replaces it: %s",
-              f"{socket.gethostname()}:{os.getpid()}", err)
+    log.error(
+        "model actor %s: device fault, exiting so Ray replaces it: %s",
+        f"{socket.gethostname()}:{os.getpid()}",
+        err,
+    )
     logging.shutdown()
     os._exit(1)
 
 
-def run_with_smaller_batches(step: Callable[[int], T], batch_size: int, *,
-                             die: Callable[[BaseException], None] = _die) -> tuple[T, int]:
+def run_with_smaller_batches(
+    step: Callable[[int], T], batch_size: int, *, die: Callable[[BaseException], None] = _die
+) -> tuple[T, int]:
     """``step(batch_size)``, retried with half the batch after a device out-of-memory
     error (cache freed first), down to batch 1; a device fault calls ``die``.
 
@@ -80,8 +92,11 @@ def run_with_smaller_batches(step: Callable[[int], T], batch_size: int, *,
                 raise
             if not is_oom(err) or batch == 1:
                 raise
-            log.warning("device out of memory at %d windows per forward; retrying with %d",
-                        batch, batch // 2)
+            log.warning(
+                "device out of memory at %d windows per forward; retrying with %d",
+                batch,
+                batch // 2,
+            )
         batch //= 2
         free_device_cache()  # outside the handler: the traceback no longer holds tensors
 
@@ -98,9 +113,17 @@ class InferenceActor:
     instead of leaving a poisoned CUDA context serving every later slide.
     """
 
-    def __init__(self, weights: list[str], model_config: dict[str, Any], tta: bool,
-                 device: str, threads: int, *, precision: str = "auto",
-                 batch_size: int = 0) -> None:
+    def __init__(
+        self,
+        weights: list[str],
+        model_config: dict[str, Any],
+        tta: bool,
+        device: str,
+        threads: int,
+        *,
+        precision: str = "auto",
+        batch_size: int = 0,
+    ) -> None:
         import torch
 
         from mediar_ray.precision import default_batch_size, resolve_precision
@@ -128,9 +151,17 @@ class InferenceActor:
         plan = SlidePlan.from_json(plan_json)
         tile = Tile(**json.loads(tile_json))
         counts, self.batch_size = run_with_smaller_batches(
-            lambda batch: infer_partial(plan, tile, self.models, self.tta, self.device, batch,
-                                        precision=self.precision),
-            self.batch_size)
-        return {"slide": plan.layout.stem, "tile": tile.name, "start": start,
-                "end": time.time(), "node": ray.get_runtime_context().get_node_id(),
-                "batch_size": self.batch_size, **counts}
+            lambda batch: infer_partial(
+                plan, tile, self.models, self.tta, self.device, batch, precision=self.precision
+            ),
+            self.batch_size,
+        )
+        return {
+            "slide": plan.layout.stem,
+            "tile": tile.name,
+            "start": start,
+            "end": time.time(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "batch_size": self.batch_size,
+            **counts,
+        }

@@ -37,10 +37,14 @@ def ensure_ray(dashboard: bool = True) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    local: dict = {} if address else {
-        "include_dashboard": dashboard,
-        "_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000},
-    }
+    local: dict = (
+        {}
+        if address
+        else {
+            "include_dashboard": dashboard,
+            "_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000},
+        }
+    )
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, **local)
 
 
@@ -98,19 +102,26 @@ def check_resources(opts: SlideOptions) -> bool:
             _check_room_for_stages(opts, nodes)
         return False
     if autoscaler_present():
-        log.info("no node can hold a model actor yet (%s CPU, %s GPU): waiting up to %.0f s "
-                 "for the autoscaler", cpus, gpus, opts.resource_timeout)
+        log.info(
+            "no node can hold a model actor yet (%s CPU, %s GPU): waiting up to %.0f s "
+            "for the autoscaler",
+            cpus,
+            gpus,
+            opts.resource_timeout,
+        )
         return True
     total_gpus = sum(r.get("GPU", 0) for r in nodes)
     if gpus > 0 and max((r.get("GPU", 0) for r in nodes), default=0) < gpus:
         raise ResourceError(
             f"--num-gpus-per-worker {gpus:g}: no node of this Ray cluster has {gpus:g} GPU(s) "
             f"(GPUs in the cluster: {total_gpus:g}) and no autoscaler can add one; run "
-            "without --num-gpus-per-worker on CPUs, or on a cluster with GPU nodes")
+            "without --num-gpus-per-worker on CPUs, or on a cluster with GPU nodes"
+        )
     most = max((r.get("CPU", 0) for r in nodes), default=0)
     raise ResourceError(
         f"--cpus-per-worker {cpus:g}: no node of this Ray cluster has that many CPUs "
-        f"(largest: {most:g}) and no autoscaler can add one; ask for fewer")
+        f"(largest: {most:g}) and no autoscaler can add one; ask for fewer"
+    )
 
 
 def _check_room_for_stages(opts: SlideOptions, nodes: list[dict]) -> None:
@@ -130,4 +141,5 @@ def _check_room_for_stages(opts: SlideOptions, nodes: list[dict]) -> None:
             f"--workers {opts.workers} x --cpus-per-worker {cpus:g} hold {held:g} of this "
             f"cluster's {total:g} CPUs, leaving less than --cpus-per-task "
             f"{opts.cpus_per_task:g} for planning and finishing slides; ask for fewer "
-            "workers or CPUs per worker")
+            "workers or CPUs per worker"
+        )

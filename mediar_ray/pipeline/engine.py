@@ -59,8 +59,15 @@ from mediar_ray.pipeline.cluster import ResourceError
 from mediar_ray.pipeline.options import SlideOptions
 from mediar_ray.pipeline.utilization import all_busy_fraction
 
-__all__ = ["ArchiveRun", "Outcome", "SlideGate", "TileInferer", "TileRecord", "build_dataset",
-           "peak_overlap"]
+__all__ = [
+    "ArchiveRun",
+    "Outcome",
+    "SlideGate",
+    "TileInferer",
+    "TileRecord",
+    "build_dataset",
+    "peak_overlap",
+]
 
 log = logging.getLogger("mediar_ray.slides")
 
@@ -77,13 +84,13 @@ KILL_SLIDE_ENV = "MEDIAR_TEST_KILL_SLIDE"
 class Outcome(str, Enum):
     """What a :class:`TileRecord` says."""
 
-    TO_INFER = "to_infer"      # a tile the plan stage sent to the model actors
-    INFERRED = "inferred"      # ... inferred (its partial chunk and done record written)
-    PLANNED_EMPTY = "empty"    # a planned slide whose tiles were all inferred before
-    SKIPPED = "skipped"        # complete already
-    ELSEWHERE = "elsewhere"    # another live job holds the slide's lease
-    FAILED = "failed"          # the slide failed (plan, or one of its tiles)
-    CANCELLED = "cancelled"    # a tile of a slide that failed already: not run
+    TO_INFER = "to_infer"  # a tile the plan stage sent to the model actors
+    INFERRED = "inferred"  # ... inferred (its partial chunk and done record written)
+    PLANNED_EMPTY = "empty"  # a planned slide whose tiles were all inferred before
+    SKIPPED = "skipped"  # complete already
+    ELSEWHERE = "elsewhere"  # another live job holds the slide's lease
+    FAILED = "failed"  # the slide failed (plan, or one of its tiles)
+    CANCELLED = "cancelled"  # a tile of a slide that failed already: not run
 
 
 @dataclass
@@ -94,17 +101,17 @@ class TileRecord:
 
     slide: str
     outcome: str
-    tile: str = ""              # the tile's JSON (:class:`.layout.Tile`)
+    tile: str = ""  # the tile's JSON (:class:`.layout.Tile`)
     tile_name: str = ""
     plan_json: str = ""
-    tiles_total: int = 0        # tiles of the slide still to infer when it was planned
-    windows_skipped: int = 0    # windows no tile the model sees owns (glass)
+    tiles_total: int = 0  # tiles of the slide still to infer when it was planned
+    windows_skipped: int = 0  # windows no tile the model sees owns (glass)
     plan_seconds: float = 0.0
     reused: bool = False
-    note: str = ""              # skip note, failure reason or the lease holder
-    actor: str = ""             # the model actor that inferred the tile
+    note: str = ""  # skip note, failure reason or the lease holder
+    actor: str = ""  # the model actor that inferred the tile
     node: str = ""
-    start: float = 0.0          # actor clock, seconds since the epoch
+    start: float = 0.0  # actor clock, seconds since the epoch
     end: float = 0.0
     windows_run: int = 0
     windows_skipped_tile: int = 0
@@ -196,8 +203,15 @@ class SlideGate:
 
 
 # -- the plan stage ---------------------------------------------------------------------
-def plan_rows(row: dict[str, Any], *, gate: Any, output: str, opts: SlideOptions,
-              weight_hashes: list[str], job: str) -> list[dict[str, Any]]:
+def plan_rows(
+    row: dict[str, Any],
+    *,
+    gate: Any,
+    output: str,
+    opts: SlideOptions,
+    weight_hashes: list[str],
+    job: str,
+) -> list[dict[str, Any]]:
     """The plan stage of one slide (a Ray Data task): wait at the gate, claim the lease,
     skip or plan (:func:`~mediar_ray.pipeline.plan.prepare_slide`); returns one
     :class:`TileRecord` row per tile to infer, or one saying what became of the slide.
@@ -223,8 +237,15 @@ def plan_rows(row: dict[str, Any], *, gate: Any, output: str, opts: SlideOptions
     return [asdict(r) for r in records]
 
 
-def _plan_slide(url: str, name: str, mpp: float | None, leases: Any, output: str,
-                opts: SlideOptions, weight_hashes: list[str]) -> list[TileRecord]:
+def _plan_slide(
+    url: str,
+    name: str,
+    mpp: float | None,
+    leases: Any,
+    output: str,
+    opts: SlideOptions,
+    weight_hashes: list[str],
+) -> list[TileRecord]:
     from mediar_ray.pipeline.layout import Tile
     from mediar_ray.pipeline.plan import prepare_slide
 
@@ -237,14 +258,21 @@ def _plan_slide(url: str, name: str, mpp: float | None, leases: Any, output: str
     if result["kind"] != "planned":
         return [TileRecord(name, Outcome.FAILED.value, note=result["reason"])]
     planned = result["planned"]
-    common = dict(plan_json=planned.plan_json, tiles_total=len(planned.tiles),
-                  windows_skipped=planned.windows_skipped, plan_seconds=result["seconds"],
-                  reused=planned.reused)
+    common = dict(
+        plan_json=planned.plan_json,
+        tiles_total=len(planned.tiles),
+        windows_skipped=planned.windows_skipped,
+        plan_seconds=result["seconds"],
+        reused=planned.reused,
+    )
     if not planned.tiles:
         return [TileRecord(name, Outcome.PLANNED_EMPTY.value, **common)]
-    return [TileRecord(name, Outcome.TO_INFER.value, tile=t,
-                       tile_name=Tile(**json.loads(t)).name, **common)
-            for t in planned.tiles]
+    return [
+        TileRecord(
+            name, Outcome.TO_INFER.value, tile=t, tile_name=Tile(**json.loads(t)).name, **common
+        )
+        for t in planned.tiles
+    ]
 
 
 # -- the model stage --------------------------------------------------------------------
@@ -284,9 +312,15 @@ class TileInferer:
 
         cpus = opts.actor_cpus()
         device = "cuda" if opts.gpu else opts.device
-        self.model = InferenceActor(opts.weights, opts.model_config, opts.tta, device,
-                                    max(1, round(cpus)), precision=opts.precision,
-                                    batch_size=opts.batch_size)
+        self.model = InferenceActor(
+            opts.weights,
+            opts.model_config,
+            opts.tta,
+            device,
+            max(1, round(cpus)),
+            precision=opts.precision,
+            batch_size=opts.batch_size,
+        )
         self.gate, self.kill_slide = gate, kill_slide
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         _warm_numba_once_per_node()
@@ -306,8 +340,9 @@ class TileInferer:
             rec.outcome = Outcome.CANCELLED.value
             return rec
         if attempt > MAX_TILE_ATTEMPTS:
-            return self._failed(rec, f"tile {rec.tile_name} ended its model actor "
-                                f"{MAX_TILE_ATTEMPTS} times")
+            return self._failed(
+                rec, f"tile {rec.tile_name} ended its model actor {MAX_TILE_ATTEMPTS} times"
+            )
         if self.kill_slide and rec.slide == self.kill_slide:  # tests: a crashing tile
             logging.shutdown()
             os._exit(1)
@@ -319,8 +354,10 @@ class TileInferer:
         rec.outcome = Outcome.INFERRED.value
         rec.actor, rec.node = self.id, result["node"]
         rec.start, rec.end = result["start"], result["end"]
-        rec.windows_run, rec.windows_skipped_tile = (result["windows_run"],
-                                                     result["windows_skipped"])
+        rec.windows_run, rec.windows_skipped_tile = (
+            result["windows_run"],
+            result["windows_skipped"],
+        )
         rec.tile = ""
         return rec
 
@@ -330,26 +367,42 @@ class TileInferer:
         return rec
 
 
-def build_dataset(slides: list[tuple[str, str, float | None]], output: str,
-                  opts: SlideOptions, weight_hashes: list[str], *, gate: Any, job: str,
-                  kill_slide: str = ""):
+def build_dataset(
+    slides: list[tuple[str, str, float | None]],
+    output: str,
+    opts: SlideOptions,
+    weight_hashes: list[str],
+    *,
+    gate: Any,
+    job: str,
+    kill_slide: str = "",
+):
     """The job's dataset (lazy): slides -> plan -> one tile per block -> model actors."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     rows = [{"spec": json.dumps([url, name, mpp])} for url, name, mpp in slides]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.flat_map(plan_rows, fn_kwargs=dict(gate=gate, output=output, opts=opts,
-                                               weight_hashes=weight_hashes, job=job),
-                     num_cpus=opts.cpus_per_task,
-                     compute=TaskPoolStrategy(size=min(len(rows), opts.slides_in_flight())))
+    ds = ds.flat_map(
+        plan_rows,
+        fn_kwargs=dict(gate=gate, output=output, opts=opts, weight_hashes=weight_hashes, job=job),
+        num_cpus=opts.cpus_per_task,
+        compute=TaskPoolStrategy(size=min(len(rows), opts.slides_in_flight())),
+    )
     return ds.map_batches(
-        TileInferer, fn_constructor_kwargs=dict(opts=opts, gate=gate, kill_slide=kill_slide),
-        compute=ActorPoolStrategy(min_size=opts.min_workers, max_size=opts.max_workers,
-                                  initial_size=opts.min_workers,
-                                  max_tasks_in_flight_per_actor=2),
-        batch_size=1, batch_format="numpy", num_cpus=opts.actor_cpus(),
-        num_gpus=opts.num_gpus_per_worker or None)
+        TileInferer,
+        fn_constructor_kwargs=dict(opts=opts, gate=gate, kill_slide=kill_slide),
+        compute=ActorPoolStrategy(
+            min_size=opts.min_workers,
+            max_size=opts.max_workers,
+            initial_size=opts.min_workers,
+            max_tasks_in_flight_per_actor=2,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=opts.actor_cpus(),
+        num_gpus=opts.num_gpus_per_worker or None,
+    )
 
 
 def data_context(opts: SlideOptions, *, wait_for_nodes: bool):
@@ -359,7 +412,7 @@ def data_context(opts: SlideOptions, *, wait_for_nodes: bool):
     from ray.data import DataContext
 
     ctx = DataContext.get_current().copy()
-    ctx.enable_progress_bars = False          # one progress display: the driver's lines
+    ctx.enable_progress_bars = False  # one progress display: the driver's lines
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = -1  # long plans/finishes/node waits are progress
     # The minimum pool loads the models before any slide is planned: a checkpoint that
@@ -379,8 +432,9 @@ def peak_overlap(spans: Iterable[tuple[float, float]]) -> int:
     >>> peak_overlap([(0, 4), (1, 2), (3, 5)])
     2
     """
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans],
-                    key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1])
+    )
     now = peak = 0
     for _, step in events:
         now += step
@@ -401,8 +455,9 @@ def _load_error(err: BaseException) -> Exception:
         if name.rsplit(".", 1)[-1] == "CheckpointError":
             return CheckpointError(message)
     if any("Timed out while starting actors" in line for line in lines):
-        return ResourceError("no node able to hold a model actor joined in time "
-                             "(--resource-timeout)")
+        return ResourceError(
+            "no node able to hold a model actor joined in time (--resource-timeout)"
+        )
     return RuntimeError(f"the slide job stopped: {lines[-1] if lines else err}")
 
 
@@ -424,25 +479,35 @@ class ArchiveRun:
     (reason), elsewhere, the pool's utilisation and sizes.
     """
 
-    def __init__(self, slides: list[tuple[str, str, float | None]], output: str,
-                 opts: SlideOptions, weight_hashes: list[str],
-                 wait_for_nodes: bool = False) -> None:
+    def __init__(
+        self,
+        slides: list[tuple[str, str, float | None]],
+        output: str,
+        opts: SlideOptions,
+        weight_hashes: list[str],
+        wait_for_nodes: bool = False,
+    ) -> None:
         self.slides, self.total = slides, len(slides)
         self.output, self.opts, self.weight_hashes = output, opts, weight_hashes
         self.wait_for_nodes = wait_for_nodes
-        self.report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "notes": {},
-                                       "elsewhere": {}}
+        self.report: dict[str, Any] = {
+            "done": {},
+            "skipped": [],
+            "failed": {},
+            "notes": {},
+            "elsewhere": {},
+        }
         self.leases = None  # a .lease.Leases: its job id is the plan tasks' too
-        self.planned: dict[str, _Slide] = {}     # slides with tiles in the stream
-        self.finishing: dict[str, Any] = {}      # name -> ObjectRef of its finish task
+        self.planned: dict[str, _Slide] = {}  # slides with tiles in the stream
+        self.finishing: dict[str, Any] = {}  # name -> ObjectRef of its finish task
         self.ended: queue.Queue = queue.Queue()  # (name, finish future), from callbacks
         self.intervals: dict[str, list[tuple[float, float]]] = {}
         self.nodes: set[str] = set()
         self.tiles_done = 0
         self.gate = None
         self.gate_peak = 0
-        self.elastic = False    # an elastic pool on an autoscaling cluster
-        self._requested = -1    # model actors the autoscaler was last asked to make room for
+        self.elastic = False  # an elastic pool on an autoscaling cluster
+        self._requested = -1  # model actors the autoscaler was last asked to make room for
         self._last_progress = 0.0
         self._t0 = time.perf_counter()
 
@@ -456,8 +521,9 @@ class ArchiveRun:
         r = self.report
         ended = {*r["done"], *r["failed"], *r["skipped"], *r["elsewhere"]}
         # the gate may not have heard of a slide's end yet: its lease is not renewed
-        names = [n for n in ray.get(self.gate.state.remote(), timeout=30)["active"]
-                 if n not in ended]
+        names = [
+            n for n in ray.get(self.gate.state.remote(), timeout=30)["active"] if n not in ended
+        ]
         if self.leases is not None:
             for name in names:  # claimed by a plan task under this job's id
                 self.leases.held.setdefault(name, time.time())
@@ -475,17 +541,26 @@ class ArchiveRun:
         from mediar_ray.pipeline.cluster import autoscaler_present
 
         self.elastic = self.opts.max_workers > self.opts.min_workers and autoscaler_present()
-        self.gate = ray.remote(SlideGate).options(num_cpus=0, max_concurrency=1000).remote(
-            self.opts.slides_in_flight())
-        self.finish_task = ray.remote(finish_slide).options(num_cpus=self.opts.cpus_per_task,
-                                                           max_retries=3)
+        self.gate = (
+            ray.remote(SlideGate)
+            .options(num_cpus=0, max_concurrency=1000)
+            .remote(self.opts.slides_in_flight())
+        )
+        self.finish_task = ray.remote(finish_slide).options(
+            num_cpus=self.opts.cpus_per_task, max_retries=3
+        )
         job = self.leases.job if self.leases is not None else uuid.uuid4().hex
         try:
-            with DataContext.current(data_context(self.opts,
-                                                  wait_for_nodes=self.wait_for_nodes)):
-                ds = build_dataset(self.slides, self.output, self.opts, self.weight_hashes,
-                                   gate=self.gate, job=job,
-                                   kill_slide=os.environ.get(KILL_SLIDE_ENV, ""))
+            with DataContext.current(data_context(self.opts, wait_for_nodes=self.wait_for_nodes)):
+                ds = build_dataset(
+                    self.slides,
+                    self.output,
+                    self.opts,
+                    self.weight_hashes,
+                    gate=self.gate,
+                    job=job,
+                    kill_slide=os.environ.get(KILL_SLIDE_ENV, ""),
+                )
                 for row in ds.iter_rows():
                     self._on_record(TileRecord.from_row(row))
                     self._collect()
@@ -510,12 +585,14 @@ class ArchiveRun:
     def _on_record(self, rec: TileRecord) -> None:
         outcome = Outcome(rec.outcome)
         if outcome is Outcome.ELSEWHERE:
-            log.info("%s: in progress elsewhere (job %s holds it), left to it", rec.slide,
-                     rec.note)
+            log.info("%s: in progress elsewhere (job %s holds it), left to it", rec.slide, rec.note)
             self.report["elsewhere"][rec.slide] = rec.note
         elif outcome is Outcome.SKIPPED:
-            log.info("%s: complete already, skipped (--overwrite to redo)%s", rec.slide,
-                     f"; {rec.note}" if rec.note else "")
+            log.info(
+                "%s: complete already, skipped (--overwrite to redo)%s",
+                rec.slide,
+                f"; {rec.note}" if rec.note else "",
+            )
             self.report["skipped"].append(rec.slide)
             if rec.note:
                 self.report["notes"][rec.slide] = rec.note
@@ -532,8 +609,12 @@ class ArchiveRun:
             slide = self.planned[rec.slide] = _Slide(rec.plan_json, rec.tiles_total)
             slide.seconds["plan"] = rec.plan_seconds
             slide.windows["skipped"] += rec.windows_skipped
-            log.info("%s: planned, %d tile(s) to infer%s", rec.slide, rec.tiles_total,
-                     " (earlier state reused)" if rec.reused else "")
+            log.info(
+                "%s: planned, %d tile(s) to infer%s",
+                rec.slide,
+                rec.tiles_total,
+                " (earlier state reused)" if rec.reused else "",
+            )
         return slide
 
     def _on_tile(self, rec: TileRecord) -> None:
@@ -558,8 +639,7 @@ class ArchiveRun:
         """Start the slide's finish task; its completion callback frees the gate."""
         if slide.started is not None:
             slide.seconds["infer"] = round(slide.ended - slide.started, 3)
-        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds,
-                                      slide.windows)
+        ref = self.finish_task.remote(slide.plan_json, self.opts, slide.seconds, slide.windows)
         self.finishing[name] = ref
         gate, ended = self.gate, self.ended
 
@@ -573,8 +653,9 @@ class ArchiveRun:
         """Record the finish tasks that ended (their gate places are free already)."""
         while True:
             try:
-                name, future = self.ended.get(timeout=PROGRESS_EVERY) if block else \
-                    self.ended.get_nowait()
+                name, future = (
+                    self.ended.get(timeout=PROGRESS_EVERY) if block else self.ended.get_nowait()
+                )
             except queue.Empty:
                 return
             block = False
@@ -587,12 +668,15 @@ class ArchiveRun:
                 continue
             if self.leases is not None:
                 self.leases.release(name)
-            self.report["done"][name] = {"cells": summary["cells"],
-                                         "seconds": summary["seconds"],
-                                         "tiles_inferred": slide.tiles_total,
-                                         "windows": slide.windows}
-            log.info("[%d/%d] %s: %d cells", self._count_ended(), self.total, name,
-                     summary["cells"])
+            self.report["done"][name] = {
+                "cells": summary["cells"],
+                "seconds": summary["seconds"],
+                "tiles_inferred": slide.tiles_total,
+                "windows": slide.windows,
+            }
+            log.info(
+                "[%d/%d] %s: %d cells", self._count_ended(), self.total, name, summary["cells"]
+            )
 
     def _fail(self, name: str, reason: str) -> None:
         if name in self.report["failed"]:
@@ -614,8 +698,9 @@ class ArchiveRun:
         from ray.autoscaler.sdk import request_resources
 
         waiting = sum(s.tiles_total - s.tiles_in for s in self.planned.values())
-        want = 0 if end else min(self.opts.max_workers,
-                                 max(self.opts.min_workers, -(-waiting // 4)))
+        want = (
+            0 if end else min(self.opts.max_workers, max(self.opts.min_workers, -(-waiting // 4)))
+        )
         if want == self._requested:
             return
         self._requested = want
@@ -642,18 +727,29 @@ class ArchiveRun:
         left += per_slide * (self.total - self._count_ended() - len(known))
         eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
         r = self.report
-        log.info("archive: %d/%d slides ended (%d done, %d skipped, %d failed), %d in flight; "
-                 "%d tiles inferred, %.2f tiles/s, ETA %s", self._count_ended(), self.total,
-                 len(r["done"]), len(r["skipped"]), len(r["failed"]), len(known),
-                 self.tiles_done, rate, eta)
+        log.info(
+            "archive: %d/%d slides ended (%d done, %d skipped, %d failed), %d in flight; "
+            "%d tiles inferred, %.2f tiles/s, ETA %s",
+            self._count_ended(),
+            self.total,
+            len(r["done"]),
+            len(r["skipped"]),
+            len(r["failed"]),
+            len(known),
+            self.tiles_done,
+            rate,
+            eta,
+        )
 
     def _report(self) -> dict[str, Any]:
         self.report["utilization"] = self.utilization()
         self.report["model_nodes"] = len(self.nodes)
-        spans = [(min(a for a, _ in iv), max(b for _, b in iv))
-                 for iv in self.intervals.values()]
-        self.report["pool"] = {"min": self.opts.min_workers, "max": self.opts.max_workers,
-                               "peak": peak_overlap(spans)}
+        spans = [(min(a for a, _ in iv), max(b for _, b in iv)) for iv in self.intervals.values()]
+        self.report["pool"] = {
+            "min": self.opts.min_workers,
+            "max": self.opts.max_workers,
+            "peak": peak_overlap(spans),
+        }
         self.report["slides_in_flight_peak"] = self.gate_peak
         return self.report
 
@@ -664,5 +760,9 @@ class ArchiveRun:
         per_actor = list(self.intervals.values())
         per_actor += [[] for _ in range(self.opts.min_workers - len(per_actor))]
         together, span = all_busy_fraction(per_actor)
-        return {"all_actors_busy": round(together, 4), "span_s": round(span, 3),
-                "tiles": self.tiles_done, "actors": len(self.intervals)}
+        return {
+            "all_actors_busy": round(together, 4),
+            "span_s": round(span, 3),
+            "tiles": self.tiles_done,
+            "actors": len(self.intervals),
+        }

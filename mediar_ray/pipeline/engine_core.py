@@ -1,6 +1,8 @@
-"""The archive engine on Ray Core (kept only to measure the Ray Data engine against it:
-``MEDIAR_ENGINE=core`` selects it; bench/archive_throughput.py runs both; delete it once
-the bench has been run on the idle machine).
+"""The archive engine on Ray Core: the default until the Ray Data engine
+(:mod:`mediar_ray.pipeline.engine`, ``MEDIAR_ENGINE=data``) has been measured against it
+(bench/archive_throughput.py runs both) and its elastic pool shown on an autoscaling
+cluster; then this module is deleted. Its pool is fixed: ``--workers MIN:MAX`` runs MAX
+actors.
 
 One streaming job over every slide, model actors never waiting.
 
@@ -51,14 +53,14 @@ MAX_REPLACEMENTS = 7
 class _Slide:
     url: str
     name: str
-    state: str = "preparing"          # preparing -> inferring -> finishing
+    state: str = "preparing"  # preparing -> inferring -> finishing
     plan_json: str = ""
     plan_ref: Any = None
     tiles_total: int = 0
-    tiles_left: int = 0               # queued or running
+    tiles_left: int = 0  # queued or running
     running: int = 0
-    started: float | None = None      # first tile start (actor clock)
-    ended: float | None = None        # last tile end
+    started: float | None = None  # first tile start (actor clock)
+    ended: float | None = None  # last tile end
     seconds: dict[str, float] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=lambda: {"run": 0, "skipped": 0})
     failed: bool = False
@@ -100,18 +102,28 @@ class ArchiveRun:
     (reason), and the pool's utilisation.
     """
 
-    def __init__(self, slides: list[tuple[str, str, float | None]], output: str,
-                 opts: SlideOptions,
-                 weight_hashes: list[str], wait_for_nodes: bool = False) -> None:
+    def __init__(
+        self,
+        slides: list[tuple[str, str, float | None]],
+        output: str,
+        opts: SlideOptions,
+        weight_hashes: list[str],
+        wait_for_nodes: bool = False,
+    ) -> None:
         self.waiting = deque(slides)
         self.total = len(slides)
         self.output, self.opts, self.weight_hashes = output, opts, weight_hashes
         self.wait_for_nodes = wait_for_nodes
         self.active: dict[str, _Slide] = {}
         self.queue: deque[tuple[str, str]] = deque()  # (slide name, tile JSON)
-        self.pending: dict[Any, tuple] = {}             # ObjectRef -> what it is
-        self.report: dict[str, Any] = {"done": {}, "skipped": [], "failed": {}, "notes": {},
-                                       "elsewhere": {}}
+        self.pending: dict[Any, tuple] = {}  # ObjectRef -> what it is
+        self.report: dict[str, Any] = {
+            "done": {},
+            "skipped": [],
+            "failed": {},
+            "notes": {},
+            "elsewhere": {},
+        }
         self.leases = None  # a .lease.Leases: slides another live job holds are left to it
         self.intervals: list[list[tuple[float, float]]] = []
         self.nodes: set[str] = set()
@@ -128,14 +140,31 @@ class ArchiveRun:
         opts = self.opts
         cpus = opts.actor_cpus()
         actor = ray.remote(InferenceActor).options(
-            num_cpus=cpus, num_gpus=opts.num_gpus_per_worker, max_restarts=-1,
-            max_task_retries=-1, scheduling_strategy="SPREAD")
+            num_cpus=cpus,
+            num_gpus=opts.num_gpus_per_worker,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy="SPREAD",
+        )
         device = "cuda" if opts.gpu else opts.device
-        self._new_actor = lambda: actor.remote(opts.weights, opts.model_config, opts.tta,
-                                               device, max(1, round(cpus)),
-                                               precision=opts.precision,
-                                               batch_size=opts.batch_size)
-        self.actors = [self._new_actor() for _ in range(opts.min_workers)]
+        self._new_actor = lambda: actor.remote(
+            opts.weights,
+            opts.model_config,
+            opts.tta,
+            device,
+            max(1, round(cpus)),
+            precision=opts.precision,
+            batch_size=opts.batch_size,
+        )
+        # A fixed pool: an elastic --workers MIN:MAX gets its maximum (what a fixed pool of
+        # the Ray Data engine's size would be), logged so the user knows.
+        if opts.min_workers != opts.max_workers:
+            log.info(
+                "--workers %s: this engine's pool is fixed at %d actors",
+                opts.workers,
+                opts.max_workers,
+            )
+        self.actors = [self._new_actor() for _ in range(opts.max_workers)]
         self.generation = [0] * len(self.actors)
         self.load = [0] * len(self.actors)
         self.intervals = [[] for _ in self.actors]
@@ -151,13 +180,13 @@ class ArchiveRun:
 
         opts = self.opts
         timeout = opts.resource_timeout if self.wait_for_nodes else None
-        ready, _ = ray.wait([a.node.remote() for a in self.actors], num_returns=1,
-                            timeout=timeout)
+        ready, _ = ray.wait([a.node.remote() for a in self.actors], num_returns=1, timeout=timeout)
         if not ready:
             raise ResourceError(
                 f"no node able to hold a model actor ({cpus:g} CPU, "
                 f"{opts.num_gpus_per_worker:g} GPU) joined within "
-                f"{opts.resource_timeout:.0f} s (--resource-timeout)")
+                f"{opts.resource_timeout:.0f} s (--resource-timeout)"
+            )
         try:
             ray.get(ready[0])
         except ray.exceptions.ActorDiedError as err:
@@ -175,8 +204,8 @@ class ArchiveRun:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Segment every slide; returns the run summary (done, skipped, failed, ...)."""
         import ray
-
 
         self._tasks()
         self._start_actors()
@@ -206,8 +235,9 @@ class ArchiveRun:
                 self.report["elsewhere"][name] = holder
                 continue
             self.active[name] = _Slide(url, name)
-            ref = self.prepare_task.remote(url, name, self.output, self.opts,
-                                           self.weight_hashes, mpp)
+            ref = self.prepare_task.remote(
+                url, name, self.output, self.opts, self.weight_hashes, mpp
+            )
             self.pending[ref] = ("prepare", name)
             preparing += 1
 
@@ -251,8 +281,11 @@ class ArchiveRun:
         import ray
 
         if result["kind"] == "skip":
-            log.info("%s: complete already, skipped (--overwrite to redo)%s", slide.name,
-                     f"; {result['note']}" if result.get("note") else "")
+            log.info(
+                "%s: complete already, skipped (--overwrite to redo)%s",
+                slide.name,
+                f"; {result['note']}" if result.get("note") else "",
+            )
             self.report["skipped"].append(slide.name)
             if result.get("note"):
                 self.report["notes"][slide.name] = result["note"]
@@ -268,8 +301,12 @@ class ArchiveRun:
         slide.tiles_total = slide.tiles_left = len(planned.tiles)
         slide.windows["skipped"] += planned.windows_skipped
         slide.state = "inferring"
-        log.info("%s: planned, %d tile(s) to infer%s", slide.name, len(planned.tiles),
-                 " (earlier state reused)" if planned.reused else "")
+        log.info(
+            "%s: planned, %d tile(s) to infer%s",
+            slide.name,
+            len(planned.tiles),
+            " (earlier state reused)" if planned.reused else "",
+        )
         self.queue.extend((slide.name, t) for t in planned.tiles)
         if not planned.tiles:
             self._finish(slide)
@@ -279,18 +316,24 @@ class ArchiveRun:
             self.load[actor] -= 1
         slide.running -= 1
 
-    def _actor_died(self, slide: _Slide, actor: int, tile_json: str, generation: int,
-                    err: BaseException) -> None:
+    def _actor_died(
+        self, slide: _Slide, actor: int, tile_json: str, generation: int, err: BaseException
+    ) -> None:
         """Ray gave up on an actor: put its tile back in the queue and, the first time
         one of its tiles reports it, start a new actor in its slot (bounded)."""
         self._tile_ended(slide, actor, generation)
         if generation == self.generation[actor]:
             if self.generation[actor] >= MAX_REPLACEMENTS:
                 raise RuntimeError(
-                    f"the model actors could not be restarted: {_reason(err)}") from None
+                    f"the model actors could not be restarted: {_reason(err)}"
+                ) from None
             pause = min(30.0, 2.0 ** self.generation[actor])
-            log.warning("model actor %d died (%s): a new one in %.0f s", actor,
-                        " | ".join(str(err).split("\n")), pause)
+            log.warning(
+                "model actor %d died (%s): a new one in %.0f s",
+                actor,
+                " | ".join(str(err).split("\n")),
+                pause,
+            )
             time.sleep(pause)  # the driver only; tasks and the other actors go on
             self.actors[actor] = self._new_actor()
             self.generation[actor] += 1
@@ -300,8 +343,9 @@ class ArchiveRun:
         else:
             self.queue.appendleft((slide.name, tile_json))
 
-    def _on_tile(self, slide: _Slide, result: dict, actor: int, tile_json: str,
-                 generation: int) -> None:
+    def _on_tile(
+        self, slide: _Slide, result: dict, actor: int, tile_json: str, generation: int
+    ) -> None:
         self._tile_ended(slide, actor, generation)
         self.tiles_done += 1
         self.intervals[actor].append((result["start"], result["end"]))
@@ -328,12 +372,15 @@ class ArchiveRun:
         self.pending[ref] = ("finish", slide.name)
 
     def _on_finish(self, slide: _Slide, summary: dict) -> None:
-        self.report["done"][slide.name] = {"cells": summary["cells"],
-                                           "seconds": summary["seconds"],
-                                           "tiles_inferred": slide.tiles_total,
-                                           "windows": slide.windows}
-        log.info("[%d/%d] %s: %d cells", self._count_ended(), self.total, slide.name,
-                 summary["cells"])
+        self.report["done"][slide.name] = {
+            "cells": summary["cells"],
+            "seconds": summary["seconds"],
+            "tiles_inferred": slide.tiles_total,
+            "windows": slide.windows,
+        }
+        log.info(
+            "[%d/%d] %s: %d cells", self._count_ended(), self.total, slide.name, summary["cells"]
+        )
         del self.active[slide.name]
 
     def _fail(self, slide: _Slide, reason: str) -> None:
@@ -368,15 +415,27 @@ class ArchiveRun:
         left += per_slide * (len(self.waiting) + len(self.active) - len(known))
         eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
         r = self.report
-        log.info("archive: %d/%d slides ended (%d done, %d skipped, %d failed), %d in flight; "
-                 "%d tiles inferred, %.2f tiles/s, ETA %s", self._count_ended(), self.total,
-                 len(r["done"]), len(r["skipped"]), len(r["failed"]), len(self.active),
-                 self.tiles_done, rate, eta)
+        log.info(
+            "archive: %d/%d slides ended (%d done, %d skipped, %d failed), %d in flight; "
+            "%d tiles inferred, %.2f tiles/s, ETA %s",
+            self._count_ended(),
+            self.total,
+            len(r["done"]),
+            len(r["skipped"]),
+            len(r["failed"]),
+            len(self.active),
+            self.tiles_done,
+            rate,
+            eta,
+        )
 
     def utilization(self) -> dict[str, Any]:
         """Fraction of the time between the first tile's start and the last tile's end
         in which every model actor was busy (timestamps taken inside the actors)."""
         together, span = all_busy_fraction(self.intervals)
-        return {"all_actors_busy": round(together, 4), "span_s": round(span, 3),
-                "tiles": self.tiles_done, "actors": len(self.intervals)}
-
+        return {
+            "all_actors_busy": round(together, 4),
+            "span_s": round(span, 3),
+            "tiles": self.tiles_done,
+            "actors": len(self.intervals),
+        }

@@ -8,14 +8,34 @@ from typing import Any
 
 from mediar_ray.errors import UserError
 
-__all__ = ["ADDED_OPTIONS", "LEGACY_NAMES", "PRECISIONS", "RESULT_OPTIONS", "OptionError",
-           "SlideOptions"]
+__all__ = [
+    "ADDED_OPTIONS",
+    "LEGACY_NAMES",
+    "PRECISIONS",
+    "RESULT_OPTIONS",
+    "OptionError",
+    "SlideOptions",
+]
 
 #: Options that change a slide's result: a slide's scratch state or finished output is
 #: reused only when all of them (and the input and the weights) are unchanged.
-RESULT_OPTIONS = ("tta", "roi_size", "tile_size", "halo", "reader", "model_config", "flow_params",
-                  "target_mpp", "mpp", "tissue", "copy_image", "labels_level0", "cells",
-                  "geojson", "precision")
+RESULT_OPTIONS = (
+    "tta",
+    "roi_size",
+    "tile_size",
+    "halo",
+    "reader",
+    "model_config",
+    "flow_params",
+    "target_mpp",
+    "mpp",
+    "tissue",
+    "copy_image",
+    "labels_level0",
+    "cells",
+    "geojson",
+    "precision",
+)
 
 #: Result options an earlier version recorded under another name.
 LEGACY_NAMES = {"tile": "tile_size"}
@@ -99,69 +119,107 @@ class SlideOptions:
     """
 
     weights: list[str] = _flag(  # noqa: RUF009 - a Field with a default_factory
-        list, "checkpoint path or URL; repeat for an ensemble (default: bundled model)",
-        metavar="CKPT", action="append")
+        list,
+        "checkpoint path or URL; repeat for an ensemble (default: bundled model)",
+        metavar="CKPT",
+        action="append",
+    )
     model_config: dict[str, Any] = _flag(  # noqa: RUF009 - as above
-        dict, "model parameters (file or inline JSON)", metavar="JSON")
+        dict, "model parameters (file or inline JSON)", metavar="JSON"
+    )
     tta: bool = _flag(True, "test-time augmentation (default: on)")
     roi_size: int | None = _flag(
-        None, "sliding-window size (default: the crop size the weights were trained on, "
-        "stored in mediar_ray checkpoints: 256 for the bundled model; else MEDIAR's 512)")
+        None,
+        "sliding-window size (default: the crop size the weights were trained on, "
+        "stored in mediar_ray checkpoints: 256 for the bundled model; else MEDIAR's 512)",
+    )
     tile_size: int = _flag(
-        1024, "tile and chunk side in pixels (memory per worker grows with it; a slide "
-        "smaller than a tile is one chunk of its own size)")
+        1024,
+        "tile and chunk side in pixels (memory per worker grows with it; a slide "
+        "smaller than a tile is one chunk of its own size)",
+    )
     halo: int = _flag(128, "flow-tracking halo in pixels (at least the largest cell diameter)")
     workers: int | str = _flag(
-        1, "model actors: N (a fixed pool) or MIN:MAX (a pool that grows while tiles queue "
-        "and shrinks when they drain; on GPUs one actor per GPU)", metavar="N|MIN:MAX")
+        1,
+        "model actors: N (a fixed pool) or MIN:MAX (a pool that grows while tiles queue "
+        "and shrinks when they drain; on GPUs one actor per GPU)",
+        metavar="N|MIN:MAX",
+    )
     num_gpus_per_worker: float = _flag(0.0, "GPUs per model actor; > 0 runs the models on CUDA")
     device: str = _flag("cpu", "cpu, or cuda / cuda:N with --num-gpus-per-worker > 0")
     overwrite: bool = _flag(False, "redo slides that are complete")
     reader: str = _flag(
-        "auto", "slide reader: auto (by content and name) or a reader's name (tifffile, "
-        "openslide, wsidicom, ome-zarr, pillow)")
+        "auto",
+        "slide reader: auto (by content and name) or a reader's name (tifffile, "
+        "openslide, wsidicom, ome-zarr, pillow)",
+    )
     flow_params: dict[str, Any] = field(default_factory=dict)  # no flag: from Python only
     max_slides_in_flight: int = _flag(
-        0, "slides prepared, inferred or finished at once (bounds scratch storage and "
-        "memory; default 0: 2 x the maximum of --workers + 4)", metavar="N")
+        0,
+        "slides prepared, inferred or finished at once (bounds scratch storage and "
+        "memory; default 0: 2 x the maximum of --workers + 4)",
+        metavar="N",
+    )
     cpus_per_worker: float = _flag(
-        0.0, "CPUs each model actor requests (default: 1 with GPUs, else 0.75, leaving "
-        "room on its node for the CPU stages)")
+        0.0,
+        "CPUs each model actor requests (default: 1 with GPUs, else 0.75, leaving "
+        "room on its node for the CPU stages)",
+    )
     cpus_per_task: float = _flag(
-        0.25, "CPUs each CPU-stage task requests (plan, gather, track, ...)")
+        0.25, "CPUs each CPU-stage task requests (plan, gather, track, ...)"
+    )
     resource_timeout: float = _flag(
-        600.0, "on an autoscaling cluster, how long to wait for a node that can hold a "
-        "model actor", metavar="SECONDS")
+        600.0,
+        "on an autoscaling cluster, how long to wait for a node that can hold a model actor",
+        metavar="SECONDS",
+    )
     target_mpp: float | None = _flag(
-        None, "process every slide at this pixel size (micrometres per pixel): read from "
+        None,
+        "process every slide at this pixel size (micrometres per pixel): read from "
         "the pyramid level closest to it without being coarser, resampled tile by tile "
-        "(default: each slide's level 0)", metavar="UM")
+        "(default: each slide's level 0)",
+        metavar="UM",
+    )
     mpp: float | None = _flag(
-        None, "pixel size of level 0 for all slides, instead of their metadata", metavar="UM")
+        None, "pixel size of level 0 for all slides, instead of their metadata", metavar="UM"
+    )
     mpp_csv: str | None = _flag(
-        None, "per-slide pixel sizes: a CSV with columns slide,mpp (slide = file name, name "
+        None,
+        "per-slide pixel sizes: a CSV with columns slide,mpp (slide = file name, name "
         "without extension, or URL); a slide matched by rows that disagree is an error, "
-        "rows matching no input a warning", metavar="CSV")
+        "rows matching no input a warning",
+        metavar="CSV",
+    )
     tissue: str = _flag(
-        "auto", "skip windows that touch no tissue: detect it (auto: slides of 2048 px or "
+        "auto",
+        "skip windows that touch no tissue: detect it (auto: slides of 2048 px or "
         "more), off, or a mask image ({name} = the slide's name)",
-        metavar="auto|off|MASK_URL")
+        metavar="auto|off|MASK_URL",
+    )
     copy_image: bool = _flag(
-        False, "keep a full copy of the processed image in the output (default: a viewing "
-        "pyramid from 1/4 of the processing resolution)")
+        False,
+        "keep a full copy of the processed image in the output (default: a viewing "
+        "pyramid from 1/4 of the processing resolution)",
+    )
     labels_level0: bool = _flag(
-        False, "also write the labels on the slide's level-0 grid (labels/cells_level0) "
-        "when processing at another resolution")
+        False,
+        "also write the labels on the slide's level-0 grid (labels/cells_level0) "
+        "when processing at another resolution",
+    )
     cells: bool = _flag(
-        True, "write the per-cell table OUTPUT/cells (Parquet, partitioned by slide; "
-        "default: on)")
+        True, "write the per-cell table OUTPUT/cells (Parquet, partitioned by slide; default: on)"
+    )
     geojson: bool = _flag(False, "also write OUTPUT/<name>.geojson.gz: cell outlines for QuPath")
     precision: str = _flag(
-        "auto", "arithmetic of the network forward (default auto: bf16 on CPUs with AMX or "
+        "auto",
+        "arithmetic of the network forward (default auto: bf16 on CPUs with AMX or "
         "AVX512-BF16 and on CUDA GPUs of compute capability 8.0 or more, fp16 on older "
-        "GPUs, else fp32); part of a slide's result", metavar="|".join(PRECISIONS))
+        "GPUs, else fp32); part of a slide's result",
+        metavar="|".join(PRECISIONS),
+    )
     batch_size: int = _flag(
-        0, "windows per forward pass (default 0: the device's default)", metavar="N")
+        0, "windows per forward pass (default 0: the device's default)", metavar="N"
+    )
 
     def __post_init__(self) -> None:
         self.validate()  # options out of range never exist, whoever makes them
@@ -171,42 +229,98 @@ class SlideOptions:
         from mediar_ray.sources import READERS
 
         rules = [
-            ("--tile-size", self.tile_size, self.tile_size >= 64 and self.tile_size % 16 == 0,
-             "a multiple of 16, at least 64"),
-            ("--roi-size", self.roi_size, self.roi_size is None or (
-                32 <= self.roi_size <= 4096 and self.roi_size % 32 == 0),
-             "a multiple of 32 from 32 to 4096 (the network halves the size 5 times)"),
-            ("--halo", self.halo, 0 <= self.halo <= self.tile_size,
-             f"an integer from 0 to the tile size ({self.tile_size}); at least the largest "
-             "cell diameter"),
-            ("--workers", self.workers, _pool_size(self.workers) is not None,
-             "N (an integer >= 1) or MIN:MAX (integers, 1 <= MIN <= MAX)"),
-            ("--num-gpus-per-worker", self.num_gpus_per_worker,
-             self.num_gpus_per_worker >= 0, ">= 0"),
-            ("--device", self.device, self.device in ("cpu", "cuda") or
-             self.device.startswith("cuda:"), "cpu or cuda"),
-            ("--device", self.device, self.device == "cpu" or self.gpu,
-             ("cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
-              "GPUs); use --device cpu, or add --num-gpus-per-worker 1")),
-            ("--precision", self.precision, self.precision in PRECISIONS,
-             f"one of {', '.join(PRECISIONS)}"),
-            ("--batch-size", self.batch_size, 0 <= self.batch_size <= 1024,
-             "windows per forward pass from 1 to 1024, or 0 for the device's default"),
+            (
+                "--tile-size",
+                self.tile_size,
+                self.tile_size >= 64 and self.tile_size % 16 == 0,
+                "a multiple of 16, at least 64",
+            ),
+            (
+                "--roi-size",
+                self.roi_size,
+                self.roi_size is None or (32 <= self.roi_size <= 4096 and self.roi_size % 32 == 0),
+                "a multiple of 32 from 32 to 4096 (the network halves the size 5 times)",
+            ),
+            (
+                "--halo",
+                self.halo,
+                0 <= self.halo <= self.tile_size,
+                f"an integer from 0 to the tile size ({self.tile_size}); at least the largest "
+                "cell diameter",
+            ),
+            (
+                "--workers",
+                self.workers,
+                _pool_size(self.workers) is not None,
+                "N (an integer >= 1) or MIN:MAX (integers, 1 <= MIN <= MAX)",
+            ),
+            (
+                "--num-gpus-per-worker",
+                self.num_gpus_per_worker,
+                self.num_gpus_per_worker >= 0,
+                ">= 0",
+            ),
+            (
+                "--device",
+                self.device,
+                self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                "cpu or cuda",
+            ),
+            (
+                "--device",
+                self.device,
+                self.device == "cpu" or self.gpu,
+                (
+                    "cuda only with --num-gpus-per-worker > 0 (the model actors must be given "
+                    "GPUs); use --device cpu, or add --num-gpus-per-worker 1"
+                ),
+            ),
+            (
+                "--precision",
+                self.precision,
+                self.precision in PRECISIONS,
+                f"one of {', '.join(PRECISIONS)}",
+            ),
+            (
+                "--batch-size",
+                self.batch_size,
+                0 <= self.batch_size <= 1024,
+                "windows per forward pass from 1 to 1024, or 0 for the device's default",
+            ),
             ("--reader", self.reader, self.reader in READERS, f"one of {', '.join(READERS)}"),
-            ("--max-slides-in-flight", self.max_slides_in_flight,
-             self.max_slides_in_flight >= 0, "an integer >= 1, or 0 for the default"),
-            ("--cpus-per-worker", self.cpus_per_worker, self.cpus_per_worker >= 0,
-             "> 0, or 0 for the default"),
+            (
+                "--max-slides-in-flight",
+                self.max_slides_in_flight,
+                self.max_slides_in_flight >= 0,
+                "an integer >= 1, or 0 for the default",
+            ),
+            (
+                "--cpus-per-worker",
+                self.cpus_per_worker,
+                self.cpus_per_worker >= 0,
+                "> 0, or 0 for the default",
+            ),
             ("--cpus-per-task", self.cpus_per_task, self.cpus_per_task > 0, "> 0"),
-            ("--resource-timeout", self.resource_timeout, self.resource_timeout > 0,
-             "> 0 seconds"),
-            ("--target-mpp", self.target_mpp, _pixel_size(self.target_mpp),
-             f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}"),
-            ("--mpp", self.mpp, _pixel_size(self.mpp),
-             f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}"),
+            ("--resource-timeout", self.resource_timeout, self.resource_timeout > 0, "> 0 seconds"),
+            (
+                "--target-mpp",
+                self.target_mpp,
+                _pixel_size(self.target_mpp),
+                f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}",
+            ),
+            (
+                "--mpp",
+                self.mpp,
+                _pixel_size(self.mpp),
+                f"a finite positive pixel size in micrometres, at most {MAX_MPP:g}",
+            ),
             ("--tissue", self.tissue, bool(self.tissue), "auto, off, or the URL of a mask image"),
-            ("--geojson", self.geojson, self.cells or not self.geojson,
-             "only with the cell table (not with --no-cells)"),
+            (
+                "--geojson",
+                self.geojson,
+                self.cells or not self.geojson,
+                "only with the cell table (not with --no-cells)",
+            ),
         ]
         for name, value, ok, allowed in rules:
             if not ok:
@@ -215,6 +329,7 @@ class SlideOptions:
 
     @property
     def gpu(self) -> bool:
+        """True when the model actors ask Ray for GPUs."""
         return self.num_gpus_per_worker > 0
 
     @property
@@ -228,9 +343,11 @@ class SlideOptions:
         return _pool_size(self.workers)[1]
 
     def slides_in_flight(self) -> int:
+        """The bound on slides planned and not finished (default ``2 x max workers + 4``)."""
         return self.max_slides_in_flight or 2 * self.max_workers + 4
 
     def actor_cpus(self) -> float:
+        """CPUs each model actor asks for (default 1 with GPUs, else 0.75)."""
         return self.cpus_per_worker or (1.0 if self.gpu else 0.75)
 
     @property

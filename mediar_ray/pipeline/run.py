@@ -3,11 +3,12 @@
 Before any slide is touched, the options are validated, the output root is probed for
 writing, the cluster is checked for the resources the model actors ask for, and the
 weights are loaded once on the driver (strict key check) and hashed. Then one
-:class:`~mediar_ray.pipeline.engine.ArchiveRun` (a Ray Data pipeline) segments every
-slide: each slide ``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when
-``.mediar_complete`` exists (written last). A rerun skips complete slides made with the
-same input, options and weights, reuses matching unfinished state, and redoes the rest. A slide that fails is
-logged and reported in ``OUTPUT/run_summary.json``; the others finish.
+:class:`~mediar_ray.pipeline.engine_core.ArchiveRun` (Ray Core; ``MEDIAR_ENGINE=data``:
+the Ray Data pipeline of :mod:`~mediar_ray.pipeline.engine`) segments every slide: each
+slide ``<name>`` becomes ``OUTPUT/<name>.zarr``, complete when ``.mediar_complete``
+exists (written last). A rerun skips complete slides made with the same input, options
+and weights, reuses matching unfinished state, and redoes the rest. A slide that fails
+is logged and reported in ``OUTPUT/run_summary.json``; the others finish.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mediar_ray.io import redact, safe_url, url_secrets
-from mediar_ray.pipeline.cluster import check_resources, ensure_ray
 from mediar_ray.pipeline import engine, engine_core
+from mediar_ray.pipeline.cluster import check_resources, ensure_ray
 from mediar_ray.pipeline.layout import record_output_names, stable_output_names
 from mediar_ray.pipeline.lease import Leases
 from mediar_ray.pipeline.options import OptionError, SlideOptions
@@ -68,17 +69,18 @@ def check_weights(opts: SlideOptions) -> tuple[SlideOptions, list[str]]:
     from mediar_ray.weights import checkpoint_sha256, resolve_weights, window_size
 
     weights = resolve_weights(opts.weights)
-    opts = dataclasses.replace(opts, weights=weights,
-                               roi_size=opts.roi_size or window_size(weights))
+    opts = dataclasses.replace(
+        opts, weights=weights, roi_size=opts.roi_size or window_size(weights)
+    )
     return opts, [checkpoint_sha256(w) for w in weights]
 
 
-def slide_fingerprint(url: str, opts: SlideOptions, weight_hashes: list[str],
-                      mpp: float | None = None) -> dict:
+def slide_fingerprint(
+    url: str, opts: SlideOptions, weight_hashes: list[str], mpp: float | None = None
+) -> dict:
     """The fingerprint a run with ``opts`` gives slide ``url`` (see :mod:`.provenance`);
     ``mpp`` is the slide's pixel-size override (--mpp or its --mpp-csv row)."""
-    return fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp},
-                       weight_hashes)
+    return fingerprint(input_identity(url), {**opts.result_options(), "mpp": mpp}, weight_hashes)
 
 
 def pixel_size_overrides(urls: list[str], opts: SlideOptions) -> dict[str, float | None]:
@@ -97,8 +99,12 @@ def pixel_size_overrides(urls: list[str], opts: SlideOptions) -> dict[str, float
     except ValueError as err:
         raise OptionError(f"--mpp-csv {safe_url(opts.mpp_csv)}: {err}") from None
     if unmatched:
-        log.warning("--mpp-csv %s: %d row(s) match no input and are not used: %s",
-                    safe_url(opts.mpp_csv), len(unmatched), ", ".join(unmatched))
+        log.warning(
+            "--mpp-csv %s: %d row(s) match no input and are not used: %s",
+            safe_url(opts.mpp_csv),
+            len(unmatched),
+            ", ".join(unmatched),
+        )
     return found
 
 
@@ -116,7 +122,8 @@ def check_tissue_masks(names: list[str], opts: SlideOptions) -> None:
         raise OptionError(
             f"--tissue: {len(missing)} mask(s) not found: {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; give an existing mask image "
-            "({name} stands for each slide's output name), or --tissue auto")
+            "({name} stands for each slide's output name), or --tissue auto"
+        )
 
 
 def find_inputs(inputs: list[str]) -> list[str]:
@@ -130,8 +137,9 @@ def find_inputs(inputs: list[str]) -> list[str]:
     except (UserError, FileNotFoundError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 - an object store's own (bad bucket, no access)
-        raise InputError(f"cannot list the inputs {', '.join(map(safe_url, inputs))} "
-                         f"({describe_error(err)})") from None
+        raise InputError(
+            f"cannot list the inputs {', '.join(map(safe_url, inputs))} ({describe_error(err)})"
+        ) from None
 
 
 def own_outputs(urls: list[str], output: str) -> list[str]:
@@ -143,8 +151,13 @@ def own_outputs(urls: list[str], output: str) -> list[str]:
     own = []
     for url in urls:
         path = fsspec.core.url_to_fs(url)[1].rstrip("/")
-        if path.endswith(".zarr") and path.rsplit("/", 1)[0] == root and any(
-                fs.exists(f"{path}/{p}") for p in (".mediar_complete", ".scratch", "labels/cells")):
+        if (
+            path.endswith(".zarr")
+            and path.rsplit("/", 1)[0] == root
+            and any(
+                fs.exists(f"{path}/{p}") for p in (".mediar_complete", ".scratch", "labels/cells")
+            )
+        ):
             own.append(url)
     return own
 
@@ -159,8 +172,11 @@ def write_summary(output: str, report: dict[str, Any]) -> bool:
         with atomic_open(url, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
     except Exception as err:  # noqa: BLE001 - reported, the job's results stand
-        log.error("cannot write the run summary %s (%s); the slides' outputs are in place",
-                  safe_url(url), describe_error(err))
+        log.error(
+            "cannot write the run summary %s (%s); the slides' outputs are in place",
+            safe_url(url),
+            describe_error(err),
+        )
         return False
     return True
 
@@ -197,8 +213,9 @@ def run_slides(inputs: list[str], output: str, opts: SlideOptions) -> dict[str, 
         log.removeFilter(redacting)
 
 
-def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
-                secrets: list[str]) -> dict[str, Any]:
+def _run_slides(
+    inputs: list[str], output: str, opts: SlideOptions, secrets: list[str]
+) -> dict[str, Any]:
     started = time.perf_counter()
     check_output_root(output)
     urls = find_inputs(inputs)
@@ -214,9 +231,11 @@ def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
     opts, hashes = check_weights(opts)
     record_output_names(names, output)  # every check passed: the slides get these names
     slides = [(url, names[url], mpps[url]) for url in urls]
-    # MEDIAR_ENGINE=core: the Ray Core engine, kept only until bench/archive_throughput.py
-    # has measured the Ray Data engine against it.
-    chosen = engine_core if os.environ.get("MEDIAR_ENGINE") == "core" else engine
+    # The Ray Data engine (engine.py) runs with MEDIAR_ENGINE=data. It becomes the only
+    # engine once bench/archive_throughput.py has measured it against the Ray Core engine
+    # (engine_core.py) on the idle machine and its elastic pool has been shown growing on
+    # an autoscaling cluster (issue 40); until then the proven engine stays the default.
+    chosen = engine if os.environ.get("MEDIAR_ENGINE") == "data" else engine_core
     run = chosen.ArchiveRun(slides, output, opts, hashes, wait_for_nodes=wait)
     run.leases = Leases(output)
     stop_leases = run.leases.keep_alive(run.in_flight)
@@ -224,7 +243,7 @@ def _run_slides(inputs: list[str], output: str, opts: SlideOptions,
         report = run.run()
     except RuntimeError as err:  # the pool itself is lost: report every slide not ended
         report = run.report
-        for url, name, _ in slides:
+        for _, name, _ in slides:
             if not any(name in report[k] for k in ("done", "skipped", "failed", "elsewhere")):
                 report["failed"][name] = str(err)
     finally:
