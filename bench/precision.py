@@ -123,7 +123,6 @@ def slides_part(slides: list[Path], workdir: Path) -> dict:
                 "mediar_ray.cli",
                 "segment-slides",
                 str(slide),
-                "--output",
                 str(dest),
                 "--target-mpp",
                 "0.25",
