@@ -139,6 +139,10 @@ def _check_slide_config(path: Path, data: dict) -> None:
             assert isinstance(value, bool), f"{path.name}: {key} must be true/false"
         elif action.nargs is not None or isinstance(action, argparse._AppendAction):
             assert isinstance(value, list) and all(isinstance(v, str) for v in value), key
+        elif key == "workers":  # N or "MIN:MAX": the options check it themselves
+            from mediar_ray.pipeline.options import SlideOptions
+
+            assert SlideOptions(workers=value).max_workers >= 1, key
         elif action.type in (int, float):
             assert isinstance(value, (int, float)) and not isinstance(value, bool), key
             assert action.type is float or isinstance(value, int), key
