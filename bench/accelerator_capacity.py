@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target_mpp or (1.0 if args.quick else None)
     # The bundled model's window size (256 px) sets the reach of a tile's windows.
     opts = SlideOptions(
-        tta=False, tile=512 if args.quick else args.tile, workers=args.actors, target_mpp=target
+        tta=False,
+        tile_size=512 if args.quick else args.tile,
+        workers=args.actors,
+        target_mpp=target,
     )
     from mediar_ray.weights import resolve_weights
 

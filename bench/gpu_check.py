@@ -172,7 +172,7 @@ def slide_end_to_end(weights: str, params: dict, device, size: int, roi: int, tm
         model_config=params,
         tta=True,
         roi_size=roi,
-        tile=2048 if gpu else 512,
+        tile_size=2048 if gpu else 512,
         workers=1,
         tissue="off",
         num_gpus_per_worker=1.0 if gpu else 0.0,
