@@ -68,6 +68,13 @@ def timed(cmd: list[str], engine: str = "data") -> float:
     return seconds
 
 
+def slide_job(src: Path, dest: Path, flags: list[str]) -> list[str]:
+    """The ``segment-slides`` command both parts time: ``src`` into ``dest`` with two
+    model actors and ``flags``."""
+    cmd = [sys.executable, "-m", "mediar_ray.cli", "segment-slides", str(src), str(dest)]
+    return [*cmd, "--workers", "2", *flags]
+
+
 def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
     """True when two label images hold the same cells (a bijection between their ids)."""
     if a.shape != b.shape or ((a > 0) != (b > 0)).any():
@@ -103,20 +110,7 @@ def small_archive(work: Path, n: int, flags: list[str], repeats: int) -> dict:
     for rep in range(repeats):
         for name, engine in ENGINES.items():
             dest = work / f"slides_{name}_{rep}"
-            seconds = timed(
-                [
-                    sys.executable,
-                    "-m",
-                    "mediar_ray.cli",
-                    "segment-slides",
-                    str(src),
-                    str(dest),
-                    "--workers",
-                    "2",
-                    *flags,
-                ],
-                engine,
-            )
+            seconds = timed(slide_job(src, dest, flags), engine)
             best[name] = min(best.get(name, seconds), seconds)
             summary = json.loads((dest / "run_summary.json").read_text())
             if summary["failed"]:
@@ -151,20 +145,7 @@ def big_archive(work: Path, n: int, size: int, flags: list[str], repeats: int) -
     for rep in range(repeats):
         for name, engine in ENGINES.items():
             dest = work / f"big_{name}_{rep}"
-            seconds = timed(
-                [
-                    sys.executable,
-                    "-m",
-                    "mediar_ray.cli",
-                    "segment-slides",
-                    str(src),
-                    str(dest),
-                    "--workers",
-                    "2",
-                    *flags,
-                ],
-                engine,
-            )
+            seconds = timed(slide_job(src, dest, flags), engine)
             summary = json.loads((dest / "run_summary.json").read_text())
             run = {
                 "wall_s": round(seconds, 1),
